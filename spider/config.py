@@ -1,0 +1,287 @@
+"""The job schema: the one source of truth for what a Spider job is.
+
+Users write YAML in the shape of `AppConfig` (`server` + `job`). Unknown keys are errors that name
+the key's path and the nearest valid key; every accepted field has an effect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spider.errors import ConfigError
+
+SPLIT_PATTERN = re.compile(r"^[\w.\-]+(\[[^\]]*\])?(\+[\w.\-]+(\[[^\]]*\])?)*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(Strict):
+    """Where the Spider API is. No `base_url` means: start the local stack on this machine."""
+
+    base_url: str | None = None
+    api_key: str | None = None
+    request_timeout: float = Field(120.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    verify_tls: bool = True
+
+
+class ModelConfig(Strict):
+    """The generating model (the teacher for datasets, the student for on-policy jobs).
+
+    `parameters` go to the backend as they are: for vllm, `LLM(**parameters)` (tensor_parallel_size,
+    max_model_len, dtype, ...); for openai, `base_url`, `api_key_env`, `max_concurrency`, `timeout`,
+    `max_retries`; for hf, `dtype`, `device`.
+    """
+
+    provider: Literal["vllm", "openai", "hf", "tinker"] = "vllm"
+    name: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceConfig(Strict):
+    """Where prompts come from: a hub dataset id, a builder such as `json` with `options.data_files`,
+    or a path to a local json/jsonl/parquet/csv file or directory."""
+
+    dataset: str = Field(min_length=1)
+    config_name: str | None = None
+    split: str = "train"
+    field: str = "prompt"
+    revision: str | None = None
+    streaming: bool = False
+    max_examples: int | None = Field(None, ge=1)
+    shuffle: bool = False
+    seed: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, value: str) -> str:
+        if not SPLIT_PATTERN.match(value.replace(" ", "")):
+            raise ValueError(f"{value!r} is not a split; write e.g. 'train', 'train[0:10]' or 'train[:5%]'")
+        return value.replace(" ", "")
+
+
+class GenerationParameters(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OnPolicyOptions(Strict):
+    """On-policy distillation: the student (`job.model`) samples, the teacher scores every token."""
+
+    teacher: str = Field(min_length=1)
+    teacher_provider: Literal["tinker", "vllm", "hf"] | None = None
+    api_key: str | None = None
+    learning_rate: float = Field(5e-5, gt=0)
+    groups_per_batch: int = Field(4, ge=1)
+    group_size: int = Field(2, ge=1)
+    max_tokens: int = Field(1024, ge=1)
+    lora_rank: int = Field(16, ge=1)
+    num_substeps: int = Field(1, ge=1)
+    kl_penalty_coef: float = Field(0.1, ge=0)
+    kl_discount_factor: float = Field(0.0, ge=0, le=1)
+    loss_fn: Literal["importance_sampling", "ppo", "cross_entropy"] = "importance_sampling"
+    compute_post_kl: bool = False
+    eval_every: int = Field(0, ge=0)
+    save_every: int = Field(0, ge=0)
+
+
+class GenerationConfig(Strict):
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    duplications: int = Field(1, ge=1, description="samples per prompt")
+    system_prompt: str | list[str] | None = Field(
+        None, description="one system prompt, or a list to choose from per row (seeded)"
+    )
+    max_batch_size: int = Field(32, ge=1, description="rows per rollout task")
+    max_row_errors: int | None = Field(
+        None,
+        ge=0,
+        description="the job fails when more rows than this fail; None: fail only if every row fails",
+    )
+    on_policy: bool = False
+    on_policy_options: OnPolicyOptions | None = None
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _non_empty_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("system_prompt list is empty; give at least one prompt or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _on_policy_needs_options(self) -> "GenerationConfig":
+        if self.on_policy and self.on_policy_options is None:
+            raise ValueError("on_policy: true needs on_policy_options (at least `teacher`)")
+        return self
+
+
+class HFOutput(Strict):
+    repo_id: str = Field(min_length=1)
+    repo_type: Literal["dataset", "model"] = "dataset"
+    private: bool = False
+    config_name: str | None = None
+    token_env: str = "HF_TOKEN"
+
+
+class OutputConfig(Strict):
+    """`return`: keep the result for download. `upload_hf`: also push it to the Hugging Face Hub."""
+
+    mode: Literal["return", "upload_hf"] = "return"
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    hf: HFOutput | None = None
+
+    @model_validator(mode="after")
+    def _hf_needed(self) -> "OutputConfig":
+        if self.mode == "upload_hf" and self.hf is None:
+            raise ValueError("mode 'upload_hf' needs an `hf` section with at least `repo_id`")
+        return self
+
+
+class SandboxLimits(Strict):
+    memory_mb: int = Field(1024, ge=64)
+    cpu_seconds: int = Field(60, ge=1)
+    call_timeout_s: float = Field(30.0, gt=0)
+    max_processes: int = Field(64, ge=1)
+    file_size_mb: int = Field(64, ge=1)
+
+
+class RuntimeConfig(Strict):
+    """Where user code runs: extra pip packages, non-secret variables, network and limits."""
+
+    packages: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    network: bool = False
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
+
+
+class ProcessorsConfig(Strict):
+    """Keyword arguments passed to the user's pre/post processors."""
+
+    pre_kwargs: dict[str, Any] = Field(default_factory=dict)
+    post_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobConfig(Strict):
+    model: ModelConfig
+    source: SourceConfig
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    processors: ProcessorsConfig = Field(default_factory=ProcessorsConfig)
+
+    @classmethod
+    def parse(cls, data: Any) -> "JobConfig":
+        """Validate a job mapping; raise ConfigError with key paths and hints."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, cls, prefix="job")) from None
+
+
+class AppConfig(Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    job: JobConfig
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "AppConfig":
+        """Read a YAML config. `overrides` maps dotted paths (`job.source.split`) or nested dicts onto it."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with `job` (and optionally `server`)")
+        for key, value in (overrides or {}).items():
+            apply_override(data, key, value)
+        return cls.parse(data)
+
+    @classmethod
+    def parse(cls, data: Any) -> "AppConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, cls)) from None
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` = value in nested mappings, merging dict values instead of replacing them."""
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for key, sub in value.items():
+            apply_override(node[last], key, sub)
+    else:
+        node[last] = value
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last key of `loc` (None if it is a free-form dict)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _nested_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _nested_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem: `path.to.key: what is wrong` plus a "did you mean" for unknown keys."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "union["))))
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            valid = sorted(owner.model_fields) if owner else []
+            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            message = f"{path}: unknown key"
+            if hint:
+                message += f"; did you mean {hint[0]!r}?"
+            elif valid:
+                message += f"; valid keys here: {', '.join(valid)}"
+        else:
+            message = f"{path}: {err['msg']}"
+        lines.append(message)
+    return "invalid config:\n  " + "\n  ".join(lines)
