@@ -1,1 +1,1 @@
-
+"""Where rows come from (sources) and where results go (sinks)."""

@@ -1,0 +1,5 @@
+import sys
+
+from spider.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,274 @@
+"""The `spider` command line: run a job end to end, start the stack or one worker, manage jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spider.errors import SpiderError
+
+DEFAULT_OUTPUT = "artifacts/{job_id}/result.{format}"
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SpiderError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _client(args: argparse.Namespace, config=None):
+    from spider.client import SpiderClient
+
+    return SpiderClient(config=config, base_url=args.url, api_key=args.api_key)
+
+
+class Progress:
+    """A live progress line (rows, tokens/s, ETA) fed by job events."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} rows"),
+            TextColumn("{task.fields[tps]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.bar.add_task("queued", total=None, tps="")
+        self.started = time.monotonic()
+
+    def __enter__(self) -> "Progress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        data = event.data
+        if event.kind == "job.planned":
+            self.bar.update(self.task, total=data["rows_total"], description="generating")
+        elif event.kind == "batch.completed":
+            elapsed = max(data.get("elapsed") or (time.monotonic() - self.started), 1e-6)
+            tps = f"{data.get('completion_tokens', 0) / elapsed:,.0f} tok/s"
+            self.bar.update(self.task, completed=data["rows_done"], total=data.get("rows_total"), tps=tps)
+        elif event.level in ("warning", "error") or event.kind.startswith("job."):
+            self.bar.console.print(f"{event.kind}: {event.message}")
+            if event.kind in ("job.completed", "job.failed", "job.cancelled"):
+                self.bar.update(self.task, description=event.kind.split(".")[1])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spider.client import SpiderClient
+    from spider.config import AppConfig
+
+    config = AppConfig.load(args.config, overrides=_overrides(args.set))
+    env = list(args.env or [])
+    if config.job.output.mode == "upload_hf" and config.job.output.hf is not None:
+        env.append(config.job.output.hf.token_env)
+    with SpiderClient(config=config, env=env, base_url=args.url, api_key=args.api_key) as client:
+        if client._stack is not None:
+            print(f"started the local stack at {client.base_url}", file=sys.stderr)
+        job_id = client.submit_job()["job_id"]
+        print(f"job {job_id} submitted", file=sys.stderr)
+        interrupted = False
+
+        def on_interrupt(*_: Any) -> None:
+            nonlocal interrupted
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted = True
+            print("\ncancelling the job (Ctrl-C again to leave now)", file=sys.stderr)
+            client.cancel_job(job_id)
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            with Progress() as progress:
+                status = client.poll_job(job_id, on_event=progress)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if status["status"] != "completed":
+            print(f"job {job_id} {status['status']}: {status.get('error') or ''}", file=sys.stderr)
+            return 1
+        fmt = config.job.output.format
+        destination = Path(args.output or DEFAULT_OUTPUT.format(job_id=job_id, format=fmt))
+        client.download_result(job_id, destination)
+        print(f"wrote {destination}", file=sys.stderr)
+        print(str(destination))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from spider.local import LocalStack
+
+    stack = LocalStack(port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None)
+    with stack:
+        print(f"Spider is up at {stack.url} (Redis {stack.redis_url}, data in {stack.data_dir}); Ctrl-C stops it",
+              flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    if args.unsafe_no_jail:
+        os.environ["SPIDER_SANDBOX_UNSAFE"] = "1"
+    from spider.workers.app import QUEUES, celery_app
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - set(QUEUES)
+    if unknown:
+        raise SpiderError(f"unknown queues {sorted(unknown)}; choose from {', '.join(QUEUES)}")
+    pool = args.pool or ("solo" if set(queues) & {"rollout", "train"} else "threads")
+    argv = ["worker", "-Q", ",".join(queues), "--pool", pool, "--loglevel", args.loglevel, "-E"]
+    if pool != "solo":
+        argv += ["--concurrency", str(args.concurrency)]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from spider.config import AppConfig
+
+    config = AppConfig.load(args.config, overrides=_overrides(args.set))
+    with _client(args, config) as client:
+        print(json.dumps(client.submit_job()))
+    return 0
+
+
+def _server_client(args: argparse.Namespace):
+    client = _client(args)
+    if not client.base_url:
+        raise SpiderError("no server given: pass --url or set SPIDER_URL")
+    return client
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _server_client(args) as client:
+        print(json.dumps(client.get_job_status(args.job_id) if args.job_id else client.list_jobs(), indent=2))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from spider.client.client import print_event
+
+    with _server_client(args) as client:
+        for event in client.stream_events(args.job_id, follow=args.follow):
+            print_event(event)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _server_client(args) as client:
+        print(json.dumps(client.cancel_job(args.job_id)))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    with _server_client(args) as client:
+        print(client.download_result(args.job_id, args.output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spider", description="Spider: distillation jobs from one config")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def server_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="API base URL (default: server.base_url of the config, or $SPIDER_URL)")
+        p.add_argument("--api-key", help="API key (default: server.api_key, or $SPIDER_API_KEY)")
+
+    p = sub.add_parser("run", help="submit a config, show progress, download the result")
+    p.add_argument("config")
+    p.add_argument("-o", "--output", help=f"where to write the result (default {DEFAULT_OUTPUT})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--env", action="append", metavar="NAME", help="send this environment variable as a secret")
+    server_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("up", help="run the local stack (Redis, API, one worker per queue) in the foreground")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("serve", help="run the API server only")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a worker for some queues")
+    p.add_argument("--queues", "-Q", required=True, help="comma-separated: control, rollout, sandbox, train")
+    p.add_argument("--pool", choices=["solo", "threads", "prefork"], help="default: solo for rollout/train, else threads")
+    p.add_argument("--concurrency", "-c", type=int, default=4)
+    p.add_argument("--hostname", "-n")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--unsafe-no-jail", action="store_true",
+                   help="sandbox queue: run user code without firejail (warns on every job)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a config and print the job id")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    server_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, helptext in (("status", cmd_status, "a job's status (or all your jobs)"),
+                                 ("cancel", cmd_cancel, "cancel a job")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job_id", nargs="?" if name == "status" else None)
+        server_args(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("logs", help="a job's events")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep following until the job ends")
+    server_args(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("download", help="download a job's result")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", required=True)
+    server_args(p)
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SpiderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""SpiderClient: submit a job, follow its progress, fetch its result."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import httpx
+
+from spider.config import AppConfig, ServerConfig
+from spider.errors import APIError, AuthError, JobNotFoundError, SpiderError
+from spider.types import Event
+
+TERMINAL = ("completed", "failed", "cancelled")
+EnvSpec = Mapping[str, str] | Iterable[str] | str | None
+
+
+def resolve_env(env: EnvSpec) -> dict[str, str]:
+    """The secrets to send: names are read from this process's environment.
+
+    `env` is a name, a sequence of names, or a mapping whose empty values are read from the
+    environment (non-empty values are sent as given). Names not set anywhere are left out, with a
+    warning."""
+    if env is None:
+        return {}
+    if isinstance(env, str):
+        env = (env,)
+    pairs = env.items() if isinstance(env, Mapping) else ((name, "") for name in env)
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        value = value or os.environ.get(name, "")
+        if value:
+            out[name] = value
+        else:
+            warnings.warn(f"environment variable {name} is not set; the job will run without it", stacklevel=3)
+    return out
+
+
+class SpiderClient:
+    """One client for every job kind.
+
+    With `config.server.base_url` unset, entering the context starts the local stack (Redis, API,
+    workers) on this machine and leaving it stops the stack.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig | None = None,
+        env: EnvSpec = None,
+        pre_processor: Callable[..., Any] | None = None,
+        post_processor: Callable[..., Any] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ):
+        self.config = config
+        self.server = config.server if config is not None else ServerConfig()
+        self.env = resolve_env(env)
+        self.pre_processor = pre_processor
+        self.post_processor = post_processor
+        self.tools: list[tuple[Callable[..., Any], Any]] = []
+        self.base_url = base_url or self.server.base_url or os.environ.get("SPIDER_URL")
+        self.api_key = api_key or self.server.api_key or os.environ.get("SPIDER_API_KEY")
+        self._stack = None
+        self._http: httpx.Client | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "SpiderClient":
+        if not self.base_url:
+            from spider.local import LocalStack
+
+            self._stack = LocalStack().__enter__()
+            self.base_url = self._stack.url
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        if self._stack is not None:
+            self._stack.stop()
+            self._stack = None
+            self.base_url = None
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            if not self.base_url:
+                raise SpiderError("no server: set server.base_url, or use the client as a context manager")
+            headers = dict(self.server.headers)
+            if self.api_key:
+                headers["Authorization"] = f"Bearer {self.api_key}"
+            self._http = httpx.Client(
+                base_url=self.base_url.rstrip("/"),
+                headers=headers,
+                timeout=self.server.request_timeout,
+                verify=self.server.verify_tls,
+            )
+        return self._http
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            error = {401: AuthError, 404: JobNotFoundError}.get(response.status_code, APIError)
+            raise error(response.status_code, detail)
+        return response
+
+    # -- user code ------------------------------------------------------------------------------
+
+    def add_tool(
+        self,
+        func: Callable[..., Any],
+        description: str | None = None,
+        json_schema: dict[str, Any] | None = None,
+        name: str | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Offer `func` to the model as a tool; it runs in the sandbox. Returns its ToolSpec."""
+        from spider.client.bundle import tool_spec
+
+        spec = tool_spec(func, description=description, json_schema=json_schema, name=name, kwargs=kwargs)
+        if any(existing.name == spec.name for _, existing in self.tools):
+            raise SpiderError(f"a tool named {spec.name!r} was already added")
+        self.tools.append((func, spec))
+        return spec
+
+    def _bundle(self) -> str | None:
+        if not (self.pre_processor or self.post_processor or self.tools):
+            return None
+        from spider.client.bundle import build_bundle
+
+        data = build_bundle(self.pre_processor, self.post_processor, self.tools)
+        return base64.b64encode(data).decode()
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def submit_job(self) -> dict[str, Any]:
+        """Send the config, secrets and user code; returns `{"job_id", "status"}`."""
+        if self.config is None:
+            raise SpiderError("submit_job needs a config: SpiderClient(config=AppConfig.load(...))")
+        body = {
+            "job": self.config.job.model_dump(mode="json"),
+            "env": self.env,
+            "bundle": self._bundle(),
+            "source_files": local_source_files(self.config.job.source.dataset),
+        }
+        return self._call("POST", "/v1/jobs", json=body).json()
+
+    def get_job_status(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}").json()
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/jobs").json()["jobs"]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def stream_events(
+        self, job_id: str, after: str | None = None, follow: bool = True, reconnect_delay: float = 2.0
+    ) -> Iterator[Event]:
+        """The job's events: its history first, then (with `follow`) live ones until it ends.
+        Reconnects after a dropped connection (or a restarted API) from the last event seen."""
+        last = after
+        while True:
+            try:
+                headers = {"Last-Event-ID": last} if last else {}
+                with self.http.stream(
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    params={"follow": str(follow).lower()},
+                    headers=headers,
+                    timeout=httpx.Timeout(30.0, read=None),
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._call("GET", f"/v1/jobs/{job_id}")  # raises the right error type
+                        raise APIError(response.status_code, response.text)
+                    for event in parse_sse(response.iter_lines()):
+                        last = event.id
+                        yield event
+                        if event.kind in ("job.completed", "job.failed", "job.cancelled"):
+                            return
+                if not follow or self.get_job_status(job_id)["status"] in TERMINAL:
+                    return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                time.sleep(reconnect_delay)
+
+    def poll_job(
+        self,
+        job_id: str,
+        interval: float = 5.0,
+        wait_for_completion: bool = True,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> dict[str, Any]:
+        """Return the job's status; with `wait_for_completion`, stream its events (printed, or
+        passed to `on_event`) until it ends. `interval` is the wait between reconnects."""
+        if not wait_for_completion:
+            return self.get_job_status(job_id)
+        handler = on_event or print_event
+        for event in self.stream_events(job_id, reconnect_delay=interval):
+            handler(event)
+        return self.get_job_status(job_id)
+
+    def download_result(self, job_id: str, destination: str | os.PathLike[str]) -> Path:
+        """Save the result to `destination` and its metadata beside it (`<name>.metadata.json`)."""
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(f".{destination.name}.part")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+            if response.status_code >= 400:
+                response.read()
+                self._call("GET", f"/v1/jobs/{job_id}/result")
+            with open(tmp, "wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        tmp.replace(destination)
+        metadata = self._call("GET", f"/v1/jobs/{job_id}/metadata").json()
+        meta_path = destination.with_name(destination.stem + ".metadata.json")
+        meta_path.write_text(json.dumps(metadata, indent=2))
+        return destination
+
+
+def local_source_files(dataset: str) -> dict[str, str] | None:
+    """A local source file (or folder of files) travels with the job, so that a remote server
+    reads the same rows the user sees; hub dataset ids are left to the server."""
+    from spider.data.sources import LOCAL_BUILDERS
+
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_BUILDERS) if path.is_dir() else [path]
+    return {str(p.relative_to(path) if path.is_dir() else p.name): base64.b64encode(p.read_bytes()).decode() for p in files}
+
+
+def print_event(event: Event) -> None:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+    print(f"{stamp} {event.kind:<18} {event.message}", flush=True)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Events from a Server-Sent Events stream (comments and retry hints skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                payload = json.loads("\n".join(data))
+                data = []
+                yield Event(**payload)
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)

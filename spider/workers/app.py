@@ -1,0 +1,36 @@
+"""The one Celery app: queues `control`, `rollout`, `sandbox`, `train`, on the Redis from settings."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from spider.settings import Settings
+
+QUEUES = ("control", "rollout", "sandbox", "train")
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("spider", broker=settings.redis_url, include=["spider.workers.tasks"])
+    app.conf.update(
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="control",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # A task whose worker died is handed out again after this long; tasks are idempotent, so a
+        # slow task outliving it only costs duplicate work, never duplicate rows.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+celery_app = make_celery()

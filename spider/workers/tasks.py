@@ -1,0 +1,51 @@
+"""Celery tasks: each loads what it needs by id and calls a plain function in `spider.jobs`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from spider.events import EventBus
+from spider.jobs import dataset
+from spider.jobs.store import JobStore
+from spider.settings import Settings
+from spider.workers.app import celery_app
+
+
+class CeleryDispatcher:
+    """Hands each stage to its queue."""
+
+    def rollout(self, job_id: str, batch_index: int) -> None:
+        run_batch.apply_async((job_id, batch_index), queue="rollout")
+
+    def preprocess(self, job_id: str, batch_index: int) -> None:
+        raise NotImplementedError("pre-processing needs the sandbox queue")
+
+    def postprocess(self, job_id: str, batch_index: int) -> None:
+        raise NotImplementedError("post-processing needs the sandbox queue")
+
+    def finalize(self, job_id: str) -> None:
+        finalize_job.apply_async((job_id,), queue="control")
+
+
+@lru_cache(maxsize=1)
+def context() -> dataset.Context:
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return dataset.Context(settings, JobStore(client), EventBus(client, settings.event_history), CeleryDispatcher())
+
+
+@celery_app.task(name="spider.plan_job", time_limit=1800, soft_time_limit=1700)
+def plan_job(job_id: str) -> None:
+    dataset.plan_job(context(), job_id)
+
+
+@celery_app.task(name="spider.run_batch", time_limit=4 * 3600, soft_time_limit=4 * 3600 - 60)
+def run_batch(job_id: str, batch_index: int) -> None:
+    dataset.run_batch(context(), job_id, batch_index)
+
+
+@celery_app.task(name="spider.finalize_job", time_limit=3600, soft_time_limit=3500)
+def finalize_job(job_id: str) -> None:
+    dataset.finalize_job(context(), job_id)
