@@ -266,6 +266,20 @@ def _nested_model(annotation: Any) -> Any:
     return None
 
 
+def _suggest(key: str, owner: type[BaseModel]) -> str | None:
+    """The nearest valid key: a sibling, or a key one level down (`parameters.temperature`)."""
+    siblings = difflib.get_close_matches(key, list(owner.model_fields), n=1, cutoff=0.75)
+    if siblings:
+        return siblings[0]
+    nested = {}
+    for name, field in owner.model_fields.items():
+        child = _nested_model(field.annotation)
+        if child is not None:
+            nested.update({sub: f"{name}.{sub}" for sub in child.model_fields})
+    found = difflib.get_close_matches(key, list(nested), n=1, cutoff=0.8)
+    return nested[found[0]] if found else None
+
+
 def format_errors(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """One line per problem: `path.to.key: what is wrong` plus a "did you mean" for unknown keys."""
     lines = []
@@ -275,10 +289,10 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: str = ""
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             valid = sorted(owner.model_fields) if owner else []
-            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = _suggest(str(loc[-1]), owner) if owner else None
             message = f"{path}: unknown key"
             if hint:
-                message += f"; did you mean {hint[0]!r}?"
+                message += f"; did you mean {hint!r}?"
             elif valid:
                 message += f"; valid keys here: {', '.join(valid)}"
         else:
