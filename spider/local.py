@@ -71,9 +71,11 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     quiet: bool = True
+    cleanup: bool = True
 
     def __post_init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
+        self._argv: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="spider-local-"))
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,7 +99,23 @@ class LocalStack:
         out = log if self.quiet else None
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if self.quiet else None, start_new_session=True)
         self.procs[name] = proc
+        self._argv[name] = (argv, env)
         return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one process of the stack (and its children), as a crash would."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Start a process of the stack again after `kill`, and wait until it serves."""
+        argv, env = self._argv[name]
+        self._spawn(name, argv, env)
+        self._wait_ready()
 
     def start(self) -> None:
         if self.redis_url is None:
@@ -191,3 +209,5 @@ class LocalStack:
                     pass
                 proc.wait()
         self.procs.clear()
+        if self.cleanup:
+            shutil.rmtree(self._tmp, ignore_errors=True)
