@@ -101,7 +101,7 @@ def plan_job(ctx: Context, job_id: str) -> None:
     rows = load_source_rows(config.source, token=secrets.get("HF_TOKEN"))
     if not rows:
         raise SpiderError(f"source {config.source.dataset!r} (split {config.source.split!r}) has no rows")
-    has_pre = record.has_bundle and _bundle_has(ctx, job_id, "pre_processor")
+    has_pre = record.has_bundle and _bundle_has(ctx, job_id, "has_pre_processor")
     if not has_pre:
         prompt_of(rows[0], config.source.field, 0)  # a field missing from the rows fails the job here
 
@@ -227,7 +227,7 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     elapsed = time.perf_counter() - started
     records = records_for(job_id, config, rows, results, {r.key: r for r in requests})
 
-    has_post = record.has_bundle and _bundle_has(ctx, job_id, "post_processor")
+    has_post = record.has_bundle and _bundle_has(ctx, job_id, "has_post_processor")
     target = files.root / "generated" / f"{batch_index:06d}.jsonl" if has_post else files.shard(batch_index)
     write_atomic(target, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
     usage = Usage()
@@ -241,6 +241,10 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
         completion_tokens=usage.completion_tokens,
     )
     if has_post:
+        write_atomic(
+            files.root / "generated" / f"{batch_index:06d}.counts.json",
+            json.dumps({**counts, "generation_seconds": elapsed}),
+        )
         ctx.dispatch.postprocess(job_id, batch_index)
         _report_generation(ctx, job_id, batch_index, counts, elapsed)
         return

@@ -20,10 +20,10 @@ class CeleryDispatcher:
         run_batch.apply_async((job_id, batch_index), queue="rollout")
 
     def preprocess(self, job_id: str, batch_index: int) -> None:
-        raise NotImplementedError("pre-processing needs the sandbox queue")
+        preprocess_batch.apply_async((job_id, batch_index), queue="sandbox")
 
     def postprocess(self, job_id: str, batch_index: int) -> None:
-        raise NotImplementedError("post-processing needs the sandbox queue")
+        postprocess_batch.apply_async((job_id, batch_index), queue="sandbox")
 
     def finalize(self, job_id: str) -> None:
         finalize_job.apply_async((job_id,), queue="control")
@@ -34,6 +34,24 @@ def context() -> dataset.Context:
     settings = Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     return dataset.Context(settings, JobStore(client), EventBus(client, settings.event_history), CeleryDispatcher())
+
+
+@lru_cache(maxsize=1)
+def sandbox_pool():
+    from spider.jobs.usercode import SandboxPool
+
+    return SandboxPool(context())
+
+
+def send_tool_call(job_id: str, call_id: str, name: str, arguments: dict) -> None:
+    call_tool.apply_async((job_id, call_id, name, arguments), queue="sandbox")
+
+
+def tool_caller(job_id: str):
+    """For rollout loops: call the job's tools on the sandbox workers."""
+    from spider.jobs.usercode import ToolCaller
+
+    return ToolCaller(context().store.r, job_id, send_tool_call)
 
 
 @celery_app.task(name="spider.plan_job", time_limit=1800, soft_time_limit=1700)
@@ -49,3 +67,24 @@ def run_batch(job_id: str, batch_index: int) -> None:
 @celery_app.task(name="spider.finalize_job", time_limit=3600, soft_time_limit=3500)
 def finalize_job(job_id: str) -> None:
     dataset.finalize_job(context(), job_id)
+
+
+@celery_app.task(name="spider.preprocess_batch", time_limit=3600, soft_time_limit=3500)
+def preprocess_batch(job_id: str, batch_index: int) -> None:
+    from spider.jobs import usercode
+
+    usercode.preprocess_batch(context(), job_id, batch_index, sandbox_pool())
+
+
+@celery_app.task(name="spider.postprocess_batch", time_limit=3600, soft_time_limit=3500)
+def postprocess_batch(job_id: str, batch_index: int) -> None:
+    from spider.jobs import usercode
+
+    usercode.postprocess_batch(context(), job_id, batch_index, sandbox_pool())
+
+
+@celery_app.task(name="spider.call_tool", time_limit=900, soft_time_limit=890)
+def call_tool(job_id: str, call_id: str, name: str, arguments: dict) -> None:
+    from spider.jobs import usercode
+
+    usercode.run_tool_call(context(), sandbox_pool(), job_id, call_id, name, arguments)
