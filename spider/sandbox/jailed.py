@@ -1,0 +1,342 @@
+"""The program that runs inside the jail: it loads one job's bundle and serves calls over a pipe.
+
+It is copied next to a copy of cloudpickle into the sandbox's runtime directory and started as
+`python -I -S spider_jail.py` (from the job's dependency venv), so it may import nothing but the
+standard library until the venv's site-packages are added. It never trusts the caller to be
+anything but the sandbox worker, and the worker never trusts it: every answer is JSON, never pickle.
+
+Frames are a 4-byte big-endian length and a UTF-8 JSON document. The first frame from the worker
+is the start-up configuration; the jail answers with `{"ready": ...}` or `{"error": ...}` and then
+serves requests until its input closes:
+
+* `{"op": "process", "which": "pre_processor"|"post_processor", "items": [...], "kwargs": {...}}`
+  answered by one or more frames holding a list of outcomes (`["ok", value]`, `["drop"]`,
+  `["error", kind, type, message, traceback]`) and a final `{"done": true, "recycle": bool}`;
+* `{"op": "tool", "name": ..., "arguments": {...}}` answered by `{"content": str, ...}` or
+  `{"error": [kind, type, message, traceback], ...}`.
+
+After every request every other process of the job in the jail is killed, so no background
+process outlives the call that started it.
+"""
+
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+
+_LEN = struct.Struct(">I")
+FLUSH_INTERVAL_S = 0.05
+FLUSH_ITEMS = 2048
+DROPPED = ["drop"]
+BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
+
+
+class CallTimeout(BaseException):
+    """Raised in the user's code when a call runs past its wall-clock limit (not an Exception, so a
+    bare `except Exception` in user code does not swallow it)."""
+
+
+class CpuLimitExceeded(BaseException):
+    """Raised in the user's code when a call uses more CPU time than its budget."""
+
+
+def write_frame(fd, obj=None, raw=None):
+    data = raw if raw is not None else json.dumps(obj).encode()
+    view = memoryview(_LEN.pack(len(data)) + data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def read_exact(fd, size):
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd):
+    head = read_exact(fd, _LEN.size)
+    if head is None:
+        return None
+    body = read_exact(fd, _LEN.unpack(head)[0])
+    return None if body is None else json.loads(body)
+
+
+class Guard:
+    """Per-call wall-clock and CPU-time limits, enforced from inside the interpreter.
+
+    A watchdog thread interrupts the main thread with SIGALRM when the current call is past its
+    deadline; the kernel sends SIGXCPU when the call's CPU budget (an RLIMIT_CPU soft limit moved
+    forward before every call) is spent. Both become exceptions in the user's code, so the
+    interpreter survives. If user code defeats them, the worker's own deadline kills the jail."""
+
+    def __init__(self, timeout_s, cpu_seconds):
+        self.timeout_s = timeout_s
+        self.cpu_seconds = cpu_seconds
+        self.deadline = None
+        self.main_thread = threading.main_thread().ident
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.signal(signal.SIGXCPU, self._on_xcpu)
+        period = max(0.005, min(0.05, timeout_s / 10))
+        thread = threading.Thread(target=self._watch, args=(period,), name="spider-watchdog", daemon=True)
+        thread.start()
+
+    def _watch(self, period):
+        while True:
+            time.sleep(period)
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                try:
+                    signal.pthread_kill(self.main_thread, signal.SIGALRM)
+                except OSError:
+                    return
+
+    def _on_alarm(self, signum, frame):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise CallTimeout(f"the call ran longer than its limit of {self.timeout_s:g} s")
+
+    def _on_xcpu(self, signum, frame):
+        if self.deadline is not None:
+            raise CpuLimitExceeded(f"the call used more than its CPU-time limit of {self.cpu_seconds} s")
+
+    def budget_cpu(self, calls):
+        """Move the CPU-time soft limit to `calls` call budgets from now (once per request: a
+        batch of n rows may use n budgets in all, each row still has its own wall-clock limit)."""
+        import resource
+
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            want = int(usage.ru_utime + usage.ru_stime + self.cpu_seconds * max(calls, 1)) + 1
+            if hard != resource.RLIM_INFINITY:
+                want = min(want, hard)
+            resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+    def call(self, func, *args, **kwargs):
+        """Run one call of user code under the wall-clock limit."""
+        self.deadline = time.monotonic() + self.timeout_s
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.deadline = None
+
+
+def error_entry(exc, kind=None):
+    import traceback
+
+    if kind is None:
+        if isinstance(exc, CallTimeout):
+            kind = "timeout"
+        elif isinstance(exc, CpuLimitExceeded):
+            kind = "limit"
+        elif isinstance(exc, MemoryError):
+            kind = "limit"
+        else:
+            kind = "exception"
+    frames = traceback.extract_tb(exc.__traceback__)
+    # The frames of this file are the harness, not the user's code.
+    frames = [f for f in frames if f.filename != __file__]
+    tb = "".join(traceback.format_list(frames[-5:]))
+    message = str(exc) if not isinstance(exc, MemoryError) else (str(exc) or "out of memory (memory limit reached)")
+    return [kind, type(exc).__name__, message, tb]
+
+
+class Server:
+    def __init__(self, in_fd, out_fd, config, functions):
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.config = config
+        self.functions = functions
+        self.guard = Guard(config["call_timeout_s"], config["cpu_seconds"])
+        self.scratch = config["scratch"]
+        self.reap = config.get("reap_others", False)
+
+    def serve(self):
+        while True:
+            request = read_frame(self.in_fd)
+            if request is None or request.get("op") == "exit":
+                return
+            try:
+                if request["op"] == "process":
+                    self.process(request)
+                elif request["op"] == "tool":
+                    self.tool(request)
+                elif request["op"] == "ping":
+                    write_frame(self.out_fd, {"pong": True, "pid": os.getpid()})
+                else:
+                    write_frame(self.out_fd, {"error": ["protocol", "ValueError", f"unknown op {request['op']!r}", ""]})
+            finally:
+                self.after_call()
+
+    def after_call(self):
+        """Kill every other process of this job in the jail (background processes, fork bombs)."""
+        if self.reap:
+            for _ in range(5):
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    break
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        try:
+            os.chdir(self.scratch)
+        except OSError:
+            pass
+
+    def process(self, request):
+        func = self.functions.get(request["which"])
+        kwargs = request.get("kwargs") or {}
+        items = request["items"]
+        self.guard.budget_cpu(len(items))
+        outcomes = []
+        last_flush = time.monotonic()
+        recycle = False
+        for item in items:
+            try:
+                value = self.guard.call(func, item, **kwargs)
+            except BaseException as exc:  # user code may raise anything, even SystemExit
+                recycle = recycle or isinstance(exc, (MemoryError, CpuLimitExceeded))
+                outcomes.append(["error", *error_entry(exc)])
+            else:
+                outcomes.append(DROPPED if value is None else ["ok", value])
+            if len(outcomes) >= FLUSH_ITEMS or time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
+                self.send_outcomes(outcomes)
+                outcomes, last_flush = [], time.monotonic()
+        if outcomes:
+            self.send_outcomes(outcomes)
+        write_frame(self.out_fd, {"done": True, "recycle": recycle})
+
+    def send_outcomes(self, outcomes):
+        try:
+            data = json.dumps(outcomes)
+        except Exception:  # some value is not JSON: find which, and make those errors
+            parts = []
+            for outcome in outcomes:
+                try:
+                    parts.append(json.dumps(outcome))
+                except Exception as exc:
+                    message = (
+                        f"the processor returned a {type(outcome[1]).__name__} that is not JSON data ({exc}); "
+                        "return dicts, lists, strings, numbers, booleans or None"
+                    )
+                    parts.append(json.dumps(["error", "exception", "TypeError", message, ""]))
+            data = "[" + ",".join(parts) + "]"
+        write_frame(self.out_fd, raw=data.encode())
+
+    def tool(self, request):
+        entry = self.functions["tools"].get(request["name"])
+        if entry is None:
+            write_frame(self.out_fd, {"error": ["exception", "KeyError", f"no tool named {request['name']!r}", ""]})
+            return
+        func, fixed = entry
+        arguments = request.get("arguments")
+        if not isinstance(arguments, dict):
+            write_frame(self.out_fd, {"error": ["exception", "TypeError", "tool arguments must be a JSON object", ""]})
+            return
+        try:
+            self.guard.budget_cpu(1)
+            result = self.guard.call(func, **{**arguments, **fixed})
+            if isinstance(result, str):
+                content = result
+            else:
+                try:
+                    content = json.dumps(result)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(
+                        f"the tool returned a {type(result).__name__}, which is not JSON data ({exc}); "
+                        "return a string or JSON-serializable data"
+                    ) from None
+            answer = {"content": content}
+        except BaseException as exc:
+            answer = {"error": error_entry(exc), "recycle": isinstance(exc, (MemoryError, CpuLimitExceeded))}
+        write_frame(self.out_fd, answer)
+
+
+def drop_privileges(uid, gid):
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise RuntimeError("could not switch to the job's user")
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:") and int(line.split()[1], 16) != 0:
+                raise RuntimeError("capabilities are still held after switching user")
+
+
+def load_bundle(path, runtime_dir):
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data.startswith(BUNDLE_MAGIC):
+        raise ValueError("not a Spider bundle")
+    start = len(BUNDLE_MAGIC) + _LEN.size
+    (header_len,) = _LEN.unpack_from(data, len(BUNDLE_MAGIC))
+    header = json.loads(data[start : start + header_len])
+    wanted = ".".join(header["python"].split(".")[:2])
+    here = "%d.%d" % sys.version_info[:2]
+    if wanted != here:
+        raise RuntimeError(f"the bundle was built with Python {wanted} but the sandbox runs Python {here}")
+    import cloudpickle  # noqa: F401  (registers the reducers the payload refers to)
+    import pickle
+
+    return pickle.loads(data[start + header_len :])
+
+
+def main():
+    # The pipe to the worker gets private descriptors; the user's prints go to stderr instead.
+    in_fd = os.dup(0)
+    out_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    config = read_frame(in_fd)
+    if config is None:
+        return 2
+    try:
+        if config.get("uid") is not None:
+            drop_privileges(config["uid"], config["gid"])
+        os.chdir(config["scratch"])
+        # firejail adds a few variables of its own; the job sees only the ones it was given.
+        for name in set(os.environ) - set(config["env_names"]):
+            del os.environ[name]
+        import site
+
+        site.main()  # the job's venv: only now, as the job's user
+        sys.path.insert(0, config["runtime_dir"])
+        functions = load_bundle(config["bundle"], config["runtime_dir"])
+    except BaseException as exc:
+        write_frame(out_fd, {"error": error_entry(exc, kind="load")})
+        return 1
+    write_frame(
+        out_fd,
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "tools": sorted(functions["tools"]),
+        },
+    )
+    Server(in_fd, out_fd, config, functions).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""Running one job's user code on a sandbox worker: jobs, their interpreter pools, their calls.
+
+`Sandbox` is the worker-wide object (one per sandbox worker process): it owns a root directory
+with the jail runtime, the dependency venvs and one private directory per open job. `JobSandbox`
+is one job's side of it: a small pool of warm jailed interpreters that serve processor batches
+and tool calls, replaced after a crash, a limit hit or `max_calls_per_interpreter` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets as secrets_module
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from spider.client.bundle import ToolSpec, bundle_manifest, split_bundle
+from spider.config import RuntimeConfig
+from spider.errors import BundleError, SandboxError
+from spider.sandbox import jailed
+from spider.sandbox.interpreter import Interpreter, InterpreterFailure, LaunchSpec
+from spider.sandbox.jail import (
+    SYSTEM_TOP_DIRS,
+    JailLimits,
+    JailSpec,
+    check_traversable,
+    find_firejail,
+    firejail_argv,
+    job_uid,
+)
+from spider.sandbox.outcomes import CallError, Outcome, ToolOutcome
+from spider.sandbox.venvs import VenvCache
+
+log = logging.getLogger("spider.sandbox")
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Batches smaller than this per interpreter are not worth splitting across the pool.
+MIN_ITEMS_PER_PART = 512
+
+
+def _python_version(python: str) -> str:
+    try:
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxError(f"the jail interpreter {python} cannot run: {exc}") from None
+    if out.returncode != 0:
+        raise SandboxError(f"the jail interpreter {python} cannot run: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
+
+
+class Sandbox:
+    """The sandbox of one worker process.
+
+    `root` holds everything the jails see (it must be reachable by other users when the worker
+    runs as root). Without firejail it refuses to run user code, unless `unsafe=True`, which
+    runs it in plain subprocesses with resource limits only and logs a warning for every job.
+    `pool_size` is the number of warm interpreters per job, `max_calls_per_interpreter` how many
+    calls (rows or tool calls) one serves before it is replaced."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        unsafe: bool = False,
+        pool_size: int = 2,
+        max_calls_per_interpreter: int = 100_000,
+        python: str = "/usr/bin/python3",
+        firejail: str | Path | None = None,
+        venv_build_timeout_s: float = 600.0,
+        start_timeout_s: float = 60.0,
+        kill_grace_s: float = 1.0,
+    ):
+        if pool_size < 1 or max_calls_per_interpreter < 1:
+            raise SandboxError("pool_size and max_calls_per_interpreter must be at least 1")
+        self.firejail = find_firejail(firejail)
+        if self.firejail is None and not unsafe:
+            raise SandboxError(
+                "firejail is not installed, so user code cannot be isolated and will not run; install it "
+                "(scripts/install-system.sh does), or start the sandbox worker in unsafe mode to run user "
+                "code without isolation (only for code you trust)"
+            )
+        self.jailed = self.firejail is not None
+        self.unsafe = unsafe
+        self.root = Path(root).resolve()
+        self.python = python
+        if not Path(python).exists():
+            raise SandboxError(
+                f"the jail interpreter {python} does not exist; install the system Python with venv support "
+                "(apt-get install python3 python3-venv) or pass python=..."
+            )
+        if self.jailed and Path(python).resolve().parts[1] not in SYSTEM_TOP_DIRS:
+            raise SandboxError(
+                f"the jail interpreter {python} lives under {Path(python).resolve().parts[1]!r}, which jails hide; "
+                "use the system Python in /usr (apt-get install python3 python3-venv)"
+            )
+        self.python_version = _python_version(python)
+        self.python_minor = ".".join(self.python_version.split(".")[:2])
+        self.pool_size = pool_size
+        self.max_calls = max_calls_per_interpreter
+        self.start_timeout_s = start_timeout_s
+        self.kill_grace_s = kill_grace_s
+        self.as_root = os.geteuid() == 0
+        for directory in (self.root, self.root / "jobs"):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o711 if directory.name == "jobs" else 0o755)
+        if self.as_root and self.jailed:
+            check_traversable(self.root)
+        self.runtime_dir = self._install_runtime()
+        self.venvs = VenvCache(
+            self.root / "venvs", python, self.python_minor, self.firejail, build_timeout_s=venv_build_timeout_s
+        )
+        self._jobs: dict[str, JobSandbox] = {}
+        self._lock = threading.Lock()
+        self._job_locks: dict[str, threading.Lock] = {}
+        if not self.jailed:
+            log.warning("sandbox in UNSAFE mode: firejail is unavailable, user code runs without isolation")
+
+    # -- the runtime the jails load ---------------------------------------------------------
+
+    def _install_runtime(self) -> Path:
+        """Copy the jail program and cloudpickle into a content-addressed directory of the root."""
+        files: dict[str, bytes] = {"spider_jail.py": Path(jailed.__file__).read_bytes()}
+        package = Path(cloudpickle.__file__).parent
+        for source in sorted(package.glob("*.py")):
+            files[f"cloudpickle/{source.name}"] = source.read_bytes()
+        digest = hashlib.sha256()
+        for name, data in files.items():
+            digest.update(name.encode() + b"\0" + data + b"\0")
+        parent = self.root / "runtime"
+        parent.mkdir(exist_ok=True)
+        os.chmod(parent, 0o755)
+        target = parent / digest.hexdigest()[:16]
+        if target.exists():
+            return target
+        staging = parent / f".staging-{secrets_module.token_hex(6)}"
+        for name, data in files.items():
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            os.chmod(path, 0o644)
+        for directory in (staging, staging / "cloudpickle"):
+            os.chmod(directory, 0o755)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker installed the same runtime first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def open_job(
+        self, job_id: str, bundle: bytes, runtime: RuntimeConfig | None = None, secrets: dict[str, str] | None = None
+    ) -> "JobSandbox":
+        """Get a job ready to run: check its bundle, build or reuse its venv, start one interpreter
+        (which loads the bundle, so a bundle that cannot load fails here, as a BundleError).
+        Opening an open job again with the same bundle returns the same JobSandbox."""
+        runtime = runtime or RuntimeConfig()
+        secrets = dict(secrets or {})
+        if not JOB_ID_PATTERN.match(job_id or ""):
+            raise SandboxError(f"job id {job_id!r} is not usable as a directory name (letters, digits, '_', '.', '-')")
+        header, _ = split_bundle(bundle)
+        manifest = bundle_manifest(bundle)
+        if manifest["python_minor"] != self.python_minor:
+            raise BundleError(
+                f"the user code was serialized with Python {manifest['python']}, but this sandbox runs Python "
+                f"{self.python_version}; serialized functions only load on the same minor version: run the "
+                f"client with Python {self.python_minor}"
+            )
+        env = self._job_env(runtime, secrets)
+        with self._lock:
+            job_lock = self._job_locks.setdefault(job_id, threading.Lock())
+        with job_lock:
+            existing = self._jobs.get(job_id)
+            if existing is not None:
+                if existing.bundle_sha256 != header["payload_sha256"]:
+                    raise SandboxError(f"job {job_id} is already open with a different bundle; close it first")
+                return existing
+            venv = self.venvs.ensure(runtime.packages)
+            job = self._create_job(job_id, bundle, header, manifest, runtime, env, venv)
+            with self._lock:
+                self._jobs[job_id] = job
+        return job
+
+    def job(self, job_id: str) -> "JobSandbox":
+        """An open job; SandboxError when it was not opened on this worker."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise SandboxError(f"job {job_id} is not open on this sandbox worker")
+        return job
+
+    def close_job(self, job_id: str) -> None:
+        """Kill the job's interpreters and delete its directory (scratch included). Idempotent."""
+        with self._lock:
+            job = self._jobs.pop(job_id, None)
+            self._job_locks.pop(job_id, None)
+        if job is not None:
+            job.close()
+        if JOB_ID_PATTERN.match(job_id or ""):
+            shutil.rmtree(self.root / "jobs" / job_id, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close every open job."""
+        with self._lock:
+            ids = list(self._jobs)
+        for job_id in ids:
+            self.close_job(job_id)
+
+    def _job_env(self, runtime: RuntimeConfig, secrets: dict[str, str]) -> dict[str, str]:
+        for origin, mapping in (("runtime.env", runtime.env), ("secrets", secrets)):
+            for name, value in mapping.items():
+                if not ENV_NAME_PATTERN.match(name):
+                    raise SandboxError(f"{origin} name {name!r} is not a valid environment variable name")
+                if not isinstance(value, str) or "\x00" in value:
+                    raise SandboxError(f"{origin}[{name!r}] must be a string without NUL characters")
+        return {**runtime.env, **secrets}
+
+    def _create_job(
+        self,
+        job_id: str,
+        bundle: bytes,
+        header: dict[str, Any],
+        manifest: dict[str, Any],
+        runtime: RuntimeConfig,
+        user_env: dict[str, str],
+        venv: Path,
+    ) -> "JobSandbox":
+        job_dir = self.root / "jobs" / job_id
+        if job_dir.exists():  # left by a worker that died
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(mode=0o711)
+        os.chmod(job_dir, 0o711)
+        bundle_path = job_dir / "bundle.bin"
+        bundle_path.write_bytes(bundle)
+        os.chmod(bundle_path, 0o644)
+        scratch = job_dir / "scratch"
+        scratch.mkdir(mode=0o700)
+        uid = job_uid(job_id) if self.as_root else None
+        if uid is not None:
+            os.chown(scratch, uid, uid)
+        if not self.jailed:
+            log.warning("job %s: running user code WITHOUT isolation (unsafe mode: firejail unavailable)", job_id)
+        limits = runtime.limits
+        env = {
+            "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(scratch),
+            "TMPDIR": str(scratch),
+            "LANG": "C.UTF-8",
+            **user_env,
+        }
+        config = {
+            "uid": uid,
+            "gid": uid,
+            "scratch": str(scratch),
+            "runtime_dir": str(self.runtime_dir),
+            "bundle": str(bundle_path),
+            "call_timeout_s": limits.call_timeout_s,
+            "cpu_seconds": limits.cpu_seconds,
+            # Inside a jail the interpreter is alone in its pid namespace with its own user:
+            # killing "every process it may signal" kills exactly its own leftovers.
+            "reap_others": self.jailed and uid is not None,
+            "env_names": sorted(env),
+        }
+        command = [str(venv / "bin" / "python"), "-I", "-S", str(self.runtime_dir / "spider_jail.py")]
+        preexec = None
+        if self.jailed:
+            spec = JailSpec(
+                readable=[self.runtime_dir, venv, bundle_path],
+                writable=[scratch],
+                limits=JailLimits(
+                    memory_mb=limits.memory_mb,
+                    cpu_seconds_total=limits.cpu_seconds * (self.max_calls + 1),
+                    max_processes=limits.max_processes,
+                    file_size_mb=limits.file_size_mb,
+                ),
+                network=runtime.network,
+                extra_etc=[f"python{self.python_minor}"],
+            )
+            command = firejail_argv(self.firejail, spec, command)
+        else:
+            preexec = _unjailed_limits(limits.memory_mb, limits.cpu_seconds * (self.max_calls + 1), limits.file_size_mb)
+        launch = LaunchSpec(argv=command, env=env, cwd=str(scratch), config=config, preexec=preexec)
+        job = JobSandbox(
+            job_id=job_id,
+            manifest=manifest,
+            bundle_sha256=header["payload_sha256"],
+            launch=launch,
+            pool_size=self.pool_size,
+            max_calls=self.max_calls,
+            call_timeout_s=limits.call_timeout_s,
+            start_timeout_s=self.start_timeout_s,
+            kill_grace_s=self.kill_grace_s,
+        )
+        try:
+            job.warm_up()
+        except BaseException:
+            job.close()
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        return job
+
+
+def _unjailed_limits(memory_mb: int, cpu_seconds: int, file_size_mb: int) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 1024 * 1024,) * 2)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds,) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_mb * 1024 * 1024,) * 2)
+
+    return apply
+
+
+class JobSandbox:
+    """One job's user code on this worker: a pool of warm jailed interpreters.
+
+    Thread-safe: concurrent calls take different interpreters (up to the pool size, then wait).
+    `tool_specs` come from the bundle's manifest, so callers can offer tools to a model without
+    running anything."""
+
+    def __init__(
+        self,
+        job_id: str,
+        manifest: dict[str, Any],
+        bundle_sha256: str,
+        launch: LaunchSpec,
+        pool_size: int,
+        max_calls: int,
+        call_timeout_s: float,
+        start_timeout_s: float,
+        kill_grace_s: float,
+    ):
+        self.job_id = job_id
+        self.manifest = manifest
+        self.bundle_sha256 = bundle_sha256
+        self.tool_specs: list[ToolSpec] = [ToolSpec.from_schema_dict(d) for d in manifest["tool_specs"]]
+        self._launch = launch
+        self._pool_size = pool_size
+        self._max_calls = max_calls
+        self._call_timeout_s = call_timeout_s
+        self._start_timeout_s = start_timeout_s
+        # A frame is due at most one call (plus the jail's flush interval) after the previous one.
+        self._frame_timeout_s = call_timeout_s + kill_grace_s + jailed.FLUSH_INTERVAL_S
+        self._idle: list[Interpreter] = []
+        self._live = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self.interpreters_started = 0
+        self.interpreters_replaced = 0
+
+    # -- the pool -----------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Start one interpreter now, so that a bundle that cannot load fails at open time."""
+        self._checkin(self._checkout())
+
+    def _start(self) -> Interpreter:
+        try:
+            interpreter = Interpreter(self._launch, self._start_timeout_s)
+        except InterpreterFailure as failure:
+            if failure.kind == "load":
+                hint = ""
+                if failure.type_name == "ModuleNotFoundError":
+                    hint = (
+                        " (a module the functions use by name is not installed in the sandbox: add its package "
+                        "to runtime.packages, or keep the module a local file of your project so it travels by value)"
+                    )
+                raise BundleError(f"the user code could not be loaded in the sandbox: {failure.type_name}: {failure.message}{hint}") from None
+            raise SandboxError(f"could not start a jailed interpreter for job {self.job_id}: {failure.message}") from None
+        self.interpreters_started += 1
+        return interpreter
+
+    def _checkout(self) -> Interpreter:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise SandboxError(f"job {self.job_id} is closed on this sandbox worker")
+                if self._idle:
+                    return self._idle.pop()
+                if self._live < self._pool_size:
+                    self._live += 1
+                    break
+                self._cond.wait()
+        try:
+            return self._start()
+        except BaseException:
+            with self._cond:
+                self._live -= 1
+                self._cond.notify()
+            raise
+
+    def _checkin(self, interpreter: Interpreter, recycle: bool = False) -> None:
+        retire = recycle or not interpreter.alive or interpreter.calls >= self._max_calls
+        with self._cond:
+            if not retire and not self._closed:
+                self._idle.append(interpreter)
+                self._cond.notify()
+                return
+            self._live -= 1
+            self._cond.notify()
+        if interpreter.calls:
+            self.interpreters_replaced += 1
+        interpreter.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for interpreter in idle:
+            interpreter.close()
+
+    # -- processors ---------------------------------------------------------------------------
+
+    def pre_process(self, rows: list[dict[str, Any]], kwargs: dict[str, Any] | None = None) -> list[Outcome]:
+        """Run the pre-processor on each source row. Without one, every row is kept as it is."""
+        return self._process("pre_processor", rows, kwargs or {})
+
+    def post_process(self, records: list[dict[str, Any]], kwargs: dict[str, Any] | None = None) -> list[Outcome]:
+        """Run the post-processor on each output record. Without one, every record is kept."""
+        return self._process("post_processor", records, kwargs or {})
+
+    def _process(self, which: str, items: list[Any], kwargs: dict[str, Any]) -> list[Outcome]:
+        if not self.manifest[f"has_{which}"]:
+            return [Outcome("kept", value=item) for item in items]
+        parts = min(self._pool_size, len(items) // MIN_ITEMS_PER_PART)
+        if parts <= 1:
+            return self._process_serial(which, items, kwargs)
+        # A big batch is cut into contiguous parts run by several interpreters at once.
+        size = -(-len(items) // parts)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        with ThreadPoolExecutor(len(chunks), thread_name_prefix="spider-sandbox") as pool:
+            results = list(pool.map(lambda chunk: self._process_serial(which, chunk, kwargs), chunks))
+        return [outcome for result in results for outcome in result]
+
+    def _process_serial(self, which: str, items: list[Any], kwargs: dict[str, Any]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        while len(outcomes) < len(items):
+            pending = items[len(outcomes) :]
+            received, failure = self._run_batch(which, pending, kwargs)
+            outcomes += received
+            if failure is None:
+                break
+            # The interpreter died somewhere after the last outcome it reported. Run the first
+            # unreported item alone to learn whether it is the culprit, then go on with the rest.
+            single, single_failure = self._run_batch(which, pending[len(received) : len(received) + 1], kwargs)
+            outcomes += single if single_failure is None else [Outcome("error", error=single_failure)]
+        return outcomes
+
+    def _run_batch(self, which: str, items: list[Any], kwargs: dict[str, Any]) -> tuple[list[Outcome], CallError | None]:
+        request = _encode({"op": "process", "which": which, "items": items, "kwargs": kwargs}, f"the {which} input")
+        interpreter = self._checkout()
+        received: list[Outcome] = []
+        recycle = False
+        try:
+            for frame in interpreter.request_stream(request, self._frame_timeout_s):
+                if isinstance(frame, list):
+                    received += [Outcome.from_wire(entry) for entry in frame]
+                elif isinstance(frame, dict):
+                    recycle = bool(frame.get("recycle"))
+            if len(received) != len(items):
+                interpreter.kill()
+                raise InterpreterFailure("protocol", "ProtocolError", f"{len(received)} outcomes for {len(items)} items")
+        except InterpreterFailure as failure:
+            interpreter.calls += len(received) + 1
+            self._checkin(interpreter)
+            return received[: len(items)], self._failure_error(failure)
+        interpreter.calls += len(items)
+        self._checkin(interpreter, recycle=recycle)
+        return received, None
+
+    # -- tools --------------------------------------------------------------------------------
+
+    def call_tool(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
+        """Call one tool with the model's arguments. Every failure is a ToolOutcome with an error,
+        ready to be fed back to the model; the job goes on."""
+        names = [spec.name for spec in self.tool_specs]
+        if name not in names:
+            available = ", ".join(names) or "none"
+            return ToolOutcome(error=CallError("exception", "UnknownTool", f"no tool named {name!r}; available tools: {available}"))
+        if not isinstance(arguments, dict):
+            return ToolOutcome(error=CallError("exception", "TypeError", "tool arguments must be a JSON object"))
+        try:
+            request = _encode({"op": "tool", "name": name, "arguments": arguments}, "the tool arguments")
+        except SandboxError as exc:
+            return ToolOutcome(error=CallError("exception", "TypeError", str(exc)))
+        interpreter = self._checkout()
+        try:
+            answer = list(interpreter.request_stream(request, self._frame_timeout_s))[-1]
+        except InterpreterFailure as failure:
+            interpreter.calls += 1
+            self._checkin(interpreter)
+            return ToolOutcome(error=self._failure_error(failure))
+        interpreter.calls += 1
+        self._checkin(interpreter, recycle=bool(isinstance(answer, dict) and answer.get("recycle")))
+        if isinstance(answer, dict) and isinstance(answer.get("content"), str):
+            return ToolOutcome(content=answer["content"])
+        if isinstance(answer, dict) and isinstance(answer.get("error"), list):
+            return ToolOutcome(error=CallError.from_wire(answer["error"]))
+        return ToolOutcome(error=CallError("protocol", "ProtocolError", "malformed answer from the interpreter"))
+
+    def _failure_error(self, failure: InterpreterFailure) -> CallError:
+        if failure.kind == "timeout":
+            message = f"the call did not finish within {self._call_timeout_s:g} s; its interpreter was killed"
+            return CallError("timeout", "Timeout", message)
+        return CallError(failure.kind, failure.type_name, failure.message)  # type: ignore[arg-type]
+
+
+def _encode(obj: Any, what: str) -> bytes:
+    try:
+        return json.dumps(obj).encode()
+    except (TypeError, ValueError) as exc:
+        raise SandboxError(f"{what} must be JSON data to reach the sandbox: {exc}") from None

@@ -1,0 +1,371 @@
+"""Bundling user code on the client: tool schemas, by-value shipping, errors, manifests.
+
+Bundles are loaded here in a separate, isolated Python process started from another directory,
+so a function only works if everything it needs travelled inside the bundle.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from spider.client.bundle import (
+    BUNDLE_MAGIC,
+    ToolSpec,
+    build_bundle,
+    bundle_manifest,
+    parse_docstring,
+    split_bundle,
+    tool_spec,
+)
+from spider.errors import BundleError
+
+USERPKG = Path(__file__).parent / "userpkg"
+
+LOADER = r"""
+import json, pickle, sys
+import cloudpickle  # noqa: F401
+from pathlib import Path
+data = Path(sys.argv[1]).read_bytes()
+magic = b"SPIDERBUNDLE\x00"
+hlen = int.from_bytes(data[len(magic):len(magic) + 4], "big")
+funcs = pickle.loads(data[len(magic) + 4 + hlen:])
+calls = json.loads(sys.argv[2])
+out = []
+for kind, name, args, kwargs in calls:
+    if kind == "tool":
+        func, fixed = funcs["tools"][name]
+        out.append(func(**args, **fixed))
+    else:
+        out.append(funcs[kind](*args, **kwargs))
+print(json.dumps(out))
+"""
+
+
+def run_in_fresh_process(bundle: bytes, calls: list, tmp_path: Path) -> list:
+    """Unpickle and call the bundle in an isolated interpreter whose cwd and sys.path hold none
+    of the user's files."""
+    path = tmp_path / "bundle.bin"
+    path.write_bytes(bundle)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", LOADER, str(path), json.dumps(calls)],
+        capture_output=True, text=True, cwd=empty, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# -- tool schemas ------------------------------------------------------------------------------
+
+
+def google_tool(city: str, days: int = 3, units: Literal["C", "F"] = "C", tags: list[str] | None = None) -> str:
+    """Get the weather forecast.
+
+    Looks the city up first.
+
+    Args:
+        city: Name of the city,
+            with the country if ambiguous.
+        days (int): How many days ahead.
+        units: Temperature units.
+
+    Returns:
+        The forecast as text.
+    """
+    return city
+
+
+def numpy_tool(x: float, y: Optional[float] = None):
+    """Compute a distance.
+
+    Parameters
+    ----------
+    x : float
+        The first coordinate.
+    y : float, optional
+        The second coordinate.
+
+    Returns
+    -------
+    float
+    """
+    return x
+
+
+def rest_tool(query, limit: int = 10):
+    """Search the index.
+
+    :param query: What to look for.
+    :param int limit: At most this many hits.
+    :returns: hits
+    """
+    return query
+
+
+class Color(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class Point:
+    x: float
+    y: float = 0.0
+
+
+def typed_tool(color: Color, point: Point, weights: dict[str, float], pair: tuple[int, str], *args, api_key: str = "", **kw):
+    return color
+
+
+def test_google_docstring_and_hints_make_the_schema():
+    spec = tool_spec(google_tool)
+    assert spec.name == "google_tool"
+    assert spec.description == "Get the weather forecast. Looks the city up first."
+    props = spec.parameters["properties"]
+    assert spec.parameters["required"] == ["city"]
+    assert props["city"] == {"type": "string", "description": "Name of the city, with the country if ambiguous."}
+    assert props["days"] == {"type": "integer", "description": "How many days ahead.", "default": 3}
+    assert props["units"]["enum"] == ["C", "F"] and props["units"]["type"] == "string"
+    assert props["tags"]["type"] == ["array", "null"] and props["tags"]["items"] == {"type": "string"}
+    assert spec.to_openai() == {
+        "type": "function",
+        "function": {"name": "google_tool", "description": spec.description, "parameters": spec.parameters},
+    }
+
+
+def test_numpy_and_rest_docstrings():
+    spec = tool_spec(numpy_tool)
+    assert spec.description == "Compute a distance."
+    assert spec.parameters["properties"]["x"] == {"type": "number", "description": "The first coordinate."}
+    assert spec.parameters["properties"]["y"]["description"] == "The second coordinate."
+    assert spec.parameters["properties"]["y"]["type"] == ["number", "null"]
+    assert spec.parameters["required"] == ["x"]
+
+    spec = tool_spec(rest_tool)
+    assert spec.description == "Search the index."
+    assert spec.parameters["properties"]["query"] == {"description": "What to look for."}
+    assert spec.parameters["properties"]["limit"]["description"] == "At most this many hits."
+
+
+def test_structured_hints_and_hidden_kwargs():
+    spec = tool_spec(typed_tool, kwargs={"api_key": "k"})
+    props = spec.parameters["properties"]
+    assert props["color"] == {"enum": ["red", "blue"]}
+    assert props["point"]["properties"] == {"x": {"type": "number"}, "y": {"type": "number"}}
+    assert props["point"]["required"] == ["x"]
+    assert props["weights"] == {"type": "object", "additionalProperties": {"type": "number"}}
+    assert props["pair"]["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+    assert "api_key" not in props and "args" not in props and "kw" not in props
+    assert spec.kwargs == {"api_key": "k"}
+
+
+def test_explicit_schema_wins_and_is_checked():
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    spec = tool_spec(google_tool, json_schema=schema, description="custom", name="weather")
+    assert (spec.parameters, spec.description, spec.name) == (schema, "custom", "weather")
+    with pytest.raises(BundleError, match="type.*object"):
+        tool_spec(google_tool, json_schema={"type": "string"})
+    with pytest.raises(BundleError, match="whole tool entry"):
+        tool_spec(google_tool, json_schema={"type": "function", "function": {}})
+    with pytest.raises(BundleError, match="lambda"):
+        tool_spec(lambda x: x)
+    with pytest.raises(BundleError, match="invalid"):
+        tool_spec(google_tool, name="has space")
+
+
+def test_parse_docstring_keeps_unrelated_sections_out():
+    summary, args = parse_docstring("Do it.\n\nArgs:\n    a: the a\n\nRaises:\n    ValueError: never\n")
+    assert summary == "Do it." and args == {"a": "the a"}
+
+
+# -- shipping user code ------------------------------------------------------------------------
+
+
+def test_user_project_helpers_travel_by_value(tmp_path):
+    """A script whose processors and tools use helpers from two other local files (one importing
+    the other) produces a bundle that works where those files do not exist."""
+    out = tmp_path / "user.bundle"
+    subprocess.run([sys.executable, "make_bundle.py", str(out)], cwd=USERPKG, check=True, timeout=120)
+    bundle = out.read_bytes()
+    manifest = bundle_manifest(bundle)
+    assert set(manifest["local_modules"]) >= {"textutil", "constants"}
+    assert manifest["tools"] == ["convert", "square", "shout"]
+    results = run_in_fresh_process(
+        bundle,
+        [
+            ["pre_processor", None, [{"question": "  what IS   spider? "}], {"tag": "t1"}],
+            ["pre_processor", None, [{"question": ""}], {}],
+            ["post_processor", None, [{"completion": "a fine answer"}], {"min_words": 2}],
+            ["post_processor", None, [{"completion": "spam spam spam"}], {}],
+            ["tool", "convert", {"value": 1.5, "unit": "km"}, {}],
+            ["tool", "square", {"base": 7}, {}],
+            ["tool", "shout", {"text": "hi"}, {}],
+        ],
+        tmp_path,
+    )
+    assert results == [
+        {"prompt": "Q: What is spider?", "tag": "t1"},
+        None,
+        {"completion": "a fine answer", "reason": "ok", "words": 3},
+        None,
+        "1500.00 m (kilometre)",
+        49,
+        "HI!",
+    ]
+
+
+def test_closures_partials_lambdas_and_dataclasses_defined_here(tmp_path):
+    @dataclass
+    class Scale:
+        factor: int
+
+    scale = Scale(3)
+    offset = 10
+
+    def pre(row, extra=0):
+        return {"v": row["v"] * scale.factor + offset + extra}
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    add_five = functools.partial(add, b=5)
+    tools = [
+        (add_five, tool_spec(add_five, name="add_five")),
+        (lambda s: s[::-1], tool_spec(lambda s: s[::-1], name="reverse", json_schema={"type": "object", "properties": {"s": {"type": "string"}}})),
+    ]
+    bundle = build_bundle(pre_processor=pre, post_processor=lambda r: r if r["ok"] else None, tools=tools)
+    results = run_in_fresh_process(
+        bundle,
+        [
+            ["pre_processor", None, [{"v": 2}], {"extra": 1}],
+            ["post_processor", None, [{"ok": False}], {}],
+            ["tool", "add_five", {"a": 1}, {}],
+            ["tool", "reverse", {"s": "abc"}, {}],
+        ],
+        tmp_path,
+    )
+    assert results == [{"v": 17}, None, 6, "cba"]
+
+
+def test_tool_kwargs_travel_in_the_payload_not_the_manifest(tmp_path):
+    def fetch(query: str, api_key: str) -> str:
+        return f"{query}:{api_key}"
+
+    bundle = build_bundle(tools=[(fetch, tool_spec(fetch, kwargs={"api_key": "sekrit"}))])
+    assert "sekrit" not in json.dumps(split_bundle(bundle)[0])
+    assert "api_key" not in bundle_manifest(bundle)["tool_specs"][0]["parameters"]["properties"]
+    assert run_in_fresh_process(bundle, [["tool", "fetch", {"query": "q"}, {}]], tmp_path) == ["q:sekrit"]
+
+
+class ApiClient:
+    def __init__(self):
+        self.base_url = "http://example"
+        self.lock = threading.Lock()
+
+    def get(self, path):
+        return self.base_url + path
+
+
+client = ApiClient()
+
+
+def uses_client(row):
+    return {"url": client.get(row["path"])}
+
+
+def test_unpicklable_object_is_named():
+    with pytest.raises(BundleError) as info:
+        build_bundle(post_processor=uses_client)
+    message = str(info.value)
+    assert "the post_processor -> global 'client' -> attribute 'lock'" in message
+    assert "lock" in message and "TypeError" in message
+
+    lock = threading.Lock()
+
+    def tool(x: int) -> int:
+        with lock:
+            return x
+
+    with pytest.raises(BundleError, match="tool 'tool' -> closure variable 'lock'"):
+        build_bundle(tools=[(tool, tool_spec(tool))])
+
+
+def test_size_limit():
+    blob = os.urandom(300_000)
+
+    def heavy(row):
+        return {"n": len(blob) + len(row)}
+
+    assert len(build_bundle(pre_processor=heavy)) > 300_000
+    with pytest.raises(BundleError, match="over the limit"):
+        build_bundle(pre_processor=heavy, max_bytes=100_000)
+
+
+def test_bad_tools_are_refused():
+    def f(x: int) -> int:
+        return x
+
+    with pytest.raises(BundleError, match="two tools are named"):
+        build_bundle(tools=[(f, tool_spec(f)), (f, tool_spec(f))])
+    with pytest.raises(BundleError, match="pairs"):
+        build_bundle(tools=[f])  # type: ignore[list-item]
+    with pytest.raises(BundleError, match="callable"):
+        build_bundle(pre_processor="not a function")  # type: ignore[arg-type]
+
+
+class Booby:
+    """A callable whose unpickling runs a command: the manifest must not trigger it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __call__(self, row):
+        return row
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_manifest_reads_without_executing_user_code(tmp_path):
+    marker = tmp_path / "executed"
+    bundle = build_bundle(pre_processor=Booby(str(marker)))
+    manifest = bundle_manifest(bundle)
+    assert manifest["has_pre_processor"] and not manifest["has_post_processor"]
+    assert manifest["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert manifest["python_minor"] == "%d.%d" % sys.version_info[:2]
+    assert not marker.exists()
+    # The payload really does run code when unpickled: this is why only the jail may load it.
+    import pickle
+
+    pickle.loads(split_bundle(bundle)[1])
+    assert marker.exists()
+
+
+def test_corrupt_bundles_are_refused():
+    def f(row):
+        return row
+
+    bundle = build_bundle(pre_processor=f)
+    with pytest.raises(BundleError, match="magic"):
+        bundle_manifest(b"PK\x03\x04" + bundle)
+    with pytest.raises(BundleError, match="corrupt"):
+        bundle_manifest(bundle[:-3])
+    assert bundle.startswith(BUNDLE_MAGIC)
+
+
+def test_tool_spec_round_trips_through_the_manifest():
+    spec = tool_spec(google_tool)
+    back = ToolSpec.from_schema_dict(bundle_manifest(build_bundle(tools=[(google_tool, spec)]))["tool_specs"][0])
+    assert back.to_openai() == spec.to_openai()
