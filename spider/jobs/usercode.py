@@ -33,11 +33,10 @@ class SandboxPool:
 
     def __init__(self, ctx: Context):
         from spider.sandbox import Sandbox
-        from spider.settings import cache_dir
 
         self.ctx = ctx
         unsafe = os.environ.get("SPIDER_SANDBOX_UNSAFE") == "1"
-        self.sandbox = Sandbox(root=cache_dir() / "sandbox", unsafe=unsafe)
+        self.sandbox = Sandbox(unsafe=unsafe)
         self.jobs: dict[str, tuple[Any, float]] = {}
         self.lock = threading.Lock()
 

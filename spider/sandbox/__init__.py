@@ -6,6 +6,6 @@ pre/post processors in batches and its tools one call at a time. Every failure o
 """
 
 from spider.sandbox.outcomes import CallError, Outcome, ToolOutcome
-from spider.sandbox.sandbox import JobSandbox, Sandbox
+from spider.sandbox.sandbox import JobSandbox, Sandbox, default_root
 
-__all__ = ["CallError", "JobSandbox", "Outcome", "Sandbox", "ToolOutcome"]
+__all__ = ["CallError", "JobSandbox", "Outcome", "Sandbox", "ToolOutcome", "default_root"]

@@ -49,6 +49,19 @@ ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_ITEMS_PER_PART = 512
 
 
+def default_root() -> Path:
+    """Where a sandbox worker keeps its jails' files: `$SPIDER_SANDBOX_DIR`, else, for a worker
+    running as root (whose jails switch to unprivileged users, who cannot pass through /root),
+    /var/lib/spider/sandbox, else `<cache dir>/sandbox`."""
+    if os.environ.get("SPIDER_SANDBOX_DIR"):
+        return Path(os.environ["SPIDER_SANDBOX_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/spider/sandbox")
+    from spider.settings import cache_dir
+
+    return cache_dir() / "sandbox"
+
+
 def _python_version(python: str) -> str:
     try:
         out = subprocess.run(
@@ -65,15 +78,15 @@ def _python_version(python: str) -> str:
 class Sandbox:
     """The sandbox of one worker process.
 
-    `root` holds everything the jails see (it must be reachable by other users when the worker
-    runs as root). Without firejail it refuses to run user code, unless `unsafe=True`, which
+    `root` (default: `default_root()`) holds everything the jails see; when the worker runs as
+    root it must be reachable by other users. Without firejail it refuses to run user code, unless `unsafe=True`, which
     runs it in plain subprocesses with resource limits only and logs a warning for every job.
     `pool_size` is the number of warm interpreters per job, `max_calls_per_interpreter` how many
     calls (rows or tool calls) one serves before it is replaced."""
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None = None,
         unsafe: bool = False,
         pool_size: int = 2,
         max_calls_per_interpreter: int = 100_000,
@@ -93,8 +106,9 @@ class Sandbox:
                 "code without isolation (only for code you trust)"
             )
         self.jailed = self.firejail is not None
-        self.unsafe = unsafe
-        self.root = Path(root).resolve()
+        # True when user code runs without isolation (unsafe mode and no firejail).
+        self.unsafe = not self.jailed
+        self.root = Path(root if root is not None else default_root()).resolve()
         self.python = python
         if not Path(python).exists():
             raise SandboxError(
