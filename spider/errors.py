@@ -31,6 +31,11 @@ class SandboxError(SpiderError):
     """The sandbox cannot run user code (no firejail, a dependency venv failed to build, ...)."""
 
 
+class AlignmentError(SpiderError):
+    """Two tokenizers cannot be aligned: bad token ids, a tokenizer without exact byte pieces, or a
+    tokenizer pair whose alignment on the probe set falls below the required threshold."""
+
+
 class APIError(SpiderError):
     """The Spider server answered with an error; `status_code` and `detail` say which."""
 
