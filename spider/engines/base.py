@@ -6,7 +6,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
-from spider.types import Message, Usage
+from spider.types import Message, ToolCall, Usage
 
 
 @dataclass
@@ -38,9 +38,13 @@ class GenerationRequest:
 
 @dataclass
 class Completion:
+    """One sample. `tool_calls` holds calls the backend itself parsed (OpenAI-compatible endpoints);
+    in-process engines leave them in `text`, in the model's own format."""
+
     text: str
     finish_reason: str | None
     usage: Usage
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,337 @@
+"""transformers `generate`, batched with left padding and the model's chat template.
+
+Sampling is seeded per sample, not per batch: `generate` runs in its greedy mode and the last logits
+processor adds Gumbel noise drawn from that sample's own `torch.Generator` (seeded from the request's
+`seed` and the sample index), so `argmax(logits / T + Gumbel)` is an exact draw from the tempered,
+filtered distribution that does not depend on which other requests share the batch. The limitation:
+the logits themselves come from batched matrix products whose last bits can change with the batch's
+shape (padding width, batch size), so a draw that lands within that rounding distance of a tie
+between two tokens can still differ. Greedy decoding has the same caveat for exact ties.
+
+Penalties follow vLLM's meaning: `repetition_penalty` over prompt and output tokens (left padding
+excluded), `presence_penalty` / `frequency_penalty` over output tokens only. Stop strings end a
+sample and are cut from its text, as in vLLM and the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
+from spider.engines.prompts import check_chat_template, render_prompt
+from spider.errors import EngineError
+from spider.models import resolve_model
+from spider.types import Usage
+
+PARAMETERS = ("dtype", "device", "batch_size")
+DTYPES = {
+    "auto": "auto",
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+}
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The generator seed of sample `sample_index` of a request seeded with `seed`."""
+    digest = hashlib.sha256(f"{seed}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Sample:
+    """One of the `n` samples of a request: where its completion goes, its prompt, its generator seed."""
+
+    slots: list[Completion | None]
+    index: int
+    prompt: list[int]
+    seed: int
+
+
+class HFEngine(Engine):
+    """A transformers causal LM on one device. `parameters`: `dtype` (auto, float32, bfloat16,
+    float16), `device` (default cuda when available, else cpu; `auto` spreads the model with
+    accelerate), `batch_size` (samples per forward pass, default 16)."""
+
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None):
+        parameters = dict(parameters or {})
+        unknown = sorted(set(parameters) - set(PARAMETERS))
+        if unknown:
+            raise EngineError(
+                f"provider 'hf' does not know model.parameters {unknown}; it accepts {', '.join(PARAMETERS)}"
+            )
+        dtype_name = str(parameters.get("dtype", "auto"))
+        if dtype_name not in DTYPES:
+            raise EngineError(f"model.parameters.dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype_name] if DTYPES[dtype_name] == "auto" else getattr(torch, DTYPES[dtype_name])
+        device = str(parameters.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        batch_size = parameters.get("batch_size", 16)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise EngineError(f"model.parameters.batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.name = name
+
+        path = resolve_model(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        check_chat_template(self.tokenizer, name)
+        try:
+            if device == "auto":
+                self.model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="auto")
+            else:
+                torch.device(device)
+                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"transformers could not load {name!r} on device {device!r}: {exc}") from exc
+        self.model.eval()
+        self.device = self.model.get_input_embeddings().weight.device
+
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        if not eos_ids:
+            raise EngineError(f"model {name!r} declares no eos token (generation_config or tokenizer)")
+        self.eos_ids = eos_ids
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(eos_ids)
+        self.context: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        # A fresh generation config, so that sampling defaults shipped with the model (temperature,
+        # repetition_penalty, top_k, ...) never mix with the request's own parameters.
+        self.model.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=self.pad_id)
+
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        _check_sampling(params)
+        results = [GenerationResult(key=r.key) for r in requests]
+        samples: list[_Sample] = []
+        filled: list[tuple[GenerationResult, list[Completion | None]]] = []
+        for result, request in zip(results, requests):
+            if request.n < 1:
+                result.error = f"n must be at least 1, got {request.n}"
+                continue
+            try:
+                ids = render_prompt(self.tokenizer, request.messages, request.tools)
+            except Exception as exc:
+                result.error = f"the chat template could not render this conversation: {exc}"
+                continue
+            if self.context is not None and len(ids) >= self.context:
+                result.error = (
+                    f"the prompt has {len(ids)} tokens but the model's context is {self.context}: "
+                    "shorten the conversation"
+                )
+                continue
+            slots: list[Completion | None] = [None] * request.n
+            filled.append((result, slots))
+            for index in range(request.n):
+                seed = secrets.randbits(63) if request.seed is None else sample_seed(request.seed, index)
+                samples.append(_Sample(slots, index, ids, seed))
+
+        # Similar lengths together: less padding. Results do not depend on the grouping (see above).
+        samples.sort(key=lambda s: len(s.prompt))
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start : start + self.batch_size]
+            for sample, completion in zip(chunk, self._generate_chunk(chunk, params)):
+                sample.slots[sample.index] = completion
+        for result, slots in filled:
+            result.completions = [c for c in slots if c is not None]
+        return results
+
+    def _generate_chunk(self, chunk: list[_Sample], params: SamplingParams) -> list[Completion]:
+        width = max(len(s.prompt) for s in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, sample in enumerate(chunk):
+            input_ids[row, width - len(sample.prompt) :] = torch.tensor(sample.prompt)
+            attention_mask[row, width - len(sample.prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+
+        processors = LogitsProcessorList(_processors(params, chunk, width, self.device))
+        finish = _Finish(
+            width, [len(s.prompt) for s in chunk], self.context, self.eos_ids, params.stop, self.tokenizer
+        )
+        config = GenerationConfig(
+            max_new_tokens=params.max_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([finish]),
+            )
+        generated = output[:, width:].tolist()
+        completions = []
+        for row, sample in enumerate(chunk):
+            length = finish.lengths[row] if finish.lengths[row] is not None else len(generated[row])
+            reason = finish.reasons[row] or "length"
+            text = self._decode(generated[row][:length])
+            cut = _first_stop(text, params.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            completions.append(
+                Completion(
+                    text=text,
+                    finish_reason=reason,
+                    usage=Usage(prompt_tokens=len(sample.prompt), completion_tokens=length),
+                )
+            )
+        return completions
+
+    def _decode(self, ids: list[int]) -> str:
+        """The text of `ids`, less a trailing character whose bytes are not all there (a sample cut
+        inside a multi-byte character): like vLLM's incremental detokenizer, never end on U+FFFD."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        while text.endswith("\ufffd") and ids:
+            ids = ids[:-1]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    def close(self) -> None:
+        model, self.model = getattr(self, "model", None), None
+        if model is None:
+            return
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _check_sampling(params: SamplingParams) -> None:
+    problems = []
+    if params.temperature < 0:
+        problems.append(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k is not None and params.top_k < -1:
+        problems.append(f"top_k must be -1, 0 (off) or positive, got {params.top_k}")
+    if params.min_p is not None and not 0 <= params.min_p <= 1:
+        problems.append(f"min_p must be in [0, 1], got {params.min_p}")
+    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+        problems.append(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+    if params.max_tokens < 1:
+        problems.append(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if problems:
+        raise EngineError("provider 'hf' cannot sample with these parameters: " + "; ".join(problems))
+
+
+def _processors(params: SamplingParams, chunk: list[_Sample], width: int, device: Any) -> list[Any]:
+    """Penalties, then (when sampling) temperature, top-k, top-p, min-p and the seeded draw."""
+    out: list[Any] = []
+    repetition = params.repetition_penalty if params.repetition_penalty is not None else 1.0
+    if repetition != 1.0 or params.presence_penalty or params.frequency_penalty:
+        pads = [width - len(s.prompt) for s in chunk]
+        out.append(_Penalties(width, pads, repetition, params.presence_penalty, params.frequency_penalty, device))
+    if params.temperature == 0:
+        return out
+    if params.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k is not None and params.top_k > 0:
+        out.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        out.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        out.append(MinPLogitsWarper(params.min_p))
+    out.append(_GumbelDraw([s.seed for s in chunk], device))
+    return out
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+class _Penalties(LogitsProcessor):
+    """Repetition (prompt + output, padding excluded), presence and frequency (output only) penalties."""
+
+    def __init__(self, width: int, pads: list[int], repetition: float, presence: float, frequency: float, device):
+        self.width = width
+        self.pads = torch.tensor(pads, device=device)
+        self.repetition, self.presence, self.frequency = repetition, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        if self.repetition != 1.0:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            real = (positions[None, :] >= self.pads[:, None]).to(scores.dtype)
+            seen = torch.zeros_like(scores).scatter_add_(1, input_ids, real) > 0
+            penalized = torch.where(scores > 0, scores / self.repetition, scores * self.repetition)
+            scores = torch.where(seen, penalized, scores)
+        if self.presence or self.frequency:
+            output = input_ids[:, self.width :]
+            counts = torch.zeros_like(scores).scatter_add_(1, output, torch.ones_like(output, dtype=scores.dtype))
+            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+class _GumbelDraw(LogitsProcessor):
+    """Adds Gumbel noise from one generator per row: argmax then samples each row independently."""
+
+    def __init__(self, seeds: list[int], device):
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        tiny = torch.finfo(torch.float32).tiny
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
+        ).clamp_(min=tiny)
+        return scores + (-torch.log(-torch.log(uniform))).to(scores.dtype)
+
+
+class _Finish(StoppingCriteria):
+    """Stopping criterion that records, per row, where and why its sample ended (eos, a stop string,
+    the model's context), so padding after the end is never mistaken for output."""
+
+    def __init__(self, width, prompt_lengths, context, eos_ids, stops, tokenizer):
+        self.width, self.prompt_lengths, self.context = width, prompt_lengths, context
+        self.eos_ids, self.stops, self.tokenizer = eos_ids, [s for s in stops if s], tokenizer
+        # A stop string of k characters spans at most 4k byte-level tokens (plus a partial one).
+        self.tail = 4 * max((len(s) for s in self.stops), default=0) + 4
+        self.lengths: list[int | None] = [None] * len(prompt_lengths)
+        self.reasons: list[str | None] = [None] * len(prompt_lengths)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids.shape[1] - self.width
+        last = input_ids[:, -1].tolist()
+        for row in range(len(self.reasons)):
+            if self.reasons[row] is not None:
+                continue
+            if last[row] in self.eos_ids:
+                self.reasons[row] = "stop"
+            elif self.stops and self._stopped(input_ids[row, max(self.width, input_ids.shape[1] - self.tail) :]):
+                self.reasons[row] = "stop"
+            elif self.context is not None and self.prompt_lengths[row] + generated >= self.context:
+                self.reasons[row] = "length"
+            if self.reasons[row] is not None:
+                self.lengths[row] = generated
+        return torch.tensor([r is not None for r in self.reasons], device=input_ids.device)
+
+    def _stopped(self, tail) -> bool:
+        text = self.tokenizer.decode(tail.tolist(), skip_special_tokens=True)
+        return any(s in text for s in self.stops)

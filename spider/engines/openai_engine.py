@@ -1,0 +1,254 @@
+"""Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, SGLang, TGI, ...).
+
+Requests of a batch run concurrently, at most `max_concurrency` at a time. Rate limits (429),
+server errors (5xx), timeouts and dropped connections are retried with exponential backoff and full
+jitter, waiting at least as long as the server's `Retry-After` asks. A request that still fails, or
+that the server refuses (400, 422), becomes an error on its own result. Errors that concern every
+request alike (401/403: the key; 404: the model or the URL) raise EngineError instead.
+
+`top_k`, `min_p` and `repetition_penalty` are not part of the OpenAI API: when set, they are sent
+as the extra body fields that vLLM, SGLang and TGI read. A server that does not know them refuses
+the request and says so on each result; they are never dropped silently.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
+from spider.errors import EngineError
+from spider.types import Message, ToolCall, Usage
+
+logger = logging.getLogger(__name__)
+
+PARAMETERS = ("base_url", "api_key_env", "max_concurrency", "timeout", "max_retries")
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+FATAL_STATUSES = frozenset({401, 403, 404})
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 300.0
+
+
+class OpenAIEngine(Engine):
+    """Chat completions over HTTP. `parameters`: `base_url` (default OpenAI's), `api_key_env` (the
+    environment variable holding the key, default OPENAI_API_KEY; without it no key is sent),
+    `max_concurrency` (default 16), `timeout` (seconds per attempt, default 600), `max_retries`
+    (default 5)."""
+
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None):
+        parameters = dict(parameters or {})
+        unknown = sorted(set(parameters) - set(PARAMETERS))
+        if unknown:
+            raise EngineError(
+                f"provider 'openai' does not know model.parameters {unknown}; it accepts {', '.join(PARAMETERS)}"
+            )
+        self.name = name
+        self.base_url = str(parameters.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
+        key_env = parameters.get("api_key_env")
+        api_key = os.environ.get(key_env or "OPENAI_API_KEY")
+        if key_env and not api_key:
+            raise EngineError(
+                f"model.parameters.api_key_env names {key_env!r}, but that environment variable is not set; "
+                "send it with the job's secrets or set it on the worker"
+            )
+        self.max_concurrency = _positive_int(parameters, "max_concurrency", 16)
+        self.max_retries = _positive_int(parameters, "max_retries", 5, allow_zero=True)
+        timeout = parameters.get("timeout", 600.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise EngineError(f"model.parameters.timeout must be a positive number of seconds, got {timeout!r}")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(float(timeout)),
+            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+        )
+        self._fatal = threading.Event()
+
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        if not requests:
+            return []
+        self._fatal.clear()
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
+            futures = [pool.submit(self._one, request, params) for request in requests]
+            results, fatal = [], None
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except EngineError as exc:
+                    self._fatal.set()  # the other threads stop before their next attempt
+                    fatal = fatal or exc
+        if fatal is not None:
+            raise fatal
+        return results
+
+    def request_body(self, request: GenerationRequest, params: SamplingParams) -> dict[str, Any]:
+        """The chat-completions JSON body of one request."""
+        body: dict[str, Any] = {
+            "model": self.name,
+            "messages": [_wire_message(m) for m in request.messages],
+            "n": request.n,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.top_k is not None and params.top_k > 0:
+            body["top_k"] = params.top_k
+        if params.min_p:
+            body["min_p"] = params.min_p
+        if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
+        if request.tools:
+            body["tools"] = request.tools
+        return body
+
+    def _one(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
+        body = self.request_body(request, params)
+        attempt = 0
+        while True:
+            if self._fatal.is_set():
+                return GenerationResult(request.key, error="not sent: the endpoint refused another request")
+            try:
+                response = self.client.post("/chat/completions", json=body)
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
+                problem, wait = f"{type(exc).__name__}: {exc}", None
+            else:
+                if response.status_code == 200:
+                    return _parse(request, response)
+                detail = _detail(response)
+                if response.status_code in FATAL_STATUSES:
+                    raise EngineError(_fatal_message(response.status_code, detail, self))
+                if response.status_code not in RETRY_STATUSES:
+                    return GenerationResult(request.key, error=f"HTTP {response.status_code}: {detail}")
+                problem, wait = f"HTTP {response.status_code}: {detail}", retry_after(response)
+            if attempt >= self.max_retries:
+                return GenerationResult(request.key, error=f"gave up after {attempt + 1} attempts; last: {problem}")
+            delay = backoff_delay(attempt, wait)
+            logger.info("retrying %s in %.2fs after %s", request.key, delay, problem)
+            time.sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def backoff_delay(attempt: int, retry_after_s: float | None = None) -> float:
+    """Full-jitter exponential backoff, but never shorter than the server's Retry-After."""
+    jittered = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt))
+    if retry_after_s is None:
+        return jittered
+    return max(min(retry_after_s, RETRY_AFTER_MAX_S), jittered)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asks to wait: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    millis = response.headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _parse(request: GenerationRequest, response: httpx.Response) -> GenerationResult:
+    try:
+        data = response.json()
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        total_completion = int(usage.get("completion_tokens") or 0)
+        completions = []
+        # Endpoints report one completion-token total for all n choices: it is split evenly.
+        share, extra = divmod(total_completion, max(len(choices), 1))
+        for i, choice in enumerate(choices):
+            message = choice.get("message") or {}
+            completions.append(
+                Completion(
+                    text=message.get("content") or "",
+                    finish_reason=choice.get("finish_reason"),
+                    usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=share + (1 if i < extra else 0)),
+                    tool_calls=[_tool_call(c) for c in message.get("tool_calls") or []],
+                )
+            )
+    except (ValueError, KeyError, TypeError) as exc:
+        return GenerationResult(request.key, error=f"unreadable response ({exc}): {response.text[:500]}")
+    return GenerationResult(request.key, completions=completions)
+
+
+def _tool_call(data: dict[str, Any]) -> ToolCall:
+    function = data["function"]
+    arguments = function.get("arguments") or "{}"
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool call {function.get('name')!r} has arguments that are not JSON: {arguments!r}") from exc
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {function.get('name')!r} has arguments that are not a JSON object: {arguments!r}")
+    return ToolCall(id=data.get("id") or "", name=function["name"], arguments=arguments)
+
+
+def _wire_message(message: Message) -> dict[str, Any]:
+    """The OpenAI wire form: tool-call arguments travel as JSON strings, not objects."""
+    out = message.to_openai()
+    for call in out.get("tool_calls", []):
+        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    return out
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        error = data.get("error", data) if isinstance(data, dict) else data
+        message = error.get("message") if isinstance(error, dict) else None
+        return str(message or error)[:500]
+    except ValueError:
+        return response.text[:500]
+
+
+def _fatal_message(status: int, detail: str, engine: OpenAIEngine) -> str:
+    hint = {
+        401: "the API key is missing or wrong: check model.parameters.api_key_env",
+        403: "the API key may not use this model or endpoint",
+        404: f"check model.name ({engine.name!r}) and model.parameters.base_url ({engine.base_url})",
+    }[status]
+    return f"the endpoint answered HTTP {status} ({detail}): {hint}"
+
+
+def _positive_int(parameters: dict[str, Any], key: str, default: int, allow_zero: bool = False) -> int:
+    value = parameters.get(key, default)
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise EngineError(f"model.parameters.{key} must be an integer >= {low}, got {value!r}")
+    return value

