@@ -292,3 +292,16 @@ def test_teacher_normalizer_rewrite_is_reported(toks):
     # "c|afe|Ì|ģ" vs "ca|fÃ©": no shared boundary inside the word, so the word is one unaligned group
     # and everything after it is aligned.
     assert alignment.groups[0] == (0, 4, 0, 2) and not alignment.aligned[0] and alignment.aligned[1:].all()
+
+
+def test_bytes_a_tokenizer_cannot_spell_are_reported(toks):
+    """SmolLM2's vocabulary lacks a few byte tokens (e.g. 0x04): its encoding silently drops them."""
+    smol, llama = toks["smollm2"], toks["llama_sp"]
+    text = "before\x04after"
+    s_ids = plain_ids(smol, text)
+    assert smol.decode(s_ids) == "beforeafter"
+    alignment = align_tokens(smol, s_ids, llama, plain_ids(llama, text))
+    assert (alignment.student_unaligned_bytes, alignment.teacher_unaligned_bytes) == (0, 1)
+    # The teacher's extra byte token has no student counterpart: it joins the group after it.
+    assert alignment.groups == [(0, 1, 0, 1), (1, 2, 1, 3)]
+    assert alignment.aligned.tolist() == [True, False]

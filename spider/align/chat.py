@@ -133,12 +133,12 @@ def render_prompt(
 
 def _map_control(student: ByteVocab, student_id: int, teacher: ByteVocab) -> SpecialMapping:
     role = student.role_of(student_id)
-    teacher_id: int | None
+    teacher_id: int | None = None
     if role == Role.END:
         teacher_id = teacher.end_of_turn_id
     elif role == Role.BOS:
         teacher_id = teacher.bos_id
-    else:
+    if teacher_id is None:  # no role counterpart: the teacher's control token with the same text, if any
         content = student.contents.get(student_id)
         teacher_id = next((i for i, c in teacher.contents.items() if c == content), None)
     return SpecialMapping(
@@ -166,8 +166,9 @@ def teacher_inputs_for_completion(
     `student_completion_ids` the tokens it sampled (its end token included if it stopped there),
     `tools` the JSON schemas both templates render. Text runs of the completion are re-tokenized
     by the teacher as continuations of its prompt; control tokens are mapped by role: EOS /
-    end-of-turn -> the teacher's end-of-turn token, BOS -> the teacher's BOS, others -> the
-    teacher's control token with the same literal text, else dropped (counted as unmapped).
+    end-of-turn -> the teacher's end-of-turn token, BOS -> the teacher's BOS; a token with no role
+    counterpart -> the teacher's control token with the same literal text, else it is dropped
+    (counted as unmapped, noted in the report).
 
     `check_template` also renders the whole conversation, completion included, with the teacher's
     template, and reports whether the template keeps the completion text unchanged.
@@ -176,22 +177,34 @@ def teacher_inputs_for_completion(
     s_ids = student.check_ids(student_completion_ids, "student completion")
     prompt = render_prompt(teacher_tokenizer, conversation, tools=tools, chat_template_kwargs=chat_template_kwargs)
 
+    # Text between the control tokens the teacher keeps is re-tokenized as one run: a dropped
+    # control token does not split the teacher's tokenization of the text around it.
     completion_ids: list[int] = []
     specials: list[SpecialMapping] = []
     text_runs: list[bytes] = []
+    pending: list[bytes] = []
+
+    def flush() -> None:
+        run = b"".join(pending)
+        if run:
+            completion_ids.extend(encode_continuation(teacher_tokenizer, run.decode("utf-8", "replace")))
+        pending.clear()
+
     start = 0
     controls = np.flatnonzero(student.roles[s_ids] != Role.TEXT).tolist()
     for stop in controls + [s_ids.size]:
         if stop > start:
             run = student.text_bytes(s_ids[start:stop], at_start=False)
             text_runs.append(run)
-            completion_ids.extend(encode_continuation(teacher_tokenizer, run.decode("utf-8", "replace")))
+            pending.append(run)
         if stop < s_ids.size:
             mapping = _map_control(student, int(s_ids[stop]), teacher)
             specials.append(mapping)
             if mapping.teacher_id is not None:
+                flush()
                 completion_ids.append(mapping.teacher_id)
         start = stop + 1
+    flush()
 
     student_bytes = b"".join(text_runs)
     student_side = TokenSide(student, s_ids, student.lengths_of(s_ids, at_start=False), student_bytes)

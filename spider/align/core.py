@@ -28,8 +28,8 @@ from spider.errors import AlignmentError
 
 Group = tuple[int, int, int, int]
 
-# A byte-level coincidence shorter than this inside a differing region is not a resync point:
-# a lone shared byte (a space, a UTF-8 continuation byte) says nothing about the texts agreeing.
+# A byte-level match shorter than this inside a differing region is a resync point only if it is
+# made of whole characters on both sides: a shared UTF-8 continuation byte is a coincidence.
 MIN_SYNC_BYTES = 4
 # Differing regions are diffed by lines, then words, then bytes; byte-level diffing is quadratic,
 # so beyond this many bytes it lets difflib skip very common bytes (faster, coarser).
@@ -316,7 +316,7 @@ def matching_blocks(a: bytes, b: bytes) -> list[tuple[int, int, int]]:
     """Where two byte strings agree: `(i, j, n)` with `a[i:i+n] == b[j:j+n]`, increasing in i and j.
 
     The common prefix and suffix are found directly; the middle is diffed by lines, then words,
-    then bytes (byte-level matches shorter than MIN_SYNC_BYTES are ignored as coincidences).
+    then bytes (short byte-level matches that cut characters are ignored as coincidences).
     """
     prefix = _common_prefix(a, b)
     rest = min(len(a), len(b)) - prefix
@@ -357,4 +357,16 @@ def _diff(a: bytes, b: bytes, a0: int, b0: int, level: int) -> list[tuple[int, i
         return _diff(a, b, a0, b0, level + 1)
     exact = len(a) + len(b) <= _BYTE_DIFF_EXACT_LIMIT
     matcher = SequenceMatcher(None, a, b, autojunk=not exact)
-    return [(a0 + i, b0 + j, n) for i, j, n in matcher.get_matching_blocks() if n >= MIN_SYNC_BYTES]
+    return [
+        (a0 + i, b0 + j, n)
+        for i, j, n in matcher.get_matching_blocks()
+        if n >= MIN_SYNC_BYTES or (n and _whole_chars(a, i, n) and _whole_chars(b, j, n))
+    ]
+
+
+def _whole_chars(data: bytes, start: int, size: int) -> bool:
+    """Whether `data[start:start+size]` starts and ends on UTF-8 character boundaries."""
+    def boundary(pos: int) -> bool:
+        return pos >= len(data) or not 0x80 <= data[pos] <= 0xBF
+
+    return boundary(start) and boundary(start + size)

@@ -25,7 +25,8 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "Café, naïve, façade, Ångström, Straße, Ελληνικά, русский язык.",
     "中文、日本語のテキスト、한국어 문장도 섞여 있습니다。",
     "שלום עולם — مرحبا بالعالم — mixed RTL and LTR text.",
-    "Emoji: 🦀🐍 👩‍💻 🇫🇷 ✅ and combining marks: e\u0301 a\u0308 n\u0303.",
+    # Combining marks without a precomposed form, so NFC-normalizing teachers (Qwen) keep them.
+    "Emoji: 🦀🐍 👩‍💻 🇫🇷 ✅ and combining marks: q\u0301 j\u0308 z\u0330 ก\u0e49.",
     "Whitespace:  two spaces,\tone tab,\n\n\nthree newlines,   \t mixed  \r\n done.",
     "Math: ∑_{i=1}^{n} x_i² ≤ ∞; λ → 0; 3 × 4 = 12; π ≈ 3.14159.",
     "    indented line\n        deeper line\n\ttabbed line\n",
