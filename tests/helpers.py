@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PROMPTS = ROOT / "examples" / "data" / "prompts.jsonl"
 
 
-def make_config(url: str, api_key: str | None, model: str | Path, provider: str = "vllm", **overrides: Any) -> AppConfig:
+def make_config(url: str, api_key: str | None, model: str | Path, provider: str = "hf", **overrides: Any) -> AppConfig:
     """A dataset job on the sample prompts; `overrides` are dotted keys under `job`."""
     data: dict[str, Any] = {
         "server": {"base_url": url, "api_key": api_key, "request_timeout": 60},

@@ -64,8 +64,8 @@ def test_vllm_job_end_to_end(stack, tiny_model, tmp_path):
 
 
 def test_seed_makes_vllm_jobs_reproducible_whatever_the_batching(stack, tiny_model, tmp_path):
-    first = make_config(stack.url, ALICE, tiny_model, **{"generation.max_batch_size": 2})
-    second = make_config(stack.url, ALICE, tiny_model, **{"generation.max_batch_size": 5})
+    first = make_config(stack.url, ALICE, tiny_model, "vllm", **{"generation.max_batch_size": 2})
+    second = make_config(stack.url, ALICE, tiny_model, "vllm", **{"generation.max_batch_size": 5})
     _, s1, _, p1 = run_job(first, tmp_path)
     _, s2, _, p2 = run_job(second, tmp_path)
     assert s1["status"] == s2["status"] == "completed"
@@ -74,7 +74,9 @@ def test_seed_makes_vllm_jobs_reproducible_whatever_the_batching(stack, tiny_mod
 
 def test_system_prompt_list_is_chosen_per_row_reproducibly(stack, tiny_model, tmp_path):
     prompts = ["You are terse.", "You are verbose.", "You are a pirate."]
-    config = make_config(stack.url, ALICE, tiny_model, **{"generation.system_prompt": prompts, "source.split": "train[0:12]"})
+    config = make_config(
+        stack.url, ALICE, tiny_model, "vllm", **{"generation.system_prompt": prompts, "source.split": "train[0:12]"}
+    )
     _, status, _, path = run_job(config, tmp_path)
     assert status["status"] == "completed"
     chosen = [r["messages"][0]["content"] for r in read_jsonl(path)]
@@ -83,17 +85,10 @@ def test_system_prompt_list_is_chosen_per_row_reproducibly(stack, tiny_model, tm
     assert [r["messages"][0]["content"] for r in read_jsonl(again)] == chosen
 
 
-def test_hf_engine_job(stack, tiny_model, tmp_path):
-    config = make_config(stack.url, ALICE, tiny_model, "hf", **{"generation.duplications": 2})
-    job_id, status, events, path = run_job(config, tmp_path)
-    assert status["status"] == "completed", status
-    check_rows(job_id, read_jsonl(path), rows=6, duplications=2)
-
-
 def test_parquet_output(stack, tiny_model, tmp_path):
     import pyarrow.parquet as pq
 
-    config = make_config(stack.url, ALICE, tiny_model, **{"output.format": "parquet"})
+    config = make_config(stack.url, ALICE, tiny_model, "vllm", **{"output.format": "parquet"})
     with SpiderClient(config=config) as client:
         job_id = client.submit_job()["job_id"]
         assert client.poll_job(job_id, on_event=lambda e: None)["status"] == "completed"
@@ -101,6 +96,13 @@ def test_parquet_output(stack, tiny_model, tmp_path):
     table = pq.read_table(path).to_pylist()
     assert [r["row_index"] for r in table] == list(range(6))
     assert all(r["completion"] for r in table)
+
+
+def test_hf_engine_job(stack, tiny_model, tmp_path):
+    config = make_config(stack.url, ALICE, tiny_model, "hf", **{"generation.duplications": 2})
+    job_id, status, events, path = run_job(config, tmp_path)
+    assert status["status"] == "completed", status
+    check_rows(job_id, read_jsonl(path), rows=6, duplications=2)
 
 
 def test_cancel_stops_a_running_job(stack, tiny_model, tmp_path):
@@ -121,12 +123,13 @@ def test_cancel_stops_a_running_job(stack, tiny_model, tmp_path):
         status = client.get_job_status(job_id)
         assert status["status"] == "cancelled"
         assert time.monotonic() - asked < 5
+    # The batch in flight when the cancel arrived may still finish; nothing starts after it.
     shards = stack.data_dir / "jobs" / job_id / "shards"
+    time.sleep(1.5)
     count = len(list(shards.glob("*.jsonl")))
     time.sleep(3)
-    assert len(list(shards.glob("*.jsonl"))) == count  # nothing generated after the cancel
-    assert count < 32
-    assert status["progress"]["batches_done"] < 32
+    assert len(list(shards.glob("*.jsonl"))) == count
+    assert count <= status["progress"]["batches_done"] + 1 < 32
 
 
 def test_invalid_value_is_422_naming_the_field(stack, tiny_model):
