@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from spider.sandbox.jail import strip_firejail_noise
+
 _LEN = struct.Struct(">I")
 MAX_FRAME_BYTES = 512 * 1024 * 1024
 STDERR_TAIL_BYTES = 16 * 1024
 PIPE_BYTES = 1024 * 1024
-FIREJAIL_NOISE = (": unmount: Invalid argument",)  # firejail 0.9.72 prints it even with --quiet
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -226,6 +227,5 @@ class Interpreter:
     def stderr_tail(self, limit: int = 1000) -> str:
         """The last of what the interpreter wrote to stderr (the user's prints included)."""
         self._stderr_reader.join(timeout=0.5)
-        lines = b"".join(self._stderr_tail).decode(errors="replace").splitlines()
-        text = "\n".join(line for line in lines if not any(noise in line for noise in FIREJAIL_NOISE)).strip()
+        text = strip_firejail_noise(b"".join(self._stderr_tail).decode(errors="replace")).strip()
         return text[-limit:]

@@ -73,6 +73,14 @@ class JailSpec:
     hostname: str = "spider-sandbox"
 
 
+# firejail 0.9.72 prints these even with --quiet; they say nothing about the jailed program.
+FIREJAIL_NOISE = (": unmount: Invalid argument",)
+
+
+def strip_firejail_noise(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not any(n in line for n in FIREJAIL_NOISE))
+
+
 def _top(path: Path) -> str:
     return path.parts[1]
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from spider.errors import SandboxError
-from spider.sandbox.jail import BUILD_UID, JailLimits, JailSpec, firejail_argv
+from spider.sandbox.jail import BUILD_UID, JailLimits, JailSpec, firejail_argv, strip_firejail_noise
 
 log = logging.getLogger("spider.sandbox")
 
@@ -185,7 +185,7 @@ class VenvCache:
         finally:
             shutil.rmtree(home, ignore_errors=True)
         if process.returncode != 0:
-            tail = "\n  ".join(output.decode(errors="replace").strip().splitlines()[-15:])
+            tail = "\n  ".join(strip_firejail_noise(output.decode(errors="replace")).strip().splitlines()[-15:])
             if step == "create":
                 raise SandboxError(f"could not create a venv with {self.python} (is python3-venv installed?):\n  {tail}")
             raise SandboxError(

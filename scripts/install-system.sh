@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# System packages for Spider's sandbox workers: firejail (the jail), the system Python with venv
+# support (jailed interpreters and dependency venvs are built from it: a Python under a hidden
+# home, like pyenv's under /root, cannot start inside a jail) and setpriv (util-linux), which
+# drops venv builds to an unprivileged user. Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+missing=()
+command -v firejail >/dev/null 2>&1 || missing+=(firejail)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+if ! /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system packages for the sandbox: present"
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install these system packages with your package manager: ${missing[*]}" >&2
+  exit 1
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO="sudo"
+fi
+echo "installing system packages: ${missing[*]}"
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
