@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 write_atomic(files.root / "source" / name, data)
             only = next(iter(source_files)) if len(source_files) == 1 else None
             config["source"]["dataset"] = str(files.root / "source" / (only or ""))
-            store.set_fields(record.id, config=json.dumps(config))
+            store.set_fields(record.id, config=json.dumps(config), source_label=job.source.dataset)
         if bundle is not None:
             write_atomic(files.bundle, bundle.data)
             write_atomic(files.root / "bundle.manifest.json", json.dumps(bundle.manifest))

@@ -39,6 +39,8 @@ class Progress:
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        from rich.console import Console
+
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -48,6 +50,7 @@ class Progress:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             transient=False,
+            console=Console(stderr=True),
         )
         self.task = self.bar.add_task("queued", total=None, tps="")
         self.started = time.monotonic()
@@ -64,8 +67,8 @@ class Progress:
         if event.kind == "job.planned":
             self.bar.update(self.task, total=data["rows_total"], description="generating")
         elif event.kind == "batch.completed":
-            elapsed = max(data.get("elapsed") or (time.monotonic() - self.started), 1e-6)
-            tps = f"{data.get('completion_tokens', 0) / elapsed:,.0f} tok/s"
+            rate = data.get("tokens_per_second_total")
+            tps = f"{rate:,.0f} tok/s" if rate else ""
             self.bar.update(self.task, completed=data["rows_done"], total=data.get("rows_total"), tps=tps)
         elif event.level in ("warning", "error") or event.kind.startswith("job."):
             self.bar.console.print(f"{event.kind}: {event.message}")

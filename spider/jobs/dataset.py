@@ -96,7 +96,8 @@ def plan_job(ctx: Context, job_id: str) -> None:
     config, record = load_job(ctx, job_id)
     if not ctx.store.transition(job_id, "running", ["queued"]):
         return  # cancelled before it started, or a redelivered plan of a running job
-    ctx.bus.publish(job_id, "job.started", f"loading source {config.source.dataset!r}")
+    label = ctx.store.get_field(job_id, "source_label") or config.source.dataset
+    ctx.bus.publish(job_id, "job.started", f"loading source {label!r}")
     secrets = ctx.store.secrets(job_id)
     rows = load_source_rows(config.source, token=secrets.get("HF_TOKEN"))
     if not rows:
@@ -285,6 +286,8 @@ def complete_batch(
             "completion_tokens": int(totals.get("completion_tokens", 0)),
             "batch_completion_tokens": counts.get("completion_tokens", 0),
             "tokens_per_second": counts.get("completion_tokens", 0) / generation_seconds if generation_seconds else None,
+            "generation_seconds": gen_s,
+            "tokens_per_second_total": totals.get("completion_tokens", 0) / gen_s if gen_s else None,
             "elapsed": time.time() - (record.started_at or record.created_at),
         },
     )

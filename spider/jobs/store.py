@@ -163,6 +163,9 @@ class JobStore:
     def set_fields(self, job_id: str, **values: Any) -> None:
         self.r.hset(self._key(job_id), mapping={k: v for k, v in values.items() if v is not None})
 
+    def get_field(self, job_id: str, name: str) -> str | None:
+        return self.r.hget(self._key(job_id), name)
+
     def fail(self, job_id: str, message: str) -> bool:
         """Mark a non-terminal job failed with a message for the user; False if it had already ended."""
         if self.transition(job_id, "failed", ACTIVE):
