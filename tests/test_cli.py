@@ -1,0 +1,72 @@
+"""The `spider` command line against the running stack, and the deployment files' commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spider.client.cli import build_parser
+from tests.conftest import API_KEYS
+from tests.helpers import ROOT, make_config, read_jsonl
+
+SPIDER = str(Path(sys.executable).with_name("spider"))
+
+
+def spider(*args: str, stack=None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if stack is not None:
+        env.update(SPIDER_URL=stack.url, SPIDER_API_KEY=API_KEYS[0])
+    proc = subprocess.run([SPIDER, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_submit_status_logs_download(stack, tiny_model, tmp_path):
+    config = make_config(None, None, tiny_model)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    job_id = json.loads(spider("submit", str(path), stack=stack).stdout)["job_id"]
+    logs = spider("logs", "-f", job_id, stack=stack).stdout
+    assert "job.queued" in logs and "job.completed" in logs
+    status = json.loads(spider("status", job_id, stack=stack).stdout)
+    assert status["status"] == "completed"
+    assert job_id in [j["job_id"] for j in json.loads(spider("status", stack=stack).stdout)]
+    out = tmp_path / "out.jsonl"
+    spider("download", job_id, "-o", str(out), stack=stack)
+    assert len(read_jsonl(out)) == 6
+    history = spider("logs", job_id, stack=stack).stdout
+    assert history.splitlines() == logs.splitlines()
+    cancelled = json.loads(spider("cancel", job_id, stack=stack).stdout)
+    assert cancelled["status"] == "completed"  # an ended job stays as it ended
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job:\n  model: {name: m}\n  source: {dataset: d, feild: x}\n")
+    proc = spider("run", str(bad), check=False)
+    assert proc.returncode == 2
+    assert "job.source.feild: unknown key; did you mean 'field'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = spider("status", "abc", check=False)
+    assert proc.returncode == 2 and "no server given" in proc.stderr
+    proc = spider("worker", "--queues", "rollouts", check=False)
+    assert proc.returncode == 2 and "unknown queues ['rollouts']" in proc.stderr
+
+
+def test_deployment_commands_are_valid_cli_invocations():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    parser = build_parser()
+    commands = [svc["command"] for svc in compose["services"].values() if svc.get("command", [""])[0] == "spider"]
+    assert {c[1] for c in commands} == {"serve", "worker"}
+    for command in commands:
+        parser.parse_args(command[1:])
+    queues = {c[c.index("--queues") + 1] for c in commands if "--queues" in c}
+    assert queues == {"control", "rollout", "sandbox", "train"}
