@@ -84,7 +84,8 @@ class Alignment:
     @cached_property
     def groups(self) -> list[Group]:
         """The groups as `(s_start, s_end, t_start, t_end)` tuples."""
-        return [tuple(row) for row in self.bounds.tolist()]  # type: ignore[misc]
+        # zip builds the tuples straight from four int lists: no per-row lists for the GC to chase.
+        return list(zip(*self.bounds.T.tolist()))
 
     @property
     def num_student_tokens(self) -> int:

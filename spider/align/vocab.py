@@ -175,6 +175,8 @@ class ByteVocab:
     name: str
     pieces: list[bytes]
     lengths: np.ndarray
+    table: np.ndarray  # every piece, concatenated (uint8)
+    offsets: np.ndarray  # where each piece starts in `table`
     roles: np.ndarray
     contents: dict[int, str]  # control token id -> its literal text, to pair control tokens across tokenizers
     strip_start: int
@@ -224,8 +226,13 @@ class ByteVocab:
         return lens
 
     def text_bytes(self, ids: np.ndarray, at_start: bool) -> bytes:
-        """The bytes `ids` spell (control tokens contribute none)."""
-        data = b"".join(map(self.pieces.__getitem__, ids.tolist()))
+        """The bytes `ids` spell (control tokens contribute none), gathered from the byte table."""
+        lens = self.lengths[ids]
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if ends.size else 0
+        # Output byte k of token m is table byte offsets[ids[m]] + (k - start of token m).
+        gather = np.repeat(self.offsets[ids] - (ends - lens), lens) + np.arange(total)
+        data = self.table[gather].tobytes()
         if at_start and self.strip_start:
             for _ in range(self.strip_start):
                 if data.startswith(self.strip_char):
@@ -321,10 +328,13 @@ def _build(tokenizer: Any) -> ByteVocab:
         probe = backend.encode("a", add_special_tokens=True).ids
         adds_bos = bool(probe) and probe[0] == bos_id
 
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=size)
     return ByteVocab(
         name=name,
         pieces=pieces,
-        lengths=np.fromiter(map(len, pieces), dtype=np.int64, count=size),
+        lengths=lengths,
+        table=np.frombuffer(b"".join(pieces), dtype=np.uint8),
+        offsets=np.cumsum(lengths) - lengths,
         roles=roles,
         contents=contents,
         strip_start=plan.strip_start,
