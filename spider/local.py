@@ -192,22 +192,31 @@ class LocalStack:
                 raise SpiderError(f"local workers not ready: missing {sorted(want - seen)}")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+        """Stop the API and workers first, then Redis, so nothing loses its broker mid-task."""
+        workers = [proc for name, proc in self.procs.items() if name != "redis"]
+        broker = [proc for name, proc in self.procs.items() if name == "redis"]
+        for group in (workers, broker):
+            _terminate(group)
         self.procs.clear()
         if self.cleanup:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is still alive after `grace` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
