@@ -10,11 +10,13 @@ between two tokens can still differ. Greedy decoding has the same caveat for exa
 
 Penalties follow vLLM's meaning: `repetition_penalty` over prompt and output tokens (left padding
 excluded), `presence_penalty` / `frequency_penalty` over output tokens only. Stop strings end a
-sample and are cut from its text, as in vLLM and the OpenAI API.
+sample and are cut from its text, and a sample cut inside a multi-byte character does not end on
+U+FFFD, as in vLLM and the OpenAI API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import secrets
@@ -179,7 +181,7 @@ class HFEngine(Engine):
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), _attention_kernels(self.device):
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -222,6 +224,18 @@ class HFEngine(Engine):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _attention_kernels(device: torch.device):
+    """On CUDA, SDPA without its cuDNN backend: cuDNN builds a graph for every new (batch, query, key)
+    shape, and decoding with a growing cache meets a new shape at every step of every new padded width
+    (measured on an H200: 4.8 s for a first batch of 16 x 64 tokens that takes 0.3 s once warm).
+    Flash and memory-efficient attention have no such warm-up."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _check_sampling(params: SamplingParams) -> None:

@@ -74,20 +74,19 @@ class OpenAIEngine(Engine):
             timeout=httpx.Timeout(float(timeout)),
             limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
         )
-        self._fatal = threading.Event()
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
         if not requests:
             return []
-        self._fatal.clear()
+        refused = threading.Event()  # set on an error that concerns every request: the rest stop early
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            futures = [pool.submit(self._one, request, params) for request in requests]
+            futures = [pool.submit(self._one, request, params, refused) for request in requests]
             results, fatal = [], None
             for future in futures:
                 try:
                     results.append(future.result())
                 except EngineError as exc:
-                    self._fatal.set()  # the other threads stop before their next attempt
+                    refused.set()
                     fatal = fatal or exc
         if fatal is not None:
             raise fatal
@@ -121,11 +120,11 @@ class OpenAIEngine(Engine):
             body["tools"] = request.tools
         return body
 
-    def _one(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
+    def _one(self, request: GenerationRequest, params: SamplingParams, refused: threading.Event) -> GenerationResult:
         body = self.request_body(request, params)
         attempt = 0
         while True:
-            if self._fatal.is_set():
+            if refused.is_set():
                 return GenerationResult(request.key, error="not sent: the endpoint refused another request")
             try:
                 response = self.client.post("/chat/completions", json=body)
@@ -136,6 +135,7 @@ class OpenAIEngine(Engine):
                     return _parse(request, response)
                 detail = _detail(response)
                 if response.status_code in FATAL_STATUSES:
+                    refused.set()
                     raise EngineError(_fatal_message(response.status_code, detail, self))
                 if response.status_code not in RETRY_STATUSES:
                     return GenerationResult(request.key, error=f"HTTP {response.status_code}: {detail}")

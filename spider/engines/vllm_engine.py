@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
@@ -61,8 +62,9 @@ class VLLMEngine(Engine):
             kwargs.setdefault("enforce_eager", True)
             if "kv_cache_memory_bytes" not in kwargs:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if isinstance(kwargs.get("tokenizer"), str):
-            kwargs["tokenizer"] = str(resolve_model(kwargs["tokenizer"]))
+        tokenizer = kwargs.get("tokenizer")
+        if isinstance(tokenizer, str) and not Path(tokenizer).expanduser().exists():
+            kwargs["tokenizer"] = str(resolve_model(tokenizer))
         path = resolve_model(name)
         try:
             self.llm: Any = LLM(model=str(path), **kwargs)
