@@ -26,6 +26,53 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` on the tiny model, served as `spider-tiny`;
+    yields its /v1 base URL. Started once per session, for the engine and the stack tests."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from spider.local import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+        "--served-model-name", "spider-tiny", "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vLLM server not ready after 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield f"{base}/v1"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """The local stack, with API keys configured: the same processes as a deployment."""
     from spider.local import LocalStack

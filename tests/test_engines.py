@@ -61,8 +61,8 @@ def texts(results) -> list[list[str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+def tiny(tiny_model) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -270,41 +270,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="class")
-def server(tiny, tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on the tiny model; yields its /v1 base URL."""
-    close_engine()  # one vLLM engine on this machine at a time
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny),
-        "--served-model-name", "spider-tiny", "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not ready after 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"{base}/v1"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def server(vllm_server):
+    """The session's vLLM OpenAI server on the tiny model (served as `spider-tiny`); its /v1 URL."""
+    close_engine()  # one in-process vLLM engine on this machine at a time
+    return vllm_server
 
 
 @pytest.mark.slow

@@ -105,6 +105,19 @@ def test_hf_engine_job(stack, tiny_model, tmp_path):
     check_rows(job_id, read_jsonl(path), rows=6, duplications=2)
 
 
+def test_openai_engine_job_against_a_vllm_server(stack, tiny_model, vllm_server, tmp_path):
+    config = make_config(
+        stack.url, ALICE, "spider-tiny", "openai",
+        **{"model.parameters": {"base_url": vllm_server, "max_concurrency": 4}, "generation.duplications": 2},
+    )
+    job_id, status, events, path = run_job(config, tmp_path)
+    assert status["status"] == "completed", status
+    check_rows(job_id, read_jsonl(path), rows=6, duplications=2)
+    # Same seed, same server: the same dataset again.
+    _, _, _, again = run_job(config, tmp_path)
+    assert [r["completion"] for r in read_jsonl(again)] == [r["completion"] for r in read_jsonl(path)]
+
+
 def test_cancel_stops_a_running_job(stack, tiny_model, tmp_path):
     config = make_config(
         stack.url, ALICE, tiny_model,
