@@ -409,7 +409,7 @@ def test_bad_job_input_is_refused(sandbox):
     with pytest.raises(SandboxError, match="environment variable name"):
         sandbox.open_job("envbad", bundle, RuntimeConfig(), {"BAD NAME": "x"})
     job = new_job(sandbox, pre_processor=reformat)
-    with pytest.raises(SandboxError, match="JSON data"):
+    with pytest.raises(SandboxError, match="plain data"):
         job.pre_process([{"when": object()}])
     sandbox.close_job(job.job_id)
 

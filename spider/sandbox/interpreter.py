@@ -1,6 +1,7 @@
 """One jailed interpreter, seen from the worker: start it, send it requests, kill it.
 
-Everything read from the interpreter is untrusted: frames are JSON (never unpickled here),
+Requests go out in `marshal` format; everything read back is untrusted: answers are JSON (never
+unpickled or unmarshalled here),
 their size is bounded, and every read and write has a deadline after which the jail's whole
 process group is killed.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import gc
 import json
+import marshal
 import os
 import select
 import signal
@@ -27,6 +30,15 @@ _LEN = struct.Struct(">I")
 MAX_FRAME_BYTES = 512 * 1024 * 1024
 STDERR_TAIL_BYTES = 16 * 1024
 PIPE_BYTES = 1024 * 1024
+MARSHAL_VERSION = 4
+LARGE_FRAME_BYTES = 1024 * 1024
+
+
+def encode_request(obj: Any) -> bytes:
+    """A frame body for the jail: marshal (version 4, stable across Python 3 versions) takes
+    only plain data and is several times faster than JSON on big batches. Raises ValueError
+    for anything else."""
+    return marshal.dumps(obj, MARSHAL_VERSION)
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -67,7 +79,6 @@ class Interpreter:
         self.broken = False
         self._stderr_tail: collections.deque[bytes] = collections.deque()
         self._stderr_size = 0
-        self._buffer = bytearray()
         self.process = subprocess.Popen(
             launch.argv,
             stdin=subprocess.PIPE,
@@ -102,7 +113,7 @@ class Interpreter:
     # -- transport ------------------------------------------------------------------------------
 
     def send(self, obj: Any, deadline: float, encoded: bytes | None = None) -> None:
-        data = encoded if encoded is not None else json.dumps(obj).encode()
+        data = encoded if encoded is not None else encode_request(obj)
         view = memoryview(_LEN.pack(len(data)) + data)
         while view:
             remaining = deadline - time.monotonic()
@@ -120,28 +131,39 @@ class Interpreter:
     def receive(self, deadline: float) -> Any:
         """The next frame, decoded; raises InterpreterFailure (after killing the jail) when the
         deadline passes, the interpreter dies, or the frame is not JSON."""
-        while True:
-            if len(self._buffer) >= _LEN.size:
-                (size,) = _LEN.unpack_from(self._buffer)
-                if size > MAX_FRAME_BYTES:
-                    self._fail("protocol", "ProtocolError", f"the interpreter sent a {size}-byte frame")
-                if len(self._buffer) >= _LEN.size + size:
-                    body = bytes(self._buffer[_LEN.size : _LEN.size + size])
-                    del self._buffer[: _LEN.size + size]
-                    try:
-                        return json.loads(body)
-                    except ValueError:
-                        self._fail("protocol", "ProtocolError", "the interpreter sent a frame that is not JSON")
+        (size,) = _LEN.unpack(self._read_exact(_LEN.size, deadline))
+        if size > MAX_FRAME_BYTES:
+            self._fail("protocol", "ProtocolError", f"the interpreter sent a {size}-byte frame")
+        body = self._read_exact(size, deadline)
+        try:
+            if size < LARGE_FRAME_BYTES:
+                return json.loads(body)
+            # Decoding a big batch creates many containers at once: collections in the middle
+            # of it would only walk objects that are all alive.
+            gc.disable()
+            try:
+                return json.loads(body)
+            finally:
+                gc.enable()
+        except ValueError:
+            self._fail("protocol", "ProtocolError", "the interpreter sent a frame that is not JSON")
+
+    def _read_exact(self, size: int, deadline: float) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._fail("timeout", "Timeout", "")
             readable, _, _ = select.select([self._out], [], [], remaining)
             if not readable:
                 continue
-            chunk = os.read(self._out, 1 << 20)
-            if not chunk:
+            got = self.process.stdout.readinto(view[filled:])
+            if not got:
                 self._fail_dead()
-            self._buffer += chunk
+            filled += got
+        return buffer
 
     def request_stream(self, request: bytes, frame_timeout_s: float) -> Iterator[Any]:
         """Send `request` (an encoded JSON object) and yield its answer frames; each must come

@@ -5,8 +5,9 @@ It is copied next to a copy of cloudpickle into the sandbox's runtime directory 
 standard library until the venv's site-packages are added. It never trusts the caller to be
 anything but the sandbox worker, and the worker never trusts it: every answer is JSON, never pickle.
 
-Frames are a 4-byte big-endian length and a UTF-8 JSON document. The first frame from the worker
-is the start-up configuration; the jail answers with `{"ready": ...}` or `{"error": ...}` and then
+Frames are a 4-byte big-endian length and a document: from the worker, in `marshal` format (plain
+data only, and fast: this side trusts the worker), to the worker, UTF-8 JSON (the worker trusts
+nothing from here). The first frame from the worker is the start-up configuration; the jail answers with `{"ready": ...}` or `{"error": ...}` and then
 serves requests until its input closes:
 
 * `{"op": "process", "which": "pre_processor"|"post_processor", "items": [...], "kwargs": {...}}`
@@ -15,11 +16,12 @@ serves requests until its input closes:
 * `{"op": "tool", "name": ..., "arguments": {...}}` answered by `{"content": str, ...}` or
   `{"error": [kind, type, message, traceback], ...}`.
 
-After every request every other process of the job in the jail is killed, so no background
-process outlives the call that started it.
+Before answering a request, every other process of the job in the jail is killed and reaped, so
+no background process outlives the call that started it.
 """
 
 import json
+import marshal
 import os
 import signal
 import struct
@@ -30,6 +32,7 @@ import time
 _LEN = struct.Struct(">I")
 FLUSH_INTERVAL_S = 0.05
 FLUSH_ITEMS = 2048
+REAP_WAIT_S = 5.0
 DROPPED = ["drop"]
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
 
@@ -67,7 +70,7 @@ def read_frame(fd):
     if head is None:
         return None
     body = read_exact(fd, _LEN.unpack(head)[0])
-    return None if body is None else json.loads(body)
+    return None if body is None else marshal.loads(body)
 
 
 class Guard:
@@ -166,39 +169,44 @@ class Server:
             request = read_frame(self.in_fd)
             if request is None or request.get("op") == "exit":
                 return
-            try:
-                if request["op"] == "process":
-                    self.process(request)
-                elif request["op"] == "tool":
-                    self.tool(request)
-                elif request["op"] == "ping":
-                    write_frame(self.out_fd, {"pong": True, "pid": os.getpid()})
-                else:
-                    write_frame(self.out_fd, {"error": ["protocol", "ValueError", f"unknown op {request['op']!r}", ""]})
-            finally:
-                self.after_call()
+            op = request.get("op")
+            if op == "process":
+                final = self.process(request)
+            elif op == "tool":
+                final = self.tool(request)
+            else:
+                final = {"error": ["protocol", "ValueError", f"unknown op {op!r}", ""]}
+            # Clean up before answering: once the worker has the answer, nothing of the call runs.
+            self.after_call()
+            write_frame(self.out_fd, final)
 
     def after_call(self):
-        """Kill every other process of this job in the jail (background processes, fork bombs)."""
+        """Kill every other process of this job in the jail (background processes, fork bombs)
+        and wait until they are gone, then return to the scratch directory."""
         if self.reap:
-            for _ in range(5):
+            deadline = time.monotonic() + REAP_WAIT_S
+            while time.monotonic() < deadline:
                 try:
                     os.kill(-1, signal.SIGKILL)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    break
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+                except (ProcessLookupError, PermissionError):
+                    break  # nothing left that this user may signal
+                self.reap_children()
+                time.sleep(0.001)
+        self.reap_children()
         try:
             os.chdir(self.scratch)
         except OSError:
             pass
+
+    @staticmethod
+    def reap_children():
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
 
     def process(self, request):
         func = self.functions.get(request["which"])
@@ -221,7 +229,7 @@ class Server:
                 outcomes, last_flush = [], time.monotonic()
         if outcomes:
             self.send_outcomes(outcomes)
-        write_frame(self.out_fd, {"done": True, "recycle": recycle})
+        return {"done": True, "recycle": recycle}
 
     def send_outcomes(self, outcomes):
         try:
@@ -243,13 +251,11 @@ class Server:
     def tool(self, request):
         entry = self.functions["tools"].get(request["name"])
         if entry is None:
-            write_frame(self.out_fd, {"error": ["exception", "KeyError", f"no tool named {request['name']!r}", ""]})
-            return
+            return {"error": ["exception", "KeyError", f"no tool named {request['name']!r}", ""]}
         func, fixed = entry
         arguments = request.get("arguments")
         if not isinstance(arguments, dict):
-            write_frame(self.out_fd, {"error": ["exception", "TypeError", "tool arguments must be a JSON object", ""]})
-            return
+            return {"error": ["exception", "TypeError", "tool arguments must be a JSON object", ""]}
         try:
             self.guard.budget_cpu(1)
             result = self.guard.call(func, **{**arguments, **fixed})
@@ -266,7 +272,7 @@ class Server:
             answer = {"content": content}
         except BaseException as exc:
             answer = {"error": error_entry(exc), "recycle": isinstance(exc, (MemoryError, CpuLimitExceeded))}
-        write_frame(self.out_fd, answer)
+        return answer
 
 
 def drop_privileges(uid, gid):

@@ -9,7 +9,6 @@ and tool calls, replaced after a crash, a limit hit or `max_calls_per_interprete
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from spider.client.bundle import ToolSpec, bundle_manifest, split_bundle
 from spider.config import RuntimeConfig
 from spider.errors import BundleError, SandboxError
 from spider.sandbox import jailed
-from spider.sandbox.interpreter import Interpreter, InterpreterFailure, LaunchSpec
+from spider.sandbox.interpreter import Interpreter, InterpreterFailure, LaunchSpec, encode_request
 from spider.sandbox.jail import (
     SYSTEM_TOP_DIRS,
     JailLimits,
@@ -37,6 +36,7 @@ from spider.sandbox.jail import (
     find_firejail,
     firejail_argv,
     job_uid,
+    write_profile,
 )
 from spider.sandbox.outcomes import CallError, Outcome, ToolOutcome
 from spider.sandbox.venvs import VenvCache
@@ -303,7 +303,7 @@ class Sandbox:
                 network=runtime.network,
                 extra_etc=[f"python{self.python_minor}"],
             )
-            command = firejail_argv(self.firejail, spec, command)
+            command = firejail_argv(self.firejail, write_profile(spec, job_dir / "jail.profile"), command)
         else:
             preexec = _unjailed_limits(limits.memory_mb, limits.cpu_seconds * (self.max_calls + 1), limits.file_size_mb)
         launch = LaunchSpec(argv=command, env=env, cwd=str(scratch), config=config, preexec=preexec)
@@ -535,6 +535,8 @@ class JobSandbox:
 
 def _encode(obj: Any, what: str) -> bytes:
     try:
-        return json.dumps(obj).encode()
-    except (TypeError, ValueError) as exc:
-        raise SandboxError(f"{what} must be JSON data to reach the sandbox: {exc}") from None
+        return encode_request(obj)
+    except ValueError as exc:
+        raise SandboxError(
+            f"{what} must be plain data (dicts, lists, strings, numbers, booleans, None) to reach the sandbox: {exc}"
+        ) from None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from spider.errors import SandboxError
-from spider.sandbox.jail import BUILD_UID, JailLimits, JailSpec, firejail_argv, strip_firejail_noise
+from spider.sandbox.jail import BUILD_UID, JailLimits, JailSpec, firejail_argv, strip_firejail_noise, write_profile
 
 log = logging.getLogger("spider.sandbox")
 
@@ -152,11 +152,12 @@ class VenvCache:
                     file_size_mb=1024,
                 ),
                 network=True,
-                extra_etc=["pip.conf"],
+                extra_etc=["pip.conf", f"python{self.python_version}"],
                 hostname="spider-venv-build",
             )
             setuid = ["/usr/bin/setpriv", f"--reuid={BUILD_UID}", f"--regid={BUILD_UID}", "--clear-groups"]
-            command = firejail_argv(self.firejail, spec, setuid + command if os.geteuid() == 0 else command)
+            profile = write_profile(spec, self.root / f"{venv.name}.profile")
+            command = firejail_argv(self.firejail, profile, setuid + command if os.geteuid() == 0 else command)
         else:
             preexec = _build_limits(self.memory_mb)
         home.mkdir(exist_ok=True)
@@ -184,6 +185,8 @@ class VenvCache:
             ) from None
         finally:
             shutil.rmtree(home, ignore_errors=True)
+            if self.firejail is not None:
+                profile.unlink(missing_ok=True)
         if process.returncode != 0:
             tail = "\n  ".join(strip_firejail_noise(output.decode(errors="replace")).strip().splitlines()[-15:])
             if step == "create":
