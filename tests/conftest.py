@@ -86,3 +86,31 @@ def stack(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("stack-logs")
     with LocalStack(api_keys=API_KEYS, env=env, log_dir=log_dir) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A private Redis server for tests that use Redis without the whole stack."""
+    import subprocess
+    import time
+
+    import redis
+
+    from spider.local import free_port, redis_server_binary
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path_factory.mktemp("redis"))],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait()

@@ -243,7 +243,10 @@ def test_closures_partials_lambdas_and_dataclasses_defined_here(tmp_path):
     add_five = functools.partial(add, b=5)
     tools = [
         (add_five, tool_spec(add_five, name="add_five")),
-        (lambda s: s[::-1], tool_spec(lambda s: s[::-1], name="reverse", json_schema={"type": "object", "properties": {"s": {"type": "string"}}})),
+        (
+            lambda s: s[::-1],
+            tool_spec(lambda s: s[::-1], name="reverse", json_schema={"type": "object", "properties": {"s": {"type": "string"}}}),
+        ),
     ]
     bundle = build_bundle(pre_processor=pre, post_processor=lambda r: r if r["ok"] else None, tools=tools)
     results = run_in_fresh_process(

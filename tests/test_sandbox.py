@@ -7,7 +7,6 @@ into jails that cannot see this repository at all.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spider.client.bundle import build_bundle, split_bundle, tool_spec, BUNDLE_MAGIC
+from spider.client.bundle import BUNDLE_MAGIC, build_bundle, split_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.errors import BundleError, SandboxError
 from spider.sandbox import Sandbox
@@ -161,7 +160,6 @@ def uses_yaml(row):
 
 import yaml  # noqa: E402  (a third-party module: it travels by name)
 
-
 # -- processors ------------------------------------------------------------------------------
 
 
@@ -270,9 +268,8 @@ def test_a_slow_call_times_out_and_the_interpreter_survives(sandbox):
 
 
 def test_a_call_that_defeats_the_alarm_is_killed_with_its_jail(sandbox):
-    job = new_job(
-        sandbox, runtime=fast_limits(), tools=[(stubborn_spin, tool_spec(stubborn_spin)), (interpreter_id, tool_spec(interpreter_id))]
-    )
+    tools = [(stubborn_spin, tool_spec(stubborn_spin)), (interpreter_id, tool_spec(interpreter_id))]
+    job = new_job(sandbox, runtime=fast_limits(), tools=tools)
     first = job.call_tool("interpreter_id", {}).content
     started = time.monotonic()
     outcome = job.call_tool("stubborn_spin", {})

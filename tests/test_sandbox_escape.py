@@ -215,7 +215,8 @@ def sandbox():
 def other_job(sandbox):
     """A neighbour job with a secret and a private file."""
     bundle = build_bundle(tools=[(f, tool_spec(f)) for f in TOOLS])
-    job = sandbox.open_job("neighbour-" + uuid.uuid4().hex[:6], bundle, RuntimeConfig(limits=LIMITS), {"NEIGHBOUR_TOKEN": OTHER_JOB_SECRET})
+    secrets = {"NEIGHBOUR_TOKEN": OTHER_JOB_SECRET}
+    job = sandbox.open_job("neighbour-" + uuid.uuid4().hex[:6], bundle, RuntimeConfig(limits=LIMITS), secrets)
     yield job
     sandbox.close_job(job.job_id)
 

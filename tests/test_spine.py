@@ -11,7 +11,7 @@ import pytest
 from spider.client import SpiderClient
 from spider.errors import AuthError, JobNotFoundError
 from tests.conftest import API_KEYS
-from tests.helpers import make_config, read_jsonl
+from tests.helpers import ROOT, make_config, read_jsonl
 
 pytestmark = pytest.mark.slow
 ALICE, BOB = API_KEYS
@@ -230,3 +230,31 @@ def test_late_client_gets_the_whole_history_and_last_event_id_resumes(stack, tin
             f"/v1/jobs/{status['job_id']}/events", headers={"Last-Event-ID": middle.id}, params={"follow": "false"}
         )
         assert middle.id not in response.text and late[-1].id in response.text
+
+
+BAD_ROWS = ROOT / "tests" / "data" / "some_bad_rows.jsonl"
+
+
+def test_bad_rows_become_error_records_and_the_job_goes_on(stack, tiny_model, tmp_path):
+    config = make_config(stack.url, ALICE, tiny_model, **{"source.dataset": str(BAD_ROWS), "source.split": "train"})
+    _, status, events, path = run_job(config, tmp_path)
+    assert status["status"] == "completed", status
+    records = read_jsonl(path)
+    assert [r["row_index"] for r in records] == [0, 1, 2, 3, 4]
+    failed = {r["row_index"]: r["error"] for r in records if r["error"]}
+    assert set(failed) == {1, 3}
+    assert "is a NoneType, not text" in failed[1]["message"] and "is a list, not text" in failed[3]["message"]
+    assert all(r["completion"] for r in records if not r["error"])
+    warnings = [e for e in events if e.kind == "batch.row_errors"]
+    assert warnings and warnings[0].level == "warning" and warnings[0].data["row_errors"] == 2
+    assert status["progress"]["row_errors"] == 2
+
+
+def test_more_row_errors_than_allowed_fails_the_job(stack, tiny_model, tmp_path):
+    config = make_config(
+        stack.url, ALICE, tiny_model,
+        **{"source.dataset": str(BAD_ROWS), "source.split": "train", "generation.max_row_errors": 1},
+    )
+    _, status, _, _ = run_job(config, tmp_path)
+    assert status["status"] == "failed"
+    assert status["error"] == "2 rows failed, more than generation.max_row_errors=1"

@@ -240,6 +240,7 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
         row_errors=len({r.row_index for r in records if r.error is not None}),
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
+        error_examples=[f"row {r.row_index}: {r.error['message']}" for r in records if r.error is not None][:3],
     )
     if has_post:
         write_atomic(
@@ -268,7 +269,9 @@ def complete_batch(
     first, done = ctx.store.mark_batch_done(job_id, batch_index)
     if not first:
         return  # a redelivered task: its shard was rewritten identically, count nothing twice
+    examples = counts.pop("error_examples", [])
     totals = ctx.store.add_progress(job_id, generation_seconds=generation_seconds, batches_done=1, **counts)
+    counts["error_examples"] = examples
     config, record = load_job(ctx, job_id)
     gen_s = totals.get("generation_seconds", 0.0)
     ctx.bus.publish(
@@ -291,6 +294,14 @@ def complete_batch(
             "elapsed": time.time() - (record.started_at or record.created_at),
         },
     )
+    if counts.get("row_errors"):
+        ctx.bus.publish(
+            job_id,
+            "batch.row_errors",
+            f"batch {batch_index}: {counts['row_errors']} rows failed",
+            level="warning",
+            data={"batch": batch_index, "row_errors": counts["row_errors"], "examples": counts.get("error_examples", [])},
+        )
     limit = config.generation.max_row_errors
     errors = int(totals.get("row_errors", 0))
     if limit is not None and errors > limit:

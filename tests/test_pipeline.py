@@ -1,0 +1,114 @@
+"""The dataset pipeline's stages as plain functions (no broker): plan, generate, finalize, upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from spider.config import JobConfig
+from spider.events import EventBus
+from spider.jobs import dataset
+from spider.jobs.store import JobStore
+from spider.settings import Settings
+from tests.helpers import SAMPLE_PROMPTS
+
+
+class Recorder:
+    """A dispatcher that records the next stages instead of queueing them."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def rollout(self, job_id, batch_index):
+        self.calls.append(("rollout", job_id, batch_index))
+
+    def preprocess(self, job_id, batch_index):
+        self.calls.append(("preprocess", job_id, batch_index))
+
+    def postprocess(self, job_id, batch_index):
+        self.calls.append(("postprocess", job_id, batch_index))
+
+    def finalize(self, job_id):
+        self.calls.append(("finalize", job_id))
+
+
+@pytest.fixture
+def ctx(redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    return dataset.Context(Settings(redis_url=redis_url, data_dir=tmp_path), JobStore(client), EventBus(client), Recorder())
+
+
+def job(tiny_model, **output):
+    return JobConfig.parse({
+        "model": {"provider": "hf", "name": str(tiny_model)},
+        "source": {"dataset": str(SAMPLE_PROMPTS), "split": "train[0:5]", "field": "question"},
+        "generation": {"parameters": {"max_tokens": 8, "seed": 1}, "max_batch_size": 2},
+        "output": output or {"mode": "return"},
+    })
+
+
+def run_all(ctx, job_id):
+    """Drive the recorded stages to the end, redelivering every rollout once (as a crash would)."""
+    dataset.plan_job(ctx, job_id)
+    while ctx.dispatch.calls:
+        stage, *args = ctx.dispatch.calls.pop(0)
+        if stage == "rollout":
+            dataset.run_batch(ctx, *args)
+            dataset.run_batch(ctx, *args)  # a redelivered task must not duplicate anything
+        elif stage == "finalize":
+            dataset.finalize_job(ctx, *args)
+
+
+def test_stages_are_idempotent_and_finalize_once(ctx, tiny_model):
+    config = job(tiny_model)
+    record = ctx.store.create("owner", config.model_dump(mode="json"), {}, has_bundle=False)
+    run_all(ctx, record.id)
+    done = ctx.store.get(record.id)
+    assert done.status == "completed"
+    assert done.progress["rows_done"] == 5 and done.progress["batches_done"] == 3
+    lines = (ctx.files(record.id).result("jsonl")).read_text().splitlines()
+    assert [json.loads(line)["row_index"] for line in lines] == [0, 1, 2, 3, 4]
+    kinds = [e.kind for e in ctx.bus.replay(record.id)]
+    assert kinds.count("batch.completed") == 3 and kinds.count("job.completed") == 1
+
+
+def test_upload_hf_pushes_result_and_metadata(ctx, tiny_model, monkeypatch):
+    """The Hub cannot be reached from here: HfApi is replaced by a recorder (the only mock)."""
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeHfApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            uploads.append(("create", repo_id, repo_type, private, self.token))
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type, commit_message):
+            uploads.append(("upload", Path(path_or_fileobj).name, path_in_repo, repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    config = job(tiny_model, mode="upload_hf", hf={"repo_id": "me/data", "private": True, "config_name": "v1"})
+    record = ctx.store.create("owner", config.model_dump(mode="json"), {"HF_TOKEN": "hf_x"}, has_bundle=False)
+    run_all(ctx, record.id)
+    assert ctx.store.get(record.id).status == "completed"
+    assert uploads[0] == ("create", "me/data", "dataset", True, "hf_x")
+    assert uploads[1] == ("upload", "result.jsonl", f"data/v1/{record.id}.jsonl", "me/data")
+    assert uploads[2] == ("upload", "metadata.json", f"data/v1/{record.id}.metadata.json", "me/data")
+    metadata = json.loads(ctx.files(record.id).metadata.read_text())
+    assert metadata["hub"]["repo_id"] == "me/data"
+    assert not ctx.store.secrets(record.id)  # secrets are gone once the job ends
+
+
+def test_upload_hf_without_a_token_fails_clearly(ctx, tiny_model):
+    config = job(tiny_model, mode="upload_hf", hf={"repo_id": "me/data"})
+    record = ctx.store.create("owner", config.model_dump(mode="json"), {}, has_bundle=False)
+    run_all(ctx, record.id)
+    failed = ctx.store.get(record.id)
+    assert failed.status == "failed"
+    assert "no token was sent" in failed.error and "HF_TOKEN" in failed.error
