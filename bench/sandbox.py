@@ -14,6 +14,7 @@ import argparse
 import re
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -120,7 +121,15 @@ def bench_latency(sandbox: Sandbox, calls: int, fresh_calls: int) -> dict[str, t
         interpreter.close()
         samples.append(time.perf_counter() - started)
         assert answer["content"] == "3"
-    results["fresh firejail per call"] = percentiles(samples)
+    results["fresh jail per call (start, load, call, exit)"] = percentiles(samples)
+
+    # For reference: the floor of any jail start, firejail running `true` with no policy.
+    samples = []
+    for _ in range(fresh_calls):
+        started = time.perf_counter()
+        subprocess.run([sandbox.firejail, "--noprofile", "--quiet", "--net=none", "/usr/bin/true"], check=True)
+        samples.append(time.perf_counter() - started)
+    results["bare `firejail --net=none true`"] = percentiles(samples)
     sandbox.close_job(job.job_id)
     return results
 
@@ -192,7 +201,7 @@ def main() -> None:
         print("| path | median | p99 | median vs warm jail |")
         print("|---|---|---|---|")
         for name, (median, p99) in latency.items():
-            print(f"| {name} | {median * 1e3:.3f} | {p99 * 1e3:.3f} | {median / baseline:.2f}x |")
+            print(f"| {name} | {median * 1e3:.4f} | {p99 * 1e3:.4f} | {median / baseline:.3g}x |")
 
         print(f"\n## Tool calls per second, pool saturated ({args.seconds:g} s, 4 caller threads)")
         print("| pool size | calls/s | vs pool of 1 |")

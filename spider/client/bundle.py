@@ -587,7 +587,7 @@ def _children(obj: Any) -> Iterator[tuple[str, Any]]:
         return
     if isinstance(obj, types.FunctionType):
         code = obj.__code__
-        for name, cell in zip(code.co_freevars, obj.__closure__ or ()):
+        for name, cell in zip(code.co_freevars, obj.__closure__ or (), strict=False):
             try:
                 yield f"closure variable {name!r}", cell.cell_contents
             except ValueError:

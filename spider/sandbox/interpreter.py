@@ -198,7 +198,8 @@ class Interpreter:
         else:
             reason = f"it exited with status {code}"
         tail = self.stderr_tail()
-        raise InterpreterFailure("crash", "InterpreterCrash", f"the interpreter died: {reason}" + (f"; stderr: {tail}" if tail else ""))
+        message = f"the interpreter died: {reason}" + (f"; stderr: {tail}" if tail else "")
+        raise InterpreterFailure("crash", "InterpreterCrash", message)
 
     def kill(self) -> None:
         """Kill the jail: its process group holds firejail and the sandbox's pid-namespace init,

@@ -7,8 +7,8 @@ anything but the sandbox worker, and the worker never trusts it: every answer is
 
 Frames are a 4-byte big-endian length and a document: from the worker, in `marshal` format (plain
 data only, and fast: this side trusts the worker), to the worker, UTF-8 JSON (the worker trusts
-nothing from here). The first frame from the worker is the start-up configuration; the jail answers with `{"ready": ...}` or `{"error": ...}` and then
-serves requests until its input closes:
+nothing from here). The first frame from the worker is the start-up configuration; the jail
+answers with `{"ready": ...}` or `{"error": ...}` and then serves requests until its input closes:
 
 * `{"op": "process", "which": "pre_processor"|"post_processor", "items": [...], "kwargs": {...}}`
   answered by one or more frames holding a list of outcomes (`["ok", value]`, `["drop"]`,
@@ -287,7 +287,7 @@ def drop_privileges(uid, gid):
                 raise RuntimeError("capabilities are still held after switching user")
 
 
-def load_bundle(path, runtime_dir):
+def load_bundle(path):
     with open(path, "rb") as handle:
         data = handle.read()
     if not data.startswith(BUNDLE_MAGIC):
@@ -299,8 +299,9 @@ def load_bundle(path, runtime_dir):
     here = "%d.%d" % sys.version_info[:2]
     if wanted != here:
         raise RuntimeError(f"the bundle was built with Python {wanted} but the sandbox runs Python {here}")
-    import cloudpickle  # noqa: F401  (registers the reducers the payload refers to)
     import pickle
+
+    import cloudpickle  # noqa: F401  (registers the reducers the payload refers to)
 
     return pickle.loads(data[start + header_len :])
 
@@ -327,7 +328,7 @@ def main():
 
         site.main()  # the job's venv: only now, as the job's user
         sys.path.insert(0, config["runtime_dir"])
-        functions = load_bundle(config["bundle"], config["runtime_dir"])
+        functions = load_bundle(config["bundle"])
     except BaseException as exc:
         write_frame(out_fd, {"error": error_entry(exc, kind="load")})
         return 1

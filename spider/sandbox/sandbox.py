@@ -392,7 +392,9 @@ class JobSandbox:
                         " (a module the functions use by name is not installed in the sandbox: add its package "
                         "to runtime.packages, or keep the module a local file of your project so it travels by value)"
                     )
-                raise BundleError(f"the user code could not be loaded in the sandbox: {failure.type_name}: {failure.message}{hint}") from None
+                raise BundleError(
+                    f"the user code could not be loaded in the sandbox: {failure.type_name}: {failure.message}{hint}"
+                ) from None
             raise SandboxError(f"could not start a jailed interpreter for job {self.job_id}: {failure.message}") from None
         self.interpreters_started += 1
         return interpreter
@@ -504,7 +506,8 @@ class JobSandbox:
         names = [spec.name for spec in self.tool_specs]
         if name not in names:
             available = ", ".join(names) or "none"
-            return ToolOutcome(error=CallError("exception", "UnknownTool", f"no tool named {name!r}; available tools: {available}"))
+            message = f"no tool named {name!r}; available tools: {available}"
+            return ToolOutcome(error=CallError("exception", "UnknownTool", message))
         if not isinstance(arguments, dict):
             return ToolOutcome(error=CallError("exception", "TypeError", "tool arguments must be a JSON object"))
         try:
