@@ -72,6 +72,7 @@ class LocalStack:
     log_dir: Path | None = None
     quiet: bool = True
     cleanup: bool = True
+    flower_port: int | None = None
 
     def __post_init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
@@ -96,8 +97,9 @@ class LocalStack:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        out = log if self.quiet else None
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if self.quiet else None, start_new_session=True)
+        # Quiet: each process logs to its own file. Otherwise their logs go to this process's stderr.
+        out = log if self.quiet else sys.stderr
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         self._argv[name] = (argv, env)
         return proc
@@ -138,6 +140,14 @@ class LocalStack:
                 env,
             )
         self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], env)
+        if self.flower_port:
+            # Monitoring on loopback only; its API is open so local tools can read it.
+            self._spawn(
+                "flower",
+                [python, "-m", "celery", "--broker", self.redis_url, "flower", "--address=127.0.0.1",
+                 f"--port={self.flower_port}"],
+                {**env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            )
         self._wait_ready()
 
     def _start_redis(self) -> str:

@@ -70,3 +70,37 @@ def test_deployment_commands_are_valid_cli_invocations():
         parser.parse_args(command[1:])
     queues = {c[c.index("--queues") + 1] for c in commands if "--queues" in c}
     assert queues == {"control", "rollout", "sandbox", "train"}
+
+
+@pytest.mark.slow
+def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    from spider.local import free_port
+
+    port, flower = free_port(), free_port()
+    proc = subprocess.Popen(
+        [SPIDER, "up", "--port", str(port), "--flower-port", str(flower), "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"Spider is up at http://127.0.0.1:{port}" in line
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+        deadline = time.monotonic() + 60
+        workers = {}
+        while time.monotonic() < deadline and len(workers) < 4:
+            try:
+                workers = httpx.get(f"http://127.0.0.1:{flower}/api/workers", params={"refresh": "true"}, timeout=10).json()
+            except (httpx.HTTPError, ValueError):
+                time.sleep(1)
+        queues = {q["name"] for info in workers.values() for q in info.get("active_queues", [])}
+        assert queues == {"control", "rollout", "sandbox", "train"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})|(--port={flower})"], capture_output=True)
+    assert leftovers.returncode == 1, leftovers.stdout

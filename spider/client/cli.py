@@ -119,10 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from spider.local import LocalStack
 
-    stack = LocalStack(port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None)
+    stack = LocalStack(
+        port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port
+    )
     with stack:
         print(f"Spider is up at {stack.url} (Redis {stack.redis_url}, data in {stack.data_dir}); Ctrl-C stops it",
               flush=True)
+        if args.flower_port:
+            print(f"Flower: http://127.0.0.1:{args.flower_port}", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         except KeyboardInterrupt:
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the local stack (Redis, API, one worker per queue) in the foreground")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--data-dir")
+    p.add_argument("--flower-port", type=int, help="also run Flower (monitoring) on this port")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="run the API server only")
