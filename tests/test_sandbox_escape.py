@@ -388,6 +388,21 @@ def _cmdline(proc: Path) -> bytes:
         return b""
 
 
+def test_job_variables_never_reach_the_processes_that_run_as_root(sandbox):
+    """firejail and the interpreter's first moments run as root: the job's variables (which could
+    say LD_PRELOAD) and secrets must not be in their environment, only in the job user's code."""
+    bundle = build_bundle(tools=[(find_text, tool_spec(find_text))])
+    runtime = RuntimeConfig(limits=LIMITS, env={"LD_PRELOAD": "/nonexistent/preload.so"})
+    job = sandbox.open_job("env-" + uuid.uuid4().hex[:6], bundle, runtime, {"ROOTLESS_SECRET": "rootless-" + SERVER_SECRET})
+    try:
+        assert call(job, "find_text", needle="rootless-" + SERVER_SECRET) == "found in os.environ"
+        (interpreter,) = job._idle
+        firejail_env = Path(f"/proc/{interpreter.process.pid}/environ").read_bytes()
+        assert b"rootless-" not in firejail_env and b"LD_PRELOAD" not in firejail_env
+    finally:
+        sandbox.close_job(job.job_id)
+
+
 def test_the_neighbour_job_is_unharmed(other_job):
     still_serving(other_job)
     assert json.loads(json.dumps(call(other_job, "find_text", needle=OTHER_JOB_SECRET))) == "found in os.environ"

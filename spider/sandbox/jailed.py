@@ -321,12 +321,13 @@ def main():
         if config.get("uid") is not None:
             drop_privileges(config["uid"], config["gid"])
         os.chdir(config["scratch"])
-        # firejail adds a few variables of its own; the job sees only the ones it was given.
-        for name in set(os.environ) - set(config["env_names"]):
-            del os.environ[name]
+        # Only now, as the job's user: its environment (firejail's own variables go) and its venv.
+        os.environ.clear()
+        os.environ.update(config["env"])
+        sys.executable = os.path.join(config["venv"], "bin", "python")
         import site
 
-        site.main()  # the job's venv: only now, as the job's user
+        site.main()
         sys.path.insert(0, config["runtime_dir"])
         functions = load_bundle(config["bundle"])
     except BaseException as exc:

@@ -268,13 +268,11 @@ class Sandbox:
         if not self.jailed:
             log.warning("job %s: running user code WITHOUT isolation (unsafe mode: firejail unavailable)", job_id)
         limits = runtime.limits
-        env = {
-            "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(scratch),
-            "TMPDIR": str(scratch),
-            "LANG": "C.UTF-8",
-            **user_env,
-        }
+        # firejail and the interpreter start as root, so they get a fixed environment: the job's
+        # own variables (which could name LD_PRELOAD & co.) are set by the interpreter only after
+        # it has become the job's user.
+        basics = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"}
+        job_env = {**basics, "PATH": f"{venv}/bin:{basics['PATH']}", **user_env}
         config = {
             "uid": uid,
             "gid": uid,
@@ -286,9 +284,12 @@ class Sandbox:
             # Inside a jail the interpreter is alone in its pid namespace with its own user:
             # killing "every process it may signal" kills exactly its own leftovers.
             "reap_others": self.jailed and uid is not None,
-            "env_names": sorted(env),
+            "env": job_env,
+            # The system interpreter, not the venv's `bin/python`: nothing a package build wrote
+            # into the venv runs before the switch to the job's user; the venv is entered after.
+            "venv": str(venv),
         }
-        command = [str(venv / "bin" / "python"), "-I", "-S", str(self.runtime_dir / "spider_jail.py")]
+        command = [self.python, "-I", "-S", str(self.runtime_dir / "spider_jail.py")]
         preexec = None
         if self.jailed:
             spec = JailSpec(
@@ -306,7 +307,7 @@ class Sandbox:
             command = firejail_argv(self.firejail, write_profile(spec, job_dir / "jail.profile"), command)
         else:
             preexec = _unjailed_limits(limits.memory_mb, limits.cpu_seconds * (self.max_calls + 1), limits.file_size_mb)
-        launch = LaunchSpec(argv=command, env=env, cwd=str(scratch), config=config, preexec=preexec)
+        launch = LaunchSpec(argv=command, env=basics, cwd=str(scratch), config=config, preexec=preexec)
         job = JobSandbox(
             job_id=job_id,
             manifest=manifest,
