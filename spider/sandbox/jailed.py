@@ -32,7 +32,7 @@ import time
 _LEN = struct.Struct(">I")
 FLUSH_INTERVAL_S = 0.05
 FLUSH_ITEMS = 2048
-REAP_WAIT_S = 5.0
+REAP_WAIT_S = 0.5  # well within the worker's grace period after a call
 DROPPED = ["drop"]
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
 
@@ -177,19 +177,25 @@ class Server:
             else:
                 final = {"error": ["protocol", "ValueError", f"unknown op {op!r}", ""]}
             # Clean up before answering: once the worker has the answer, nothing of the call runs.
-            self.after_call()
+            # If something could not be cleared in time, the worker replaces the whole jail.
+            if not self.after_call():
+                final["recycle"] = True
             write_frame(self.out_fd, final)
 
     def after_call(self):
         """Kill every other process of this job in the jail (background processes, fork bombs)
-        and wait until they are gone, then return to the scratch directory."""
+        and wait until they are gone, then return to the scratch directory. False when some
+        process could not be cleared within REAP_WAIT_S."""
+        cleared = True
         if self.reap:
+            cleared = False
             deadline = time.monotonic() + REAP_WAIT_S
             while time.monotonic() < deadline:
                 try:
                     os.kill(-1, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
-                    break  # nothing left that this user may signal
+                    cleared = True  # nothing left that this user may signal
+                    break
                 self.reap_children()
                 time.sleep(0.001)
         self.reap_children()
@@ -197,6 +203,7 @@ class Server:
             os.chdir(self.scratch)
         except OSError:
             pass
+        return cleared
 
     @staticmethod
     def reap_children():
