@@ -3,6 +3,14 @@
 `Sandbox` is a worker's sandbox; `Sandbox.open_job` returns the `JobSandbox` that runs one job's
 pre/post processors in batches and its tools one call at a time. Every failure of user code is an
 `Outcome` / `ToolOutcome` carrying a `CallError`, never an exception of the caller.
+
+What a job's `runtime` section controls: `packages` (pip requirements, installed once per distinct
+set into a cached venv), `env` (variables for its code, beside the secrets it was sent with),
+`network` (off by default: jails get an empty network namespace and unix sockets only; `network:
+true` gives them the host's network, for tools that call remote services such as MCP servers),
+and `limits`: `memory_mb` (address space per process), `cpu_seconds` (CPU time per call; a batch
+of n rows gets n budgets), `call_timeout_s` (wall clock per call or row), `max_processes` (for
+all of the job's processes on the host) and `file_size_mb` (largest file written).
 """
 
 from spider.sandbox.outcomes import CallError, Outcome, ToolOutcome
