@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import redis
@@ -36,11 +37,20 @@ def context() -> dataset.Context:
     return dataset.Context(settings, JobStore(client), EventBus(client, settings.event_history), CeleryDispatcher())
 
 
+_pool_lock = threading.Lock()
+
+
 @lru_cache(maxsize=1)
-def sandbox_pool():
+def _sandbox_pool():
     from spider.jobs.usercode import SandboxPool
 
     return SandboxPool(context())
+
+
+def sandbox_pool():
+    """The worker's one SandboxPool (tasks run on several threads: create it exactly once)."""
+    with _pool_lock:
+        return _sandbox_pool()
 
 
 def send_tool_call(job_id: str, call_id: str, name: str, arguments: dict) -> None:
