@@ -112,3 +112,25 @@ def test_upload_hf_without_a_token_fails_clearly(ctx, tiny_model):
     failed = ctx.store.get(record.id)
     assert failed.status == "failed"
     assert "no token was sent" in failed.error and "HF_TOKEN" in failed.error
+
+
+def test_a_redelivered_plan_resumes_only_the_missing_batches(ctx, tiny_model):
+    config = job(tiny_model)
+    record = ctx.store.create("owner", config.model_dump(mode="json"), {}, has_bundle=False)
+    dataset.plan_job(ctx, record.id)
+    first = [c for c in ctx.dispatch.calls if c[0] == "rollout"]
+    assert [c[2] for c in first] == [0, 1, 2]
+    dataset.run_batch(ctx, record.id, 1)
+    ctx.dispatch.calls.clear()
+    dataset.plan_job(ctx, record.id)  # the control worker died before acknowledging the plan
+    assert ctx.dispatch.calls == [("rollout", record.id, 0), ("rollout", record.id, 2)]
+    assert ctx.bus.replay(record.id)[-1].kind == "job.resumed"
+    run_all_dispatched(ctx)
+    assert ctx.store.get(record.id).status == "completed"
+    assert ctx.store.get(record.id).progress["rows_done"] == 5
+
+
+def run_all_dispatched(ctx):
+    while ctx.dispatch.calls:
+        stage, *args = ctx.dispatch.calls.pop(0)
+        {"rollout": dataset.run_batch, "finalize": dataset.finalize_job}[stage](ctx, *args)

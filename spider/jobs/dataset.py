@@ -94,8 +94,11 @@ def guarded(stage):
 def plan_job(ctx: Context, job_id: str) -> None:
     """Load the source, give every row its index, split into batches, and start the batches."""
     config, record = load_job(ctx, job_id)
-    if not ctx.store.transition(job_id, "running", ["queued"]):
-        return  # cancelled before it started, or a redelivered plan of a running job
+    if record.status == "running" and record.batches_total is not None:
+        resume_job(ctx, job_id)  # a redelivered plan: its batches exist already
+        return
+    if not ctx.store.transition(job_id, "running", ["queued", "running"]):
+        return  # cancelled before it started, or already ended
     label = ctx.store.get_field(job_id, "source_label") or config.source.dataset
     ctx.bus.publish(job_id, "job.started", f"loading source {label!r}")
     secrets = ctx.store.secrets(job_id)
@@ -126,6 +129,24 @@ def plan_job(ctx: Context, job_id: str) -> None:
     )
     for batch_index in range(len(batches)):
         (ctx.dispatch.preprocess if has_pre else ctx.dispatch.rollout)(job_id, batch_index)
+
+
+def resume_job(ctx: Context, job_id: str) -> None:
+    """Hand out again every batch of a planned job that has not completed (idempotent)."""
+    record = ctx.store.get(job_id)
+    if record is None or record.status != "running" or record.batches_total is None:
+        return
+    done = ctx.store.done_batches(job_id)
+    missing = [i for i in range(record.batches_total) if i not in done]
+    files = ctx.files(job_id)
+    for batch_index in missing:
+        if files.batch(batch_index).exists():
+            ctx.dispatch.rollout(job_id, batch_index)
+        else:
+            ctx.dispatch.preprocess(job_id, batch_index)
+    if not missing and ctx.store.claim_finalize(job_id):
+        ctx.dispatch.finalize(job_id)
+    ctx.bus.publish(job_id, "job.resumed", f"{len(missing)} batches handed out again", data={"batches": missing})
 
 
 def _bundle_has(ctx: Context, job_id: str, part: str) -> bool:
