@@ -120,6 +120,14 @@ class LocalStack:
         self._wait_ready()
 
     def start(self) -> None:
+        try:
+            import celery  # noqa: F401
+            import fastapi  # noqa: F401
+        except ImportError:
+            raise SpiderError(
+                "starting the local stack needs the server parts: pip install 'spider[server]' "
+                "(or set server.base_url to use a running server)"
+            ) from None
         if self.redis_url is None:
             self.redis_url = os.environ.get("SPIDER_REDIS_URL") or self._start_redis()
         env = {
