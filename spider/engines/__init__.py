@@ -8,6 +8,7 @@ only when used, so the API and CPU workers never import vLLM or torch.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import threading
 from typing import TYPE_CHECKING
@@ -36,25 +37,31 @@ _lock = threading.Lock()
 _loaded: tuple[EngineKey, Engine] | None = None
 
 
-def engine_key(model: "ModelConfig") -> EngineKey:
-    """What makes two model configs the same engine: provider, name and parameters."""
-    return model.provider, model.name, json.dumps(model.parameters, sort_keys=True, default=str)
+def engine_key(model: "ModelConfig", secrets: dict[str, str] | None = None) -> EngineKey:
+    """What makes two model configs the same engine: provider, name and parameters (and, for HTTP
+    endpoints, the credentials: two jobs with different API keys never share a client)."""
+    params = json.dumps(model.parameters, sort_keys=True, default=str)
+    if model.provider == "openai" and secrets:
+        digest = hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()
+        params += f"|{digest}"
+    return model.provider, model.name, params
 
 
-def create_engine(model: "ModelConfig") -> Engine:
-    """A new engine for `model`, not cached: the caller closes it."""
+def create_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -> Engine:
+    """A new engine for `model`, not cached: the caller closes it. `secrets` are the job's own
+    (an endpoint's API key, HF_TOKEN for gated models), never read from other jobs."""
     if model.provider == "vllm":
         from spider.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model.name, model.parameters)
+        return VLLMEngine(model.name, model.parameters, secrets)
     if model.provider == "openai":
         from spider.engines.openai_engine import OpenAIEngine
 
-        return OpenAIEngine(model.name, model.parameters)
+        return OpenAIEngine(model.name, model.parameters, secrets)
     if model.provider == "hf":
         from spider.engines.hf_engine import HFEngine
 
-        return HFEngine(model.name, model.parameters)
+        return HFEngine(model.name, model.parameters, secrets)
     if model.provider == "tinker":
         raise EngineError(
             "provider 'tinker' samples through the trainer backend of an on-policy job, not through a "
@@ -63,16 +70,16 @@ def create_engine(model: "ModelConfig") -> Engine:
     raise EngineError(f"unknown model.provider {model.provider!r}; use 'vllm', 'hf' or 'openai'")
 
 
-def load_engine(model: "ModelConfig") -> Engine:
+def load_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -> Engine:
     """The engine of this process for `model`: reused when the same model is asked for again, and
     the previous engine closed first when a different one is asked for (one model in memory)."""
     global _loaded
-    key = engine_key(model)
+    key = engine_key(model, secrets)
     with _lock:
         if _loaded is not None and _loaded[0] == key:
             return _loaded[1]
         _close_loaded()
-        engine = create_engine(model)
+        engine = create_engine(model, secrets)
         _loaded = (key, engine)
         return engine
 

@@ -46,7 +46,7 @@ class OpenAIEngine(Engine):
     `max_concurrency` (default 16), `timeout` (seconds per attempt, default 600), `max_retries`
     (default 5)."""
 
-    def __init__(self, name: str, parameters: dict[str, Any] | None = None):
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None):
         parameters = dict(parameters or {})
         unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
@@ -56,7 +56,8 @@ class OpenAIEngine(Engine):
         self.name = name
         self.base_url = str(parameters.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         key_env = parameters.get("api_key_env")
-        api_key = os.environ.get(key_env or "OPENAI_API_KEY")
+        # The job's own secrets first, then the worker's environment.
+        api_key = (secrets or {}).get(key_env or "OPENAI_API_KEY") or os.environ.get(key_env or "OPENAI_API_KEY")
         if key_env and not api_key:
             raise EngineError(
                 f"model.parameters.api_key_env names {key_env!r}, but that environment variable is not set; "

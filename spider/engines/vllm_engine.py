@@ -42,9 +42,9 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 
 class VLLMEngine(Engine):
-    """`vllm.LLM` on `resolve_model(name)`; `parameters` go to `LLM(**parameters)` as they are."""
+    """`vllm.LLM` on `resolve_model(name, token=(secrets or {}).get("HF_TOKEN"))`; `parameters` go to `LLM(**parameters)` as they are."""
 
-    def __init__(self, name: str, parameters: dict[str, Any] | None = None):
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None):
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -64,8 +64,8 @@ class VLLMEngine(Engine):
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         tokenizer = kwargs.get("tokenizer")
         if isinstance(tokenizer, str) and not Path(tokenizer).expanduser().exists():
-            kwargs["tokenizer"] = str(resolve_model(tokenizer))
-        path = resolve_model(name)
+            kwargs["tokenizer"] = str(resolve_model(tokenizer, token=(secrets or {}).get("HF_TOKEN")))
+        path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"))
         try:
             self.llm: Any = LLM(model=str(path), **kwargs)
         except TypeError as exc:

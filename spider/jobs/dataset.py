@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from spider.config import JobConfig
 from spider.data.sinks import read_jsonl, upload_to_hub, write_result
 from spider.data.sources import choose_system_prompt, load_source_rows, prompt_of, row_seed
-from spider.engines.base import GenerationRequest, GenerationResult, SamplingParams
+from spider.engines.base import GenerationRequest, GenerationResult
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs.store import TERMINAL, JobFiles, JobStore, write_atomic
@@ -164,11 +164,6 @@ def _prepare(config: JobConfig, index: int, data: dict[str, Any]) -> BatchRow:
 # -- generate -----------------------------------------------------------------------------------
 
 
-def sampling_params(config: JobConfig) -> SamplingParams:
-    params = config.generation.parameters.model_dump(exclude={"seed"})
-    return SamplingParams(**params)
-
-
 def build_requests(config: JobConfig, rows: list[BatchRow]) -> list[GenerationRequest]:
     seed = config.generation.parameters.seed
     requests = []
@@ -227,7 +222,7 @@ def records_for(
 @guarded
 def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     """Generate one batch with the job's engine and write its shard."""
-    from spider.engines import load_engine
+    from spider.engines import load_engine, sampling_params
 
     config, record = load_job(ctx, job_id)
     if record.status != "running":
@@ -238,9 +233,9 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     started = time.perf_counter()
     results: dict[str, GenerationResult] = {}
     if requests:
-        engine = load_engine(config.model)
+        engine = load_engine(config.model, ctx.store.secrets(job_id))
         try:
-            results = {r.key: r for r in engine.generate(requests, sampling_params(config))}
+            results = {r.key: r for r in engine.generate(requests, sampling_params(config.generation.parameters))}
         except SpiderError:
             raise
         except Exception as exc:  # the engine failed for the whole batch: its rows become error records
