@@ -106,8 +106,10 @@ def _cached(name: str, build: Callable[[Path], None]) -> Any:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         build(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process finished the same build first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     assert tokenizer.is_fast, name
     return tokenizer

@@ -121,14 +121,12 @@ def _plan_decoder(spec: dict[str, Any] | None, name: str) -> _DecoderPlan:
 
 
 def _apply_steps(token: str, steps: list[tuple[str, Any]]) -> bytes:
-    piece: bytes | None = None
+    """The bytes one vocabulary token decodes to, following the decoder's per-token steps."""
+    piece = token.encode("utf-8")
     for step, arg in steps:
-        if step == "bytelevel":
-            piece = _byte_level_piece(token) if piece is None else _byte_level_piece(piece.decode("utf-8", "replace"))
-            continue
-        if piece is None:
-            piece = token.encode("utf-8")
-        if step == "replace":
+        if step == "bytelevel":  # the token's chars stand for bytes (decoding what earlier steps left)
+            piece = _byte_level_piece(piece.decode("utf-8", "replace"))
+        elif step == "replace":
             piece = piece.replace(*arg)
         elif step == "bytefallback":
             m = _BYTE_FALLBACK.fullmatch(piece.decode("utf-8", "replace"))
@@ -139,7 +137,7 @@ def _apply_steps(token: str, steps: list[tuple[str, Any]]) -> bytes:
             for _ in range(count):
                 if piece.startswith(char):
                     piece = piece[len(char):]
-    return token.encode("utf-8") if piece is None else piece
+    return piece
 
 
 def _template_end_of_turn(tokenizer: Any, backend: Any, special_ids: set[int]) -> int | None:
