@@ -44,6 +44,31 @@ def redis_server_binary() -> str:
         ) from None
 
 
+def start_redis(directory: Path, log: Path | None = None, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
+    """A private Redis on a free loopback port that keeps nothing on disk; returns (process, url)."""
+    import redis
+
+    port = free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory)],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise SpiderError(f"a local redis-server did not start{f'; see {log}' if log else ''}")
+
+
 @dataclass
 class WorkerSpec:
     queues: str
@@ -159,24 +184,10 @@ class LocalStack:
         self._wait_ready()
 
     def _start_redis(self) -> str:
-        port = free_port()
-        self._spawn(
-            "redis",
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self._tmp)],
-            dict(os.environ),
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        import redis
-
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(url).ping()
-                return url
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise SpiderError(f"local redis did not start; see {self.log_dir / 'redis.log'}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        proc, url = start_redis(self._tmp, self.log_dir / "redis.log")
+        self.procs["redis"] = proc
+        return url
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():

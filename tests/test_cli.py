@@ -104,3 +104,31 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
         assert proc.wait(timeout=60) == 0
     leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})|(--port={flower})"], capture_output=True)
     assert leftovers.returncode == 1, leftovers.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_cancels_the_job(stack, tiny_model, tmp_path):
+    import signal
+
+    import httpx
+
+    config = make_config(None, None, tiny_model, **{
+        "source.split": "train", "generation.duplications": 8, "generation.max_batch_size": 1,
+        "generation.parameters.max_tokens": 64,
+    })
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    proc = subprocess.Popen(
+        [SPIDER, "run", str(path), "--url", stack.url, "--api-key", API_KEYS[0], "-o", str(tmp_path / "out.jsonl")],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    line = proc.stderr.readline()
+    assert line.startswith("job ") and line.strip().endswith("submitted"), line
+    job_id = line.split()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"job {job_id} cancelled" in err
+    status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {API_KEYS[0]}"}).json()
+    assert status["status"] == "cancelled"
+    assert not (tmp_path / "out.jsonl").exists()
