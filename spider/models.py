@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from spider.errors import ModelNotFoundError
+from spider.settings import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,8 @@ SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
-def cache_dir() -> Path:
-    """Spider's cache root: `$SPIDER_CACHE_DIR`, else `~/.cache/spider`. Models live under `models/`."""
-    return Path(os.environ.get("SPIDER_CACHE_DIR") or "~/.cache/spider").expanduser()
-
-
 def models_dir() -> Path:
+    """Where Spider keeps models it built: `models/` under the cache root (`$SPIDER_CACHE_DIR`)."""
     return cache_dir() / "models"
 
 
