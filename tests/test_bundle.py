@@ -20,15 +20,18 @@ from typing import Literal, Optional
 import pytest
 
 from spider.client.bundle import (
+    BUNDLE_FORMAT,
     BUNDLE_MAGIC,
     ToolSpec,
     build_bundle,
     bundle_manifest,
+    bundle_sources,
     parse_docstring,
     split_bundle,
     tool_spec,
 )
 from spider.errors import BundleError
+from spider.sandbox import jailed
 
 USERPKG = Path(__file__).parent / "userpkg"
 
@@ -36,10 +39,12 @@ LOADER = r"""
 import json, pickle, sys
 import cloudpickle  # noqa: F401
 from pathlib import Path
-data = Path(sys.argv[1]).read_bytes()
-magic = b"SPIDERBUNDLE\x00"
-hlen = int.from_bytes(data[len(magic):len(magic) + 4], "big")
-funcs = pickle.loads(data[len(magic) + 4 + hlen:])
+if sys.argv[3] == "jail":  # as the jail loads it: the shipped source files are importable
+    from spider.sandbox.jailed import load_bundle
+    funcs = load_bundle(sys.argv[1])
+else:  # the pickled payload alone: only what travelled by value is there
+    from spider.client.bundle import split_bundle
+    funcs = pickle.loads(split_bundle(Path(sys.argv[1]).read_bytes())[1])
 calls = json.loads(sys.argv[2])
 out = []
 for kind, name, args, kwargs in calls:
@@ -52,15 +57,15 @@ print(json.dumps(out))
 """
 
 
-def run_in_fresh_process(bundle: bytes, calls: list, tmp_path: Path) -> list:
+def run_in_fresh_process(bundle: bytes, calls: list, tmp_path: Path, loader: str = "pickle") -> list:
     """Unpickle and call the bundle in an isolated interpreter whose cwd and sys.path hold none
-    of the user's files."""
+    of the user's files. `loader="jail"` loads it with the jail's own code, shipped sources and all."""
     path = tmp_path / "bundle.bin"
     path.write_bytes(bundle)
     empty = tmp_path / "elsewhere"
     empty.mkdir(exist_ok=True)
     result = subprocess.run(
-        [sys.executable, "-I", "-c", LOADER, str(path), json.dumps(calls)],
+        [sys.executable, "-I", "-c", LOADER, str(path), json.dumps(calls), loader],
         capture_output=True, text=True, cwd=empty, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -226,6 +231,58 @@ def test_user_project_helpers_travel_by_value(tmp_path):
     ]
 
 
+def test_local_modules_imported_inside_functions_travel_as_source(tmp_path):
+    """Functions that import the user's local modules when they run (a module the script never
+    imports, a package, a module imported lazily by another local module) work where those files
+    do not exist, and what travels by value still does."""
+    out = tmp_path / "lazy.bundle"
+    subprocess.run([sys.executable, "make_lazy_bundle.py", str(out)], cwd=USERPKG, check=True, timeout=120)
+    bundle = out.read_bytes()
+    sources = bundle_sources(bundle)
+    # Exactly the user's files: nothing of spider, the stdlib or site-packages, which the script uses too.
+    assert sorted(sources) == ["constants", "emphasis", "textutil", "wordtools", "wordtools.counting"]
+    assert [m.path for m in sources.values()] == [
+        "constants.py", "emphasis.py", "textutil.py", "wordtools/__init__.py", "wordtools/counting.py"
+    ]
+    assert sources["textutil"].source == (USERPKG / "textutil.py").read_text()
+    assert bundle_manifest(bundle)["source_modules"] == sorted(sources)
+    calls = [
+        ["pre_processor", None, [{"question": "  why   so lazy "}], {}],
+        ["post_processor", None, [{"prompt": "Q: Why", "completion": "because it can"}], {}],
+        ["post_processor", None, [{"prompt": "Q: Why", "completion": "spam"}], {}],
+        ["tool", "headline", {"text": "what is new"}, {}],
+        ["tool", "count", {"text": "The cat is a cat"}, {}],
+    ]
+    assert run_in_fresh_process(bundle, calls, tmp_path, loader="jail") == [
+        {"prompt": "Q: Why so lazy"},
+        {"prompt": "Q: Why", "completion": "because it can", "question": "Why"},
+        None,
+        "*** WHAT IS NEW ***",
+        {"words": 5, "content_words": 2},
+    ]
+
+
+def test_installed_and_standard_modules_never_travel_as_source():
+    def pre(row):
+        import email.mime.text  # noqa: F401
+        import json  # noqa: F401
+
+        import cloudpickle  # noqa: F401
+        import pytest  # noqa: F401
+        import yaml  # noqa: F401
+
+        import spider.align  # noqa: F401
+
+        return row
+
+    shipped = bundle_sources(build_bundle(pre_processor=pre))
+    assert "test_bundle" in shipped  # this file is local: sources do travel from here
+    for name in shipped:
+        top = name.partition(".")[0]
+        assert top not in sys.stdlib_module_names and top not in {"cloudpickle", "pytest", "yaml", "spider"}
+        assert "site-packages" not in (sys.modules[top].__file__ if top in sys.modules else "")
+
+
 def test_closures_partials_lambdas_and_dataclasses_defined_here(tmp_path):
     @dataclass
     class Scale:
@@ -316,6 +373,17 @@ def test_size_limit():
         build_bundle(pre_processor=heavy, max_bytes=100_000)
 
 
+def test_size_limit_counts_the_source_files():
+    def light(row):
+        return row
+
+    bundle = build_bundle(pre_processor=light)
+    sources_bytes = split_bundle(bundle)[0]["sources_bytes"]
+    assert sources_bytes > 1000  # this test file, at least
+    with pytest.raises(BundleError, match=r"over the limit.* MB of source files of \d+ local modules"):
+        build_bundle(pre_processor=light, max_bytes=len(bundle) - sources_bytes // 2)
+
+
 def test_bad_tools_are_refused():
     def f(x: int) -> int:
         return x
@@ -366,6 +434,37 @@ def test_corrupt_bundles_are_refused():
     with pytest.raises(BundleError, match="corrupt"):
         bundle_manifest(bundle[:-3])
     assert bundle.startswith(BUNDLE_MAGIC)
+    # A changed byte in the source files' section is caught as well as one in the payload.
+    header = split_bundle(bundle)[0]
+    at = len(bundle) - header["payload_bytes"] - header["sources_bytes"] // 2
+    tampered = bundle[:at] + bytes([bundle[at] ^ 1]) + bundle[at + 1 :]
+    with pytest.raises(BundleError, match="source files are corrupt"):
+        bundle_manifest(tampered)
+
+
+def with_header(bundle: bytes, **changes) -> bytes:
+    start = len(BUNDLE_MAGIC) + 4
+    header_len = int.from_bytes(bundle[len(BUNDLE_MAGIC) : start], "big")
+    header = {**json.loads(bundle[start : start + header_len]), **changes}
+    data = json.dumps(header).encode()
+    return BUNDLE_MAGIC + len(data).to_bytes(4, "big") + data + bundle[start + header_len :]
+
+
+def test_a_bundle_of_another_format_is_refused_clearly(tmp_path):
+    def f(row):
+        return row
+
+    bundle = build_bundle(pre_processor=f)
+    assert split_bundle(with_header(bundle))[0]["format"] == BUNDLE_FORMAT == jailed.BUNDLE_FORMAT
+    with pytest.raises(BundleError, match=r"format 1, but this Spider reads only format 2: .*older Spider.*same Spider version"):
+        bundle_manifest(with_header(bundle, format=1))
+    with pytest.raises(BundleError, match=r"format 3, .*newer Spider"):
+        bundle_manifest(with_header(bundle, format=3))
+    # The jail checks too, before it unpickles anything.
+    path = tmp_path / "old.bundle"
+    path.write_bytes(with_header(bundle, format=1))
+    with pytest.raises(RuntimeError, match=r"format 1, but this sandbox reads only format 2"):
+        jailed.load_bundle(path)
 
 
 def test_tool_spec_round_trips_through_the_manifest():

@@ -214,6 +214,25 @@ def test_user_project_with_local_helper_modules_runs_in_the_jail(sandbox, tmp_pa
     sandbox.close_job(job.job_id)
 
 
+def test_functions_importing_local_modules_when_they_run_work_in_the_jail(sandbox, tmp_path):
+    """Processors and tools whose bodies import the user's local modules (one imported lazily by
+    another, a package with a relative import) find them in a jail that has none of their files."""
+    out = tmp_path / "lazy.bundle"
+    subprocess.run([sys.executable, "make_lazy_bundle.py", str(out)], cwd=USERPKG, check=True, timeout=120)
+    job = sandbox.open_job(f"lazy-{uuid.uuid4().hex[:8]}", out.read_bytes(), RuntimeConfig(), {})
+    pre = job.pre_process([{"question": "what  is a jail"}])
+    assert [o.value for o in pre] == [{"prompt": "Q: What is a jail"}]
+    post = job.post_process([{"prompt": "Q: Why", "completion": "two words"}, {"prompt": "Q: Why", "completion": "eggs"}])
+    assert [o.value for o in post] == [{"prompt": "Q: Why", "completion": "two words", "question": "Why"}, None]
+    assert job.call_tool("headline", {"text": "jails  everywhere"}).content == "*** JAILS EVERYWHERE ***"
+    assert job.call_tool("count", {"text": "the state of the jail"}).content == '{"words": 5, "content_words": 2}'
+    # A failure inside a shipped module points at its file and line.
+    failed = job.call_tool("count", {"text": 7})
+    assert failed.error.type == "AttributeError"
+    assert 'wordtools/counting.py", line 7' in failed.error.traceback and "text.lower()" in failed.error.traceback
+    sandbox.close_job(job.job_id)
+
+
 def test_a_big_batch_is_shared_by_the_pool_and_keeps_its_order(sandbox):
     job = new_job(sandbox, pre_processor=crash_on)
     rows = [{"i": i} for i in range(3000)]
@@ -383,10 +402,11 @@ def rewrite_python(bundle: bytes, version: str) -> bytes:
     import json
     import struct
 
-    header, payload = split_bundle(bundle)
+    header, _ = split_bundle(bundle)
+    sections = bundle[len(BUNDLE_MAGIC) + 4 + struct.unpack_from(">I", bundle, len(BUNDLE_MAGIC))[0] :]
     header["python"] = version
     data = json.dumps(header).encode()
-    return BUNDLE_MAGIC + struct.pack(">I", len(data)) + data + payload
+    return BUNDLE_MAGIC + struct.pack(">I", len(data)) + data + sections
 
 
 def test_python_version_mismatch_is_a_clear_error(sandbox):

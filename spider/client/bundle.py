@@ -1,21 +1,26 @@
 """Packing user code (pre/post processors, tools) into a bundle that sandbox workers can run.
 
-A bundle is a small JSON header followed by a cloudpickle payload. The header says everything the
-server needs to know before running anything (Python version, tool schemas, which processors are
-present), so the API and the workers can validate a bundle without unpickling it: unpickling user
+A bundle is a small JSON header, then the source files of the user's local modules (JSON), then a
+cloudpickle payload. The header says everything the server needs to know before running anything
+(Python version, tool schemas, which processors are present) and the size and sha256 of both
+sections, so the API and the workers can validate a bundle without unpickling it: unpickling user
 code executes it, and that only ever happens inside the jail.
 
 The user's own local modules (files of their project, not the standard library or installed
 packages) are pickled by value, so helpers, classes and constants defined next to the user's
-script travel with it; installed packages travel by name and come from `runtime.packages`.
+script travel with it; their source files travel too, so that a function may also `import` them
+when it runs. Installed packages travel by name and come from `runtime.packages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import dis
 import enum
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import re
@@ -24,7 +29,7 @@ import sys
 import sysconfig
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,8 @@ import cloudpickle
 from spider.errors import BundleError
 
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
-BUNDLE_FORMAT = 1
+# 2: the source files of local modules travel in their own section, between header and payload.
+BUNDLE_FORMAT = 2
 DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 _HEADER_LEN = struct.Struct(">I")
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -402,6 +408,203 @@ def _local_modules_by_value(modules: list[str]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Source files of the user's modules, for imports made when a function runs
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """The source of one of the user's local modules, shipped so that a function that imports it
+    when it runs finds it in the sandbox under the same name."""
+
+    name: str
+    is_package: bool
+    source: str
+
+    @property
+    def path(self) -> str:
+        """Where the file lies relative to the project's import root (`pkg/__init__.py`): what
+        tracebacks show in the sandbox, without revealing where the project lives on the client."""
+        return self.name.replace(".", "/") + ("/__init__.py" if self.is_package else ".py")
+
+
+# (module name, relative-import level, from-list) of one import statement.
+ImportRef = tuple[str, int, tuple[str, ...]]
+
+
+def local_module_sources(functions: list[Any], modules: list[str]) -> dict[str, ModuleSource]:
+    """The source files of the user's local modules that `functions` may import when they run.
+
+    Those are the imported modules under the top-level names `modules` (see `local_modules`) and,
+    transitively, every local module named by an import statement in a shipped source, in the
+    user's script or in `functions` themselves (imports inside function bodies included). Found
+    without importing anything; the standard library and installed packages are never included."""
+    roots = _system_roots()
+    tops = set(modules)
+    pending = [name for name in list(sys.modules) if name.partition(".")[0] in tops]
+    pending += _user_code_imports(functions, roots)
+    shipped: dict[str, ModuleSource] = {}
+    refused: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in shipped or name in refused:
+            continue
+        found = _local_module_file(name, roots)
+        read = _read_module(*found) if found is not None else None
+        if read is None:
+            refused.add(name)
+            continue
+        source, imports = read
+        is_package = found[0].name == "__init__.py"
+        shipped[name] = ModuleSource(name, is_package, source)
+        pending += _absolute_names(imports, name if is_package else name.rpartition(".")[0])
+        if "." in name:  # `import pkg.sub` needs pkg too
+            pending.append(name.rpartition(".")[0])
+    return dict(sorted(shipped.items()))
+
+
+def _local_module_file(name: str, roots: list[Path]) -> tuple[Path, int, int] | None:
+    """(path, mtime_ns, size) of the `.py` file that `import name` would load on this machine, when
+    that file is the user's own; None for the stdlib, installed packages and unknown names."""
+    top = name.partition(".")[0]
+    if top in ("spider", "__main__") or top in sys.builtin_module_names:
+        return None
+    module = sys.modules.get(name)
+    if module is not None:
+        file = getattr(module, "__file__", None)
+    else:
+        spec = _find_spec_without_importing(name)
+        file = spec.origin if spec is not None and spec.has_location else None
+    return _user_file(file, roots)
+
+
+def _user_file(file: Any, roots: list[Path]) -> tuple[Path, int, int] | None:
+    """(path, mtime_ns, size) of `file` when it is a `.py` file outside the stdlib and every
+    site-packages directory."""
+    if not isinstance(file, str) or not file.endswith(".py"):
+        return None
+    try:
+        path = Path(file).resolve()
+        stat = path.stat()
+    except OSError:
+        return None
+    if any(path.is_relative_to(root) for root in roots):
+        return None
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def _find_spec_without_importing(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where the path finder would find `name`; unlike `importlib.util.find_spec`, never runs a
+    parent package's `__init__` to learn where its submodules are."""
+    parent = name.rpartition(".")[0]
+    try:
+        if not parent:
+            if importlib.machinery.FrozenImporter.find_spec(name) is not None:
+                return None
+            return importlib.machinery.PathFinder.find_spec(name)
+        if parent in sys.modules:
+            locations = getattr(sys.modules[parent], "__path__", None)
+        else:
+            parent_spec = _find_spec_without_importing(parent)
+            locations = parent_spec.submodule_search_locations if parent_spec is not None else None
+        return importlib.machinery.PathFinder.find_spec(name, list(locations)) if locations else None
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_module(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[ImportRef, ...]] | None:
+    """(source, imports) of a module file; cached on the file's mtime and size, as a script builds
+    many bundles from the same files."""
+    try:
+        source = importlib.util.decode_source(path.read_bytes())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    try:
+        code = compile(source, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):  # shipped all the same: it fails in the sandbox as it would here
+        return source, ()
+    return source, tuple(_imports_in(code))
+
+
+def _imports_in(code: types.CodeType) -> Iterator[ImportRef]:
+    """Every import statement compiled into `code` or the functions and classes defined in it."""
+    consts: list[Any] = []
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "IMPORT_NAME":
+            # The compiler pushes the level and the from-list right before IMPORT_NAME.
+            level = consts[-2] if len(consts) >= 2 and isinstance(consts[-2], int) else 0
+            fromlist = consts[-1] if consts and isinstance(consts[-1], tuple) else ()
+            yield instruction.argval, level, tuple(item for item in fromlist if isinstance(item, str))
+        if instruction.opname in ("LOAD_CONST", "LOAD_SMALL_INT"):
+            consts.append(instruction.argval)
+        else:
+            consts.clear()
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _imports_in(const)
+
+
+def _absolute_names(imports: Iterable[ImportRef], package: str | None) -> list[str]:
+    """The modules an import statement may load: the one it names and each name it takes from it
+    (`from pkg import sub` loads `pkg.sub` when that is a submodule)."""
+    names = []
+    for name, level, fromlist in imports:
+        if level:
+            try:
+                name = importlib.util.resolve_name("." * level + name, package)
+            except (ImportError, ValueError):
+                continue
+        if not name:
+            continue
+        names.append(name)
+        names += [f"{name}.{item}" for item in fromlist if item != "*"]
+    return names
+
+
+def _user_code_imports(functions: list[Any], roots: list[Path]) -> list[str]:
+    """Modules imported by the shipped functions and by the user's script: its file, or, without
+    one (a notebook, `python -c`), every function and class it defined in `__main__`."""
+    to_scan = [func for obj in functions for func in _functions_in(obj)]
+    names: list[str] = []
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    found = _user_file(main_file, roots)
+    read = _read_module(*found) if found is not None else None
+    if read is not None:
+        names += _absolute_names(read[1], getattr(main, "__package__", None))
+    elif main is not None and main_file is None:
+        for value in list(vars(main).values()):
+            if getattr(value, "__module__", None) == "__main__":
+                to_scan += _functions_in(value)
+    for func in to_scan:
+        package = func.__globals__.get("__package__") or func.__globals__.get("__name__", "").rpartition(".")[0]
+        names += _absolute_names(_imports_in(func.__code__), package or None)
+    return names
+
+
+def _functions_in(obj: Any) -> list[types.FunctionType]:
+    """The Python functions whose code runs when `obj` is called: itself, a partial's or a bound
+    method's function, a class's (or a callable instance's class's) methods."""
+    if isinstance(obj, functools.partial):
+        return _functions_in(obj.func)
+    if isinstance(obj, types.MethodType):
+        return _functions_in(obj.__func__)
+    if isinstance(obj, types.FunctionType):
+        return [obj]
+    if not isinstance(obj, type):
+        obj = type(obj) if callable(obj) else None
+    if obj is None:
+        return []
+    found = []
+    for klass in obj.__mro__:
+        for value in vars(klass).values():
+            value = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if isinstance(value, types.FunctionType):
+                found.append(value)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # Building and reading bundles
 
 
@@ -442,6 +645,11 @@ def build_bundle(
                 f"cannot serialize {where}: {type(cause).__name__}: {cause}. Create such objects inside "
                 "the function (or pass plain data through kwargs) so that the function can be shipped."
             ) from None
+    functions = [pre_processor, post_processor, *(func for func, _ in tool_funcs.values())]
+    shipped = local_module_sources([f for f in functions if f is not None], modules)
+    sources = json.dumps(
+        {m.name: {"package": m.is_package, "source": m.source} for m in shipped.values()}, sort_keys=True
+    ).encode()
     header = {
         "format": BUNDLE_FORMAT,
         "python": ".".join(str(v) for v in sys.version_info[:3]),
@@ -450,6 +658,9 @@ def build_bundle(
         "post_processor": _qualname(post_processor),
         "tools": [spec.schema_dict() for spec in specs],
         "local_modules": modules,
+        "source_modules": list(shipped),
+        "sources_bytes": len(sources),
+        "sources_sha256": hashlib.sha256(sources).hexdigest(),
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
@@ -457,12 +668,13 @@ def build_bundle(
         header_bytes = json.dumps(header).encode()
     except (TypeError, ValueError) as exc:
         raise BundleError(f"a tool schema is not JSON-serializable: {exc}") from None
-    bundle = BUNDLE_MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + payload
+    bundle = BUNDLE_MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + sources + payload
     if len(bundle) > max_bytes:
         raise BundleError(
-            f"the bundle of user code is {len(bundle) / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB: "
-            "large data captured by a function (a global, a closure variable or a default) travels with it; "
-            "load such data from the dataset or a package instead"
+            f"the bundle of user code is {len(bundle) / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB "
+            f"({len(payload) / 1e6:.1f} MB of functions and the data they capture, {len(sources) / 1e6:.1f} MB "
+            f"of source files of {len(shipped)} local modules): large data captured by a function (a global, a "
+            "closure variable or a default) travels with it; load such data from the dataset or a package instead"
         )
     return bundle
 
@@ -476,7 +688,25 @@ def _qualname(func: Callable[..., Any] | None) -> str | None:
 
 
 def split_bundle(bundle: bytes) -> tuple[dict[str, Any], bytes]:
-    """(header, payload) of a bundle, checked for format and integrity. Never unpickles."""
+    """(header, payload) of a bundle, checked for format and integrity (the source files' section
+    included). Never unpickles."""
+    header, _, payload = _sections(bundle)
+    return header, payload
+
+
+def bundle_sources(bundle: bytes) -> dict[str, ModuleSource]:
+    """The source files of local modules that a bundle carries, by module name. Reading them runs
+    nothing."""
+    _, sources, _ = _sections(bundle)
+    try:
+        entries = json.loads(sources)
+        return {name: ModuleSource(name, bool(e["package"]), e["source"]) for name, e in entries.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise BundleError("the source files' section of the bundle is corrupt") from None
+
+
+def _sections(bundle: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    """(header, sources, payload) of a bundle, checked for format, sizes and sha256."""
     if not isinstance(bundle, (bytes, bytearray, memoryview)):
         raise BundleError(f"a bundle is bytes, got {type(bundle).__name__}")
     bundle = bytes(bundle)
@@ -488,19 +718,41 @@ def split_bundle(bundle: bytes) -> tuple[dict[str, Any], bytes]:
         header = json.loads(bundle[start : start + header_len])
     except ValueError:
         raise BundleError("the bundle header is corrupt") from None
-    if not isinstance(header, dict) or header.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"unsupported bundle format {header.get('format') if isinstance(header, dict) else '?'}; "
-                          "client and server Spider versions differ")
-    payload = bundle[start + header_len :]
-    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
-        raise BundleError("the bundle payload is truncated or corrupt (size or sha256 mismatch)")
-    return header, payload
+    if not isinstance(header, dict):
+        raise BundleError("the bundle header is corrupt")
+    if header.get("format") != BUNDLE_FORMAT:
+        raise BundleError(_format_mismatch(header.get("format")))
+    body = bundle[start + header_len :]
+    sources_len, payload_len = header.get("sources_bytes"), header.get("payload_bytes")
+    if not (isinstance(sources_len, int) and isinstance(payload_len, int)) or len(body) != sources_len + payload_len:
+        raise BundleError("the bundle is truncated or corrupt (its sections' sizes do not match its header)")
+    sources, payload = body[:sources_len], body[sources_len:]
+    if hashlib.sha256(sources).hexdigest() != header.get("sources_sha256"):
+        raise BundleError("the bundle's source files are corrupt (sha256 mismatch)")
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise BundleError("the bundle payload is corrupt (sha256 mismatch)")
+    return header, sources, payload
+
+
+def _format_mismatch(found: Any) -> str:
+    """The error for a bundle of another layout than this Spider's."""
+    if isinstance(found, int) and found > BUNDLE_FORMAT:
+        who = "a newer Spider than this one"
+    elif isinstance(found, int):
+        who = "an older Spider than this one"
+    else:
+        who = "an unknown program"
+    return (
+        f"the bundle has format {found!r}, but this Spider reads only format {BUNDLE_FORMAT}: it was built by "
+        f"{who}; install the same Spider version on the client and the server, then submit the job again"
+    )
 
 
 def bundle_manifest(bundle: bytes) -> dict[str, Any]:
     """What a bundle holds, read from its header without executing any user code:
     `python` (the client's version), `python_minor`, `cloudpickle`, `tools` (names),
-    `tool_specs` (schemas), `has_pre_processor`, `has_post_processor`, `bytes`."""
+    `tool_specs` (schemas), `has_pre_processor`, `has_post_processor`, `local_modules` (pickled by
+    value), `source_modules` (whose source files travel), `bytes`."""
     header, _ = split_bundle(bundle)
     return {
         "python": header["python"],
@@ -513,6 +765,7 @@ def bundle_manifest(bundle: bytes) -> dict[str, Any]:
         "pre_processor": header["pre_processor"],
         "post_processor": header["post_processor"],
         "local_modules": header["local_modules"],
+        "source_modules": header["source_modules"],
         "bytes": len(bundle),
     }
 

@@ -18,6 +18,9 @@ answers with `{"ready": ...}` or `{"error": ...}` and then serves requests until
 
 Before answering a request, every other process of the job in the jail is killed and reaped, so
 no background process outlives the call that started it.
+
+The source files of the user's local modules that travel in the bundle are served from memory by
+an import finder, so that user functions may import those modules by name when they run.
 """
 
 import json
@@ -35,6 +38,7 @@ FLUSH_ITEMS = 2048
 REAP_WAIT_S = 0.5  # well within the worker's grace period after a call
 DROPPED = ["drop"]
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
+BUNDLE_FORMAT = 2  # the layout spider.client.bundle writes: header, source files, payload
 
 
 class CallTimeout(BaseException):
@@ -294,7 +298,53 @@ def drop_privileges(uid, gid):
                 raise RuntimeError("capabilities are still held after switching user")
 
 
+class ShippedModules:
+    """An import finder and loader for the user's local modules whose sources travelled in the
+    bundle (`{name: {"package": bool, "source": str}}`), under their original names.
+
+    It goes before the path finder, as those files came before installed packages on the client's
+    `sys.path`. Tracebacks show the modules' lines through `get_source`."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def filename(self, name):
+        return name.replace(".", "/") + ("/__init__.py" if self.modules[name]["package"] else ".py")
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.modules:
+            return None
+        import importlib.util
+
+        spec = importlib.util.spec_from_loader(
+            fullname, self, origin=self.filename(fullname), is_package=self.modules[fullname]["package"]
+        )
+        spec.has_location = True  # so that the module has a __file__, as on the client
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        name = module.__spec__.name
+        exec(compile(self.modules[name]["source"], self.filename(name), "exec", dont_inherit=True), module.__dict__)
+
+    def get_source(self, fullname):
+        return self.modules[fullname]["source"]
+
+    def is_package(self, fullname):
+        return self.modules[fullname]["package"]
+
+    def install(self):
+        """Serve imports from now on, after the builtin and frozen modules, before the path finder."""
+        from importlib.machinery import PathFinder
+
+        finders = sys.meta_path
+        finders.insert(finders.index(PathFinder) if PathFinder in finders else len(finders), self)
+
+
 def load_bundle(path):
+    """The user's functions from a bundle file, after making its local modules importable."""
     with open(path, "rb") as handle:
         data = handle.read()
     if not data.startswith(BUNDLE_MAGIC):
@@ -302,15 +352,25 @@ def load_bundle(path):
     start = len(BUNDLE_MAGIC) + _LEN.size
     (header_len,) = _LEN.unpack_from(data, len(BUNDLE_MAGIC))
     header = json.loads(data[start : start + header_len])
+    if header.get("format") != BUNDLE_FORMAT:
+        raise RuntimeError(
+            f"the bundle has format {header.get('format')!r}, but this sandbox reads only format {BUNDLE_FORMAT}: "
+            "the client's and the server's Spider versions differ"
+        )
     wanted = ".".join(header["python"].split(".")[:2])
     here = "%d.%d" % sys.version_info[:2]
     if wanted != here:
         raise RuntimeError(f"the bundle was built with Python {wanted} but the sandbox runs Python {here}")
+    body = data[start + header_len :]
+    sources, payload = body[: header["sources_bytes"]], body[header["sources_bytes"] :]
     import pickle
+    import resource  # noqa: F401  (this harness's own imports must never find the user's files)
+    import traceback  # noqa: F401
 
     import cloudpickle  # noqa: F401  (registers the reducers the payload refers to)
 
-    return pickle.loads(data[start + header_len :])
+    ShippedModules(json.loads(sources)).install()
+    return pickle.loads(payload)
 
 
 def main():

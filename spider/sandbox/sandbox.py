@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from spider.client.bundle import ToolSpec, bundle_manifest, split_bundle
+from spider.client.bundle import ToolSpec, bundle_manifest
 from spider.config import RuntimeConfig
 from spider.errors import BundleError, SandboxError
 from spider.sandbox import jailed
@@ -185,8 +185,8 @@ class Sandbox:
         secrets = dict(secrets or {})
         if not JOB_ID_PATTERN.match(job_id or ""):
             raise SandboxError(f"job id {job_id!r} is not usable as a directory name (letters, digits, '_', '.', '-')")
-        header, _ = split_bundle(bundle)
         manifest = bundle_manifest(bundle)
+        bundle_sha256 = hashlib.sha256(bundle).hexdigest()  # the whole of it: sources and tool specs too
         if manifest["python_minor"] != self.python_minor:
             raise BundleError(
                 f"the user code was serialized with Python {manifest['python']}, but this sandbox runs Python "
@@ -199,11 +199,11 @@ class Sandbox:
         with job_lock:
             existing = self._jobs.get(job_id)
             if existing is not None:
-                if existing.bundle_sha256 != header["payload_sha256"]:
+                if existing.bundle_sha256 != bundle_sha256:
                     raise SandboxError(f"job {job_id} is already open with a different bundle; close it first")
                 return existing
             venv = self.venvs.ensure(runtime.packages)
-            job = self._create_job(job_id, bundle, header, manifest, runtime, env, venv)
+            job = self._create_job(job_id, bundle, bundle_sha256, manifest, runtime, env, venv)
             with self._lock:
                 self._jobs[job_id] = job
         return job
@@ -246,7 +246,7 @@ class Sandbox:
         self,
         job_id: str,
         bundle: bytes,
-        header: dict[str, Any],
+        bundle_sha256: str,
         manifest: dict[str, Any],
         runtime: RuntimeConfig,
         user_env: dict[str, str],
@@ -311,7 +311,7 @@ class Sandbox:
         job = JobSandbox(
             job_id=job_id,
             manifest=manifest,
-            bundle_sha256=header["payload_sha256"],
+            bundle_sha256=bundle_sha256,
             launch=launch,
             pool_size=self.pool_size,
             max_calls=self.max_calls,

@@ -27,3 +27,10 @@ def judge(completion: str, min_words: int) -> Verdict:
     if len(words) < min_words:
         return Verdict(False, "too short")
     return Verdict(True, "ok")
+
+
+def headline(text: str) -> str:
+    """The prompt for `text`, emphasized: `emphasis` is imported only when this runs."""
+    from emphasis import emphasize
+
+    return emphasize(format_prompt(text))
