@@ -49,6 +49,10 @@ def test_processors_from_a_users_project_shape_the_dataset(stack, tiny_model, tm
     metadata = json.loads(out.with_name("result.metadata.json").read_text())
     assert metadata["counts"]["dropped"] == 8 + 8  # instructions, then odd rows
     assert metadata["counts"]["records"] == 8
+    import httpx
+
+    status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {API_KEYS[0]}"}).json()
+    assert status["rows_total"] == 24 and status["progress"]["rows_done"] == 24  # dropped rows count as done
 
 
 def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(stack, tiny_model, tmp_path):

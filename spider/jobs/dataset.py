@@ -250,8 +250,11 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     usage = Usage()
     for r in records:
         usage += r.usage
+    dropped_file = files.root / "batches" / f"{batch_index:06d}.dropped"
+    dropped = int(dropped_file.read_text()) if dropped_file.exists() else 0
     counts = dict(
-        rows_done=len(rows),
+        rows_done=len(rows) + dropped,  # rows the pre-processor dropped are done too
+        dropped=dropped,
         records=len(records),
         row_errors=len({r.row_index for r in records if r.error is not None}),
         prompt_tokens=usage.prompt_tokens,
@@ -289,6 +292,8 @@ def complete_batch(
     totals = ctx.store.add_progress(job_id, generation_seconds=generation_seconds, batches_done=1, **counts)
     counts["error_examples"] = examples
     config, record = load_job(ctx, job_id)
+    if record.status != "running":
+        return  # cancelled or failed meanwhile: its history already ended
     gen_s = totals.get("generation_seconds", 0.0)
     ctx.bus.publish(
         job_id,

@@ -109,9 +109,9 @@ def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxP
         else:
             message = f"the pre-processor returned {type(outcome.value).__name__}; return a str, a dict or None"
             prepared.append(BatchRow(index, None, data, error={"type": "PreProcessorError", "message": message}))
+    # The count travels with the batch and is added once, when the batch completes.
+    write_atomic(files.root / "batches" / f"{batch_index:06d}.dropped", str(dropped))
     write_atomic(files.batch(batch_index), json.dumps([asdict(r) for r in prepared]))
-    if dropped:
-        ctx.store.add_progress(job_id, dropped=dropped)
     ctx.dispatch.rollout(job_id, batch_index)
 
 
