@@ -97,13 +97,24 @@ async def follow(
             yield event
             if event.kind in TERMINAL_KINDS:
                 return
+        quiet_since = time.monotonic()
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive)
             if message is None:
+                # None also comes back at once for a swallowed subscribe confirmation: only a real
+                # silence counts.
+                if time.monotonic() - quiet_since < keepalive:
+                    continue
+                quiet_since = time.monotonic()
                 if is_finished is not None and await is_finished():
+                    # Events published between the last live one and now are in the stream.
+                    start = f"({last}" if last else "-"
+                    for eid, fields in await client.xrange(stream_key(job_id), min=start):
+                        yield _decode(job_id, eid, fields)
                     return
                 yield None
                 continue
+            quiet_since = time.monotonic()
             data = json.loads(message["data"])
             event = Event(**data)
             if last is not None and _id_tuple(event.id) <= _id_tuple(last):

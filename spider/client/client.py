@@ -192,7 +192,11 @@ class SpiderClient:
                         yield event
                         if event.kind in ("job.completed", "job.failed", "job.cancelled"):
                             return
-                if not follow or self.get_job_status(job_id)["status"] in TERMINAL:
+                if not follow:
+                    return
+                if self.get_job_status(job_id)["status"] in TERMINAL:
+                    # The stream closed on an ended job: collect whatever came after the last event.
+                    yield from self.stream_events(job_id, after=last, follow=False)
                     return
             except (httpx.TransportError, httpx.RemoteProtocolError):
                 time.sleep(reconnect_delay)
