@@ -85,10 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.job.output.mode == "upload_hf" and config.job.output.hf is not None:
         env.append(config.job.output.hf.token_env)
     with SpiderClient(config=config, env=env, base_url=args.url, api_key=args.api_key) as client:
-        if client._stack is not None:
+        if client.local_stack is not None:
             print(f"started the local stack at {client.base_url}", file=sys.stderr)
-        job_id = client.submit_job()["job_id"]
-        print(f"job {job_id} submitted", file=sys.stderr)
+        job_id: str | None = None
         interrupted = False
 
         def on_interrupt(*_: Any) -> None:
@@ -97,10 +96,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise KeyboardInterrupt
             interrupted = True
             print("\ncancelling the job (Ctrl-C again to leave now)", file=sys.stderr)
-            client.cancel_job(job_id)
+            if job_id is not None:
+                client.cancel_job(job_id)
 
+        # Installed before submitting, so no Ctrl-C can leave a job running unnoticed.
         previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
+            job_id = client.submit_job()["job_id"]
+            if interrupted:
+                client.cancel_job(job_id)
+            print(f"job {job_id} submitted", file=sys.stderr)
             with Progress() as progress:
                 status = client.poll_job(job_id, on_event=progress)
         finally:

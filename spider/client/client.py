@@ -81,6 +81,11 @@ class SpiderClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def local_stack(self):
+        """The local stack this client started (no `server.base_url`), or None."""
+        return self._stack
+
     def close(self) -> None:
         if self._http is not None:
             self._http.close()
