@@ -97,6 +97,11 @@ async def follow(
             yield event
             if event.kind in TERMINAL_KINDS:
                 return
+        if is_finished is not None and await is_finished():
+            # Ended, and its terminal event is not after `after`: nothing more will come.
+            for eid, fields in await client.xrange(stream_key(job_id), min=f"({last}" if last else "-"):
+                yield _decode(job_id, eid, fields)
+            return
         quiet_since = time.monotonic()
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive)

@@ -226,6 +226,9 @@ def test_late_client_gets_the_whole_history_and_last_event_id_resumes(stack, tin
         middle = late[len(late) // 2]
         resumed = list(client.stream_events(status["job_id"], after=middle.id))
         assert [e.id for e in resumed] == [e.id for e in late[late.index(middle) + 1 :]]
+        started = time.monotonic()
+        assert list(client.stream_events(status["job_id"], after=late[-1].id)) == []
+        assert time.monotonic() - started < 5  # an ended job's stream closes at once
         response = client.http.get(
             f"/v1/jobs/{status['job_id']}/events", headers={"Last-Event-ID": middle.id}, params={"follow": "false"}
         )
