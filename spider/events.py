@@ -61,11 +61,15 @@ class EventBus:
         return event
 
     def replay(self, job_id: str, after: str | None = None) -> list[Event]:
-        start = f"({after}" if after else "-"
-        return [_decode(job_id, eid, fields) for eid, fields in self.r.xrange(stream_key(job_id), min=start)]
+        return [_decode(job_id, eid, fields) for eid, fields in self.r.xrange(stream_key(job_id), min=_bound(after))]
 
     def delete(self, job_id: str) -> None:
         self.r.delete(stream_key(job_id))
+
+
+def _bound(after: str | None) -> str:
+    """The XRANGE lower bound for events strictly after `after` (all events when None)."""
+    return f"({after}" if after else "-"
 
 
 def _decode(job_id: str, event_id: Any, fields: dict[Any, Any]) -> Event:
@@ -73,6 +77,21 @@ def _decode(job_id: str, event_id: Any, fields: dict[Any, Any]) -> Event:
         event_id = event_id.decode()
     raw = fields.get("e") or fields.get(b"e")
     return Event(id=event_id, job_id=job_id, **json.loads(raw))
+
+
+async def _history(client: aioredis.Redis, job_id: str, after: str | None) -> list[Event]:
+    return [_decode(job_id, eid, fields) for eid, fields in await client.xrange(stream_key(job_id), min=_bound(after))]
+
+
+async def _next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
+    """The next pub/sub message, or None after `timeout` seconds of silence. (`get_message` also
+    returns None at once when it swallows a subscribe confirmation: that is not silence.)"""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None:
+            return message
+    return None
 
 
 async def follow(
@@ -90,44 +109,34 @@ async def follow(
     await pubsub.subscribe(channel(job_id))
     try:
         last = after
-        start = f"({after}" if after else "-"
-        for eid, fields in await client.xrange(stream_key(job_id), min=start):
-            event = _decode(job_id, eid, fields)
+        for event in await _history(client, job_id, after):
             last = event.id
             yield event
             if event.kind in TERMINAL_KINDS:
                 return
-        if is_finished is not None and await is_finished():
-            # Ended, and its terminal event is not after `after`: nothing more will come.
-            for eid, fields in await client.xrange(stream_key(job_id), min=f"({last}" if last else "-"):
-                yield _decode(job_id, eid, fields)
-            return
-        quiet_since = time.monotonic()
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive)
+
+        async def ended() -> bool:
+            return is_finished is not None and await is_finished()
+
+        # Checked before listening (an ended job whose terminal event is not after `after`) and
+        # after each silence; then whatever was published since the last event is in the stream.
+        finished = await ended()
+        while not finished:
+            message = await _next_message(pubsub, keepalive)
             if message is None:
-                # None also comes back at once for a swallowed subscribe confirmation: only a real
-                # silence counts.
-                if time.monotonic() - quiet_since < keepalive:
-                    continue
-                quiet_since = time.monotonic()
-                if is_finished is not None and await is_finished():
-                    # Events published between the last live one and now are in the stream.
-                    start = f"({last}" if last else "-"
-                    for eid, fields in await client.xrange(stream_key(job_id), min=start):
-                        yield _decode(job_id, eid, fields)
-                    return
-                yield None
+                finished = await ended()
+                if not finished:
+                    yield None
                 continue
-            quiet_since = time.monotonic()
-            data = json.loads(message["data"])
-            event = Event(**data)
+            event = Event(**json.loads(message["data"]))
             if last is not None and _id_tuple(event.id) <= _id_tuple(last):
                 continue
             last = event.id
             yield event
             if event.kind in TERMINAL_KINDS:
                 return
+        for event in await _history(client, job_id, last):
+            yield event
     finally:
         await pubsub.unsubscribe(channel(job_id))
         await pubsub.aclose()

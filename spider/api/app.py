@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield "retry: 2000\n\n"
             if not follow_live:
                 for event in bus.replay(job_id, after=last_event_id or after):
-                    yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n"
+                    yield _sse(event)
                 return
             async for event in follow(aredis, job_id, after=last_event_id or after, is_finished=finished):
                 if await request.is_disconnected():
@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if event is None:
                     yield ": keepalive\n\n"
                     continue
-                yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n"
+                yield _sse(event)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -191,6 +191,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(json.loads(path.read_text()))
 
     return app
+
+
+def _sse(event) -> str:
+    """One Server-Sent Events message; its id lets a reconnecting client resume (Last-Event-ID)."""
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n"
 
 
 class _Bundle:

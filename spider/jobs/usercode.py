@@ -51,9 +51,10 @@ class SandboxPool:
                     self.ctx.bus.publish(
                         job_id, "sandbox.unsafe", "user code runs WITHOUT firejail on this worker", level="warning"
                     )
-                entry = (job_sandbox, time.monotonic())
-            self.jobs[job_id] = (entry[0], time.monotonic())
-            return entry[0]
+            else:
+                job_sandbox = entry[0]
+            self.jobs[job_id] = (job_sandbox, time.monotonic())
+            return job_sandbox
 
     def sweep(self) -> None:
         """Close the sandboxes of jobs that ended or sat idle."""
