@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -67,6 +68,21 @@ def start_redis(directory: Path, log: Path | None = None, timeout: float = 15.0)
             time.sleep(0.05)
     proc.kill()
     raise SpiderError(f"a local redis-server did not start{f'; see {log}' if log else ''}")
+
+
+def wait_http(url: str, check_alive: Callable[[], None], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `url` until it answers 200; `check_alive` raises if the server process died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check_alive()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SpiderError(f"{what} did not become ready in {timeout:.0f} s")
+        time.sleep(interval)
 
 
 @dataclass
@@ -199,16 +215,7 @@ class LocalStack:
         from celery import Celery
 
         deadline = time.monotonic() + timeout
-        while True:
-            self._check_alive()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SpiderError("the local API did not become ready")
-            time.sleep(0.1)
+        wait_http(f"{self.url}/healthz", self._check_alive, timeout, "the local API")
         probe = Celery(broker=self.redis_url)
         want = {f"worker-{w.queues.replace(',', '-')}-{self.port}" for w in self.workers}
         while True:
@@ -225,13 +232,13 @@ class LocalStack:
         workers = [proc for name, proc in self.procs.items() if name != "redis"]
         broker = [proc for name, proc in self.procs.items() if name == "redis"]
         for group in (workers, broker):
-            _terminate(group)
+            terminate(group)
         self.procs.clear()
         if self.cleanup:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def _terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+def terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
     """SIGTERM each process group, then SIGKILL what is still alive after `grace` seconds."""
     for proc in procs:
         if proc.poll() is None:

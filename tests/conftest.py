@@ -29,14 +29,10 @@ def tiny_model(tmp_path_factory) -> Path:
 def vllm_server(tiny_model, tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` on the tiny model, served as `spider-tiny`;
     yields its /v1 base URL. Started once per session, for the engine and the stack tests."""
-    import signal
     import subprocess
     import sys
-    import time
 
-    import httpx
-
-    from spider.local import free_port
+    from spider.local import free_port, terminate, wait_http
 
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
@@ -49,27 +45,16 @@ def vllm_server(tiny_model, tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+
+    def alive() -> None:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+
     try:
-        deadline = time.time() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not ready after 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_http(f"{base}/health", alive, 240, "the vLLM server", interval=1)
         yield f"{base}/v1"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        terminate([process], grace=20)
 
 
 @pytest.fixture(scope="session")
