@@ -159,11 +159,16 @@ class OutputConfig(Strict):
 
 
 class SandboxLimits(Strict):
-    memory_mb: int = Field(1024, ge=64)
-    cpu_seconds: int = Field(60, ge=1)
-    call_timeout_s: float = Field(30.0, gt=0)
-    max_processes: int = Field(64, ge=1)
-    file_size_mb: int = Field(64, ge=1)
+    """Per-job limits of user code. The operator sets a ceiling for each (`SPIDER_MAX_<FIELD>`)."""
+
+    memory_mb: int = Field(1024, ge=64, description="address space per process")
+    cpu_seconds: int = Field(60, ge=1, description="CPU time per call (a batch of n rows gets n)")
+    call_timeout_s: float = Field(30.0, gt=0, description="wall clock per call or row")
+    max_processes: int = Field(64, ge=1, description="processes of the job on the host")
+    file_size_mb: int = Field(64, ge=1, description="largest file written")
+    disk_mb: int = Field(256, ge=1, description="everything the job writes to its scratch dir")
+    max_files: int = Field(10_000, ge=16, description="files and directories in its scratch dir")
+    output_mb: int = Field(64, ge=1, description="what one call or batch may send back")
 
 
 class RuntimeConfig(Strict):

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spider.policy import Policy
+
 
 def cache_dir() -> Path:
     """Spider's cache root (`$SPIDER_CACHE_DIR`, default `~/.cache/spider`): models, venvs."""
@@ -26,6 +28,7 @@ class Settings:
     max_bundle_bytes: int = 64 * 1024 * 1024
     event_history: int = 10_000
     visibility_timeout: int = 4 * 3600
+    policy: Policy = field(default_factory=Policy)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -39,4 +42,5 @@ class Settings:
             api_keys=tuple(keys),
             max_bundle_bytes=int(os.environ.get("SPIDER_MAX_BUNDLE_BYTES", cls.max_bundle_bytes)),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
+            policy=Policy.from_env(),
         )

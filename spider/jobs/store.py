@@ -213,6 +213,11 @@ class JobFiles:
         self.root = Path(data_dir) / "jobs" / job_id
 
     @property
+    def source_dir(self) -> Path:
+        """The source files uploaded with the job (record field `source_upload` lists their names)."""
+        return self.root / "source"
+
+    @property
     def bundle(self) -> Path:
         return self.root / "bundle.pkl"
 

@@ -1,0 +1,89 @@
+"""Outbound connections a job may make: public addresses only, unless the operator allows a host.
+
+Every outbound connection made on a job's behalf (an OpenAI-compatible endpoint, jailed code with
+`runtime.network`) is resolved here and refused when any address it resolves to is loopback,
+private, link-local (cloud metadata services live there), multicast, reserved or unspecified.
+The connection is then made to the checked address itself, so a name that resolves differently a
+moment later (DNS rebinding) cannot slip through.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from spider.errors import SpiderError
+
+# Addresses of metadata services that are not in a private or link-local range everywhere.
+METADATA_ADDRESSES = {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")}
+SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+
+
+class EgressDenied(SpiderError):
+    """An outbound connection to an address the job may not reach."""
+
+
+def forbidden_reason(address: str) -> str | None:
+    """Why a job may not connect to `address` (an IP literal), or None when it may."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in SHARED_ADDRESS_SPACE:
+        return "a carrier-grade NAT address"
+    if ip.is_private:
+        return "a private address"
+    if ip.is_reserved or not ip.is_global:
+        return "a reserved address"
+    return None
+
+
+def resolve_allowed(host: str, port: int, allowed_hosts: tuple[str, ...] = ()) -> list[tuple[Any, ...]]:
+    """The socket addresses (`getaddrinfo` entries) of `host:port` that a job may connect to.
+
+    Raises EgressDenied when the host resolves to nothing, or to any address a job may not reach
+    (all of them are checked: a name with one public and one private address is refused), unless
+    the operator listed the host (by name or address) in `allowed_hosts`."""
+    host = host.strip("[]").lower()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise EgressDenied(f"cannot resolve host {host!r}: {exc}") from None
+    if not infos:
+        raise EgressDenied(f"host {host!r} resolves to no address")
+    if host in allowed_hosts:
+        return infos
+    for info in infos:
+        address = info[4][0]
+        reason = forbidden_reason(address)
+        if reason is not None and address.lower() not in allowed_hosts:
+            raise EgressDenied(
+                f"host {host!r} resolves to {address}, {reason}, which jobs may not reach; an operator can "
+                f"allow it with SPIDER_ALLOWED_HOSTS={host}"
+            )
+    return infos
+
+
+def connect_allowed(host: str, port: int, allowed_hosts: tuple[str, ...] = (), timeout: float | None = None) -> socket.socket:
+    """A TCP connection to `host:port` through a checked address (the first that answers)."""
+    last: OSError | None = None
+    for family, kind, proto, _, address in resolve_allowed(host, port, allowed_hosts):
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last or OSError(f"cannot connect to {host}:{port}")

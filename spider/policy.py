@@ -1,0 +1,118 @@
+"""What the operator allows a job to reach: the one place every allow-setting is read.
+
+Whoever holds an API key is untrusted; the operator who starts the server and the workers is
+trusted. A job reads only what its own submission carried, public hub data, and what the settings
+below open. Every setting is off (or at its tightest) by default; SECURITY.md says what each opens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+TRUE = ("1", "true", "yes", "on")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in TRUE
+
+
+def _paths(name: str) -> tuple[Path, ...]:
+    raw = os.environ.get(name, "")
+    return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
+
+
+def _words(name: str) -> tuple[str, ...]:
+    return tuple(w.strip().lower() for w in os.environ.get(name, "").split(",") if w.strip())
+
+
+@dataclass(frozen=True)
+class LimitCeilings:
+    """The most a job may ask for in `runtime.limits` (`SPIDER_MAX_<FIELD>`, e.g. SPIDER_MAX_MEMORY_MB).
+
+    A job that asks for more is refused at submit with a 422 naming the ceiling."""
+
+    memory_mb: int = 4096
+    cpu_seconds: int = 600
+    call_timeout_s: float = 600.0
+    max_processes: int = 256
+    file_size_mb: int = 1024
+    disk_mb: int = 4096
+    max_files: int = 100_000
+    output_mb: int = 512
+
+    @classmethod
+    def from_env(cls) -> "LimitCeilings":
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"SPIDER_MAX_{f.name.upper()}")
+            if raw:
+                values[f.name] = type(f.default)(float(raw))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The operator's allow-settings, read from the environment of the API and of every worker.
+
+    * `allow_remote_code` (`SPIDER_ALLOW_REMOTE_CODE=1`): `trust_remote_code` in model parameters.
+    * `model_dirs` (`SPIDER_MODEL_DIRS`, `:`-separated): local folders a job may name as a model.
+    * `data_roots` (`SPIDER_DATA_ROOTS`): server folders a job may read as a source.
+    * `allow_remote_data` (`SPIDER_ALLOW_REMOTE_DATA=1`): http(s) URLs in a source's `data_files`.
+    * `allowed_hosts` (`SPIDER_ALLOWED_HOSTS`, comma-separated host names or IPs): hosts that outbound
+      calls (openai engine `base_url`, jailed code with `runtime.network`) may reach even though
+      they resolve to loopback, private or link-local addresses.
+    * `sandbox_network` (`SPIDER_SANDBOX_NETWORK`, default on): whether `runtime.network: true` is
+      honoured at all (egress to public addresses only, through the sandbox's egress proxy).
+    * `allow_direct_url_packages` (`SPIDER_ALLOW_DIRECT_URL_PACKAGES=1`): `pkg @ URL` and VCS
+      requirements in `runtime.packages`.
+    * `package_index_hosts` (`SPIDER_PACKAGE_INDEX_HOSTS`): hosts dependency builds may reach
+      (default: the hosts of PIP_INDEX_URL / PIP_EXTRA_INDEX_URL, else pypi.org and
+      files.pythonhosted.org).
+    * `ceilings`: the most a job may ask for in `runtime.limits`.
+    """
+
+    allow_remote_code: bool = False
+    model_dirs: tuple[Path, ...] = ()
+    data_roots: tuple[Path, ...] = ()
+    allow_remote_data: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    sandbox_network: bool = True
+    allow_direct_url_packages: bool = False
+    package_index_hosts: tuple[str, ...] = ()
+    ceilings: LimitCeilings = field(default_factory=LimitCeilings)
+
+    @classmethod
+    def from_env(cls) -> "Policy":
+        network = os.environ.get("SPIDER_SANDBOX_NETWORK", "1").strip().lower() in TRUE
+        return cls(
+            allow_remote_code=_flag("SPIDER_ALLOW_REMOTE_CODE"),
+            model_dirs=_paths("SPIDER_MODEL_DIRS"),
+            data_roots=_paths("SPIDER_DATA_ROOTS"),
+            allow_remote_data=_flag("SPIDER_ALLOW_REMOTE_DATA"),
+            allowed_hosts=_words("SPIDER_ALLOWED_HOSTS"),
+            sandbox_network=network,
+            allow_direct_url_packages=_flag("SPIDER_ALLOW_DIRECT_URL_PACKAGES"),
+            package_index_hosts=_words("SPIDER_PACKAGE_INDEX_HOSTS") or default_index_hosts(),
+            ceilings=LimitCeilings.from_env(),
+        )
+
+
+def default_index_hosts() -> tuple[str, ...]:
+    """The hosts pip is configured to use on this worker (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL), else PyPI's."""
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        for url in os.environ.get(name, "").split():
+            host = urlsplit(url).hostname
+            if host:
+                hosts.append(host.lower())
+    return tuple(hosts) or ("pypi.org", "files.pythonhosted.org")
+
+
+def within(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path` (resolved, links followed) lies inside one of `roots`."""
+    resolved = Path(path).expanduser().resolve()
+    return any(resolved == root or root in resolved.parents for root in roots)
