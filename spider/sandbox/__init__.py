@@ -14,6 +14,7 @@ all of the job's processes on the host) and `file_size_mb` (largest file written
 """
 
 from spider.sandbox.outcomes import CallError, Outcome, ToolOutcome
-from spider.sandbox.sandbox import JobSandbox, Sandbox, default_root
+from spider.sandbox.pool import JobSandbox
+from spider.sandbox.sandbox import Sandbox, default_root
 
 __all__ = ["CallError", "JobSandbox", "Outcome", "Sandbox", "ToolOutcome", "default_root"]
