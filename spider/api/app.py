@@ -5,27 +5,41 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
+import logging
+import re
 import secrets as pysecrets
+import shutil
+import unicodedata
 from contextlib import asynccontextmanager
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
 from spider.config import JobConfig
 from spider.errors import BundleError, ConfigError
 from spider.events import EventBus, follow
-from spider.jobs import dataset
-from spider.jobs.store import TERMINAL, JobFiles, JobStore, write_atomic
+from spider.jobs import admission, dataset
+from spider.jobs.store import TERMINAL, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
 
+log = logging.getLogger(__name__)
+
 BODY_KEYS = {"job", "env", "bundle", "source_files"}
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+# Bounds on the names of uploaded source files (bytes of UTF-8).
+MAX_SOURCE_FILES = 1000
+MAX_SOURCE_NAME_PART = 255
+MAX_SOURCE_NAME = 1024
 
 
 def owner_of(key: str) -> str:
@@ -45,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.aredis.aclose()
 
     app = FastAPI(title="Spider", version=__version__, lifespan=lifespan)
+    # The whole request body is bounded while it arrives, before anything parses it.
+    app.add_middleware(BodyLimit, limit=settings.max_bundle_bytes)
 
     def dispatcher():
         from spider.workers.tasks import CeleryDispatcher
@@ -66,9 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return owner_of(token)
 
     def owned(job_id: str, owner: str):
-        record = store.get(job_id)
+        """The caller's own job; anything else (another key's job, a string that is not a job id)
+        is a 404 that reads no key."""
+        record = store.get(job_id) if is_job_id(job_id) else None
         if record is None or record.owner != owner:
-            raise HTTPException(404, f"no job {job_id!r}")
+            raise HTTPException(404, f"no job {job_id[:40]!r}")
         return record
 
     @app.get("/healthz")
@@ -81,51 +99,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(request: Request, owner: str = Depends(caller)) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPException(422, "the request body must be JSON: {job, env, bundle}") from None
-        if not isinstance(body, dict) or "job" not in body:
-            raise HTTPException(422, "the request body must be a JSON object with a `job` key")
-        unknown = set(body) - BODY_KEYS
-        if unknown:
-            raise HTTPException(422, f"unknown request keys {sorted(unknown)}; expected {sorted(BODY_KEYS)}")
-        try:
-            job = JobConfig.parse(body["job"])
-        except ConfigError as exc:
-            raise HTTPException(422, str(exc)) from None
-        if job.generation.on_policy:
-            raise HTTPException(
-                422, "job.generation.on_policy: on-policy training jobs are not served by this server version"
-            )
-        if job.model.provider == "tinker":
-            raise HTTPException(422, "job.model.provider: 'tinker' serves on-policy jobs only; use vllm, openai or hf")
-        env = body.get("env") or {}
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise HTTPException(422, "env must map variable names to string values")
-        bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
-        source_files = _decode_source_files(body.get("source_files"), settings.max_bundle_bytes)
-        config = job.model_dump(mode="json")
-        record = store.create(owner, config, env, has_bundle=bundle is not None)
-        files = JobFiles(settings.data_dir, record.id)
-        if source_files:
-            # The job reads the copy sent with it, wherever its workers run.
-            for name, data in source_files.items():
-                write_atomic(files.root / "source" / name, data)
-            only = next(iter(source_files)) if len(source_files) == 1 else None
-            config["source"]["dataset"] = str(files.root / "source" / (only or ""))
-            store.set_fields(record.id, config=json.dumps(config), source_label=job.source.dataset)
-        if bundle is not None:
-            write_atomic(files.bundle, bundle.data)
-            write_atomic(files.root / "bundle.manifest.json", json.dumps(bundle.manifest))
-        bus.publish(record.id, "job.queued", "job queued")
-        from spider.workers.tasks import plan_job
+        submission = parse_submission(await request.body(), settings)
+        return await run_in_threadpool(accept, owner, submission)
 
-        plan_job.apply_async((record.id,), queue="control")
-        return {"job_id": record.id, "status": record.status}
+    def accept(owner: str, submission: Submission) -> dict[str, Any]:
+        """Store and enqueue a validated job, all or nothing: its files first (under a new id), then
+        its record, then the queue. On any failure every trace is removed and the caller told."""
+        job_id, files = new_job_dir(settings)
+        stage = "storing the job's files"
+        try:
+            for name, data in submission.source_files.items():
+                write_atomic(files.source_dir / name, data)
+            if submission.bundle is not None:
+                write_atomic(files.bundle, submission.bundle.data)
+                write_atomic(files.root / "bundle.manifest.json", json.dumps(submission.bundle.manifest))
+            stage = "recording the job"
+            config = submission.job.model_dump(mode="json")
+            store.create(owner, config, submission.env, has_bundle=submission.bundle is not None, job_id=job_id)
+            if submission.source_files:
+                store.set_fields(job_id, source_upload=json.dumps(sorted(submission.source_files)))
+            bus.publish(job_id, "job.queued", "job queued")
+            stage = "queueing the job"
+            from spider.workers.tasks import plan_job
+
+            plan_job.apply_async((job_id,), queue="control")
+        except Exception as exc:
+            log.error("submit of job %s failed while %s", job_id, stage, exc_info=True)
+            roll_back(job_id, owner, files)
+            raise HTTPException(*_failure(stage, exc)) from None
+        return {"job_id": job_id, "status": "queued"}
+
+    def roll_back(job_id: str, owner: str, files: JobFiles) -> None:
+        """Remove what a failed submit left: files, record, secrets, owner index entry, events."""
+        undo = (lambda: store.discard(job_id, owner), lambda: bus.delete(job_id), lambda: shutil.rmtree(files.root))
+        for step in undo:
+            try:
+                step()
+            except Exception:
+                log.error("could not remove part of the failed job %s", job_id, exc_info=True)
 
     @app.get("/v1/jobs")
-    def list_jobs(limit: int = 100, owner: str = Depends(caller)) -> dict[str, Any]:
+    def list_jobs(limit: int = Query(100, ge=1, le=1000), owner: str = Depends(caller)) -> dict[str, Any]:
         return {"jobs": [r.public() for r in store.list_for(owner, limit)]}
 
     @app.get("/v1/jobs/{job_id}")
@@ -148,6 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         follow_live: bool = Query(True, alias="follow"),
     ) -> StreamingResponse:
         owned(job_id, owner)
+        after = last_event_id or after
+        if after is not None and not EVENT_ID.fullmatch(after):
+            raise HTTPException(422, "after / Last-Event-ID must be an event id such as '1700000000000-0'")
         aredis = request.app.state.aredis
 
         async def finished() -> bool:
@@ -157,10 +174,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def stream():
             yield "retry: 2000\n\n"
             if not follow_live:
-                for event in bus.replay(job_id, after=last_event_id or after):
+                for event in bus.replay(job_id, after=after):
                     yield _sse(event)
                 return
-            async for event in follow(aredis, job_id, after=last_event_id or after, is_finished=finished):
+            async for event in follow(aredis, job_id, after=after, is_finished=finished):
                 if await request.is_disconnected():
                     return
                 if event is None:
@@ -198,10 +215,195 @@ def _sse(event) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n"
 
 
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413 as it arrives: a declared Content-Length
+    is checked before reading anything, a chunked body is counted chunk by chunk. The app then
+    reads the body from memory, so no route ever sees (or parses) more than `limit` bytes."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _refuse(scope, receive, send, 400, "Content-Length must be a number of bytes")
+                    return
+                if int(value) > self.limit:
+                    await self._too_large(scope, receive, send)
+                    return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: list[dict[str, Any]] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        del chunks
+
+        async def replay() -> dict[str, Any]:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await _refuse(scope, receive, send, 413, f"the request body is larger than the server's limit of "
+                      f"{self.limit} bytes (SPIDER_MAX_BUNDLE_BYTES)")
+
+
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, detail: str) -> None:
+    # The connection closes after the answer: the rest of the body is never read.
+    response = JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
+    await response(scope, receive, send)
+
+
 class _Bundle:
     def __init__(self, data: bytes, manifest: dict[str, Any]):
         self.data = data
         self.manifest = manifest
+
+
+@dataclass
+class Submission:
+    """A submit request that passed every check: nothing of it has been stored yet."""
+
+    job: JobConfig
+    env: dict[str, str]
+    bundle: _Bundle | None
+    source_files: dict[str, bytes]  # normalised relative name -> content
+
+
+def parse_submission(raw: bytes, settings: Settings) -> Submission:
+    """Validate a submit request body completely, without side effects; every fault is a 4xx."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise HTTPException(422, "the request body must be JSON: {job, env, bundle, source_files}") from None
+    if not isinstance(body, dict) or "job" not in body:
+        raise HTTPException(422, "the request body must be a JSON object with a `job` key")
+    unknown = set(body) - BODY_KEYS
+    if unknown:
+        raise HTTPException(422, f"unknown request keys {sorted(unknown)}; expected {sorted(BODY_KEYS)}")
+    try:
+        job = JobConfig.parse(body["job"])
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if job.generation.on_policy:
+        raise HTTPException(
+            422, "job.generation.on_policy: on-policy training jobs are not served by this server version"
+        )
+    if job.model.provider == "tinker":
+        raise HTTPException(422, "job.model.provider: 'tinker' serves on-policy jobs only; use vllm, openai or hf")
+    env = _checked_env(body.get("env"))
+    source_files = _decode_source_files(body.get("source_files"), settings.max_bundle_bytes)
+    try:
+        admission.admit(job, settings.policy, source_files=sorted(source_files) or None)
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from None
+    bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
+    return Submission(job, env, bundle, source_files)
+
+
+def new_job_dir(settings: Settings) -> tuple[str, JobFiles]:
+    """A fresh job id whose directory this call created (so a rollback removes only its own files)."""
+    while True:
+        job_id = new_job_id()
+        files = JobFiles(settings.data_dir, job_id)
+        try:
+            files.root.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            log.error("cannot create a job directory under the data dir", exc_info=True)
+            raise HTTPException(*_failure("storing the job's files", exc)) from None
+        return job_id, files
+
+
+def _failure(stage: str, exc: Exception) -> tuple[int, str]:
+    """The status and message of a submit that failed on the server's side (no paths, no hosts)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        status, why = 507, "the server is out of disk space"
+    elif isinstance(exc, OSError):
+        status, why = 500, "the server cannot write to its data directory"
+    else:
+        status, why = 503, "the job store or queue is unavailable"
+    return status, f"the job could not be submitted: {stage} failed ({why}); nothing was kept, submit it again later"
+
+
+def _checked_env(env: Any) -> dict[str, str]:
+    env = env or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise HTTPException(422, "env must map variable names to string values")
+    for name, value in env.items():
+        if not ENV_NAME.fullmatch(name):
+            raise HTTPException(422, f"env: {name[:60]!r} is not a variable name (letters, digits and '_')")
+        if "\x00" in value:
+            raise HTTPException(422, f"env: the value of {name} contains a NUL character")
+    return env
+
+
+def source_file_name(name: str) -> str:
+    """The normalised form of an uploaded source file's name: relative, '/'-separated, NFC, without
+    empty or '.' parts. Raises a 422 for anything that could leave the job's source folder."""
+
+    def bad(why: str) -> HTTPException:
+        return HTTPException(422, f"source_files: bad file name {name[:80]!r}: {why}")
+
+    if not isinstance(name, str) or not name:
+        raise bad("empty")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise bad("not valid UTF-8 text") from None
+    if size > MAX_SOURCE_NAME:
+        raise bad(f"longer than {MAX_SOURCE_NAME} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise bad("contains a NUL or control character")
+    if "\\" in name:
+        raise bad("use '/' between folders")
+    if name.startswith("/"):
+        raise bad("must be relative")
+    parts = [part for part in unicodedata.normalize("NFC", name).split("/") if part not in ("", ".")]
+    if not parts:
+        raise bad("names no file")
+    if ".." in parts:
+        raise bad("'..' is not allowed")
+    if any(len(part.encode()) > MAX_SOURCE_NAME_PART for part in parts):
+        raise bad(f"a part is longer than {MAX_SOURCE_NAME_PART} bytes")
+    return "/".join(parts)
+
+
+def source_file_names(names: list[str]) -> dict[str, str]:
+    """{submitted name: normalised name} for a set of uploaded files; refuses too many files, two
+    names for the same file (after normalisation, ignoring case) and a name that is both a file and
+    a folder."""
+    if len(names) > MAX_SOURCE_FILES:
+        raise HTTPException(422, f"source_files: {len(names)} files, more than the limit of {MAX_SOURCE_FILES}")
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        normal = source_file_name(name)
+        key = normal.casefold()
+        if key in seen:
+            raise HTTPException(422, f"source_files: {seen[key][:80]!r} and {name[:80]!r} name the same file")
+        seen[key] = name
+        out[name] = normal
+    folders = {"/".join(key.split("/")[:i]) for key in seen for i in range(1, key.count("/") + 1)}
+    for key, name in seen.items():
+        if key in folders:
+            raise HTTPException(422, f"source_files: {name[:80]!r} is both a file and a folder")
+    return out
 
 
 def _decode_source_files(encoded: Any, limit: int) -> dict[str, bytes]:
@@ -209,18 +411,19 @@ def _decode_source_files(encoded: Any, limit: int) -> dict[str, bytes]:
         return {}
     if not isinstance(encoded, dict):
         raise HTTPException(422, "source_files must map file names to base64 strings")
+    names = source_file_names(list(encoded))
     out, total = {}, 0
     for name, data in encoded.items():
-        parts = Path(name).parts
-        if not isinstance(data, str) or Path(name).is_absolute() or ".." in parts or not parts:
-            raise HTTPException(422, f"source_files: bad entry {name!r}")
+        if not isinstance(data, str):
+            raise HTTPException(422, f"source_files: {name[:80]!r} must be a base64 string")
         try:
-            out[name] = base64.b64decode(data, validate=True)
+            content = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            raise HTTPException(422, f"source_files: {name!r} is not valid base64") from None
-        total += len(out[name])
+            raise HTTPException(422, f"source_files: {name[:80]!r} is not valid base64") from None
+        total += len(content)
         if total > limit:
             raise HTTPException(413, f"source files are larger than the server's limit of {limit} bytes")
+        out[names[name]] = content
     return out
 
 
@@ -241,6 +444,11 @@ def _decode_bundle(encoded: Any, limit: int) -> _Bundle | None:
         manifest = bundle_manifest(data)
     except BundleError as exc:
         raise HTTPException(422, f"bundle: {exc}") from None
+    except Exception:
+        # bundle_manifest refuses malformed headers with BundleError; anything else is still the
+        # submitter's input, never a server error.
+        log.warning("unexpected error reading a bundle header", exc_info=True)
+        raise HTTPException(422, "bundle: the bundle header is corrupt") from None
     return _Bundle(data, manifest)
 
 

@@ -689,8 +689,13 @@ def _qualname(func: Callable[..., Any] | None) -> str | None:
 
 def split_bundle(bundle: bytes) -> tuple[dict[str, Any], bytes]:
     """(header, payload) of a bundle, checked for format and integrity (the source files' section
-    included). Never unpickles."""
-    header, _, payload = _sections(bundle)
+    included). Never unpickles; any malformed input raises BundleError."""
+    try:
+        header, _, payload = _sections(bundle)
+    except RecursionError:  # a header of deeply nested JSON
+        raise BundleError("the bundle header is corrupt") from None
+    if header["sources_bytes"] < 0 or header["payload_bytes"] < 0:
+        raise BundleError("the bundle is truncated or corrupt (its sections' sizes do not match its header)")
     return header, payload
 
 
@@ -752,20 +757,52 @@ def bundle_manifest(bundle: bytes) -> dict[str, Any]:
     """What a bundle holds, read from its header without executing any user code:
     `python` (the client's version), `python_minor`, `cloudpickle`, `tools` (names),
     `tool_specs` (schemas), `has_pre_processor`, `has_post_processor`, `local_modules` (pickled by
-    value), `source_modules` (whose source files travel), `bytes`."""
+    value), `source_modules` (whose source files travel), `bytes`.
+
+    The header comes from whoever submitted the bundle: every field is checked for its type, and
+    anything malformed raises BundleError naming the field."""
     header, _ = split_bundle(bundle)
+
+    def checked(name: str, check: Callable[[Any], bool], what: str) -> Any:
+        value = header.get(name)
+        if not check(value):
+            raise BundleError(f"the bundle header is corrupt: `{name}` must be {what}")
+        return value
+
+    def text(value: Any) -> bool:
+        return isinstance(value, str) and 0 < len(value) <= 1000
+
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(text(v) for v in value)
+
+    def tool(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and isinstance(value.get("name"), str)
+            and TOOL_NAME_PATTERN.match(value["name"]) is not None
+            and isinstance(value.get("description", ""), str)
+            and isinstance(value.get("parameters"), dict)
+        )
+
+    python = checked("python", lambda v: isinstance(v, str) and re.fullmatch(r"\d+\.\d+(\.\d+)?", v), "a version")
+    tools = checked("tools", lambda v: isinstance(v, list) and all(tool(t) for t in v),
+                  "a list of tool schemas {name, description, parameters}")
+    if len({t["name"] for t in tools}) != len(tools):
+        raise BundleError("the bundle header is corrupt: two tools have the same name")
+    pre = checked("pre_processor", lambda v: v is None or text(v), "a name or null")
+    post = checked("post_processor", lambda v: v is None or text(v), "a name or null")
     return {
-        "python": header["python"],
-        "python_minor": python_minor(header["python"]),
-        "cloudpickle": header["cloudpickle"],
-        "tools": [tool["name"] for tool in header["tools"]],
-        "tool_specs": header["tools"],
-        "has_pre_processor": header["pre_processor"] is not None,
-        "has_post_processor": header["post_processor"] is not None,
-        "pre_processor": header["pre_processor"],
-        "post_processor": header["post_processor"],
-        "local_modules": header["local_modules"],
-        "source_modules": header["source_modules"],
+        "python": python,
+        "python_minor": python_minor(python),
+        "cloudpickle": checked("cloudpickle", text, "a version"),
+        "tools": [t["name"] for t in tools],
+        "tool_specs": tools,
+        "has_pre_processor": pre is not None,
+        "has_post_processor": post is not None,
+        "pre_processor": pre,
+        "post_processor": post,
+        "local_modules": checked("local_modules", names, "a list of module names"),
+        "source_modules": checked("source_modules", names, "a list of module names"),
         "bytes": len(bundle),
     }
 

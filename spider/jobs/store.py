@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -24,6 +25,25 @@ COUNTERS = (
     "prompt_tokens",
     "completion_tokens",
 )
+
+# A job id: 16 lowercase hex digits of a uuid4 (see new_job_id). Anything else never names a key.
+JOB_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def is_job_id(value: object) -> bool:
+    """Whether `value` has the format of a job id; only such strings are ever made into keys or paths."""
+    return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
+
+
+def _checked(job_id: str) -> str:
+    if not is_job_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r:.40}")
+    return job_id
+
 
 # Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
 _TRANSITION = """
@@ -95,10 +115,22 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True))
 
     def _key(self, job_id: str, part: str = "") -> str:
-        return f"{self.prefix}:job:{job_id}{':' + part if part else ''}"
+        return f"{self.prefix}:job:{_checked(job_id)}{':' + part if part else ''}"
 
-    def create(self, owner: str, config: dict[str, Any], secrets: dict[str, str], has_bundle: bool) -> JobRecord:
-        job_id = uuid.uuid4().hex[:16]
+    def _owner_index(self, owner: str) -> str:
+        return f"{self.prefix}:jobs:{owner}"
+
+    def create(
+        self,
+        owner: str,
+        config: dict[str, Any],
+        secrets: dict[str, str],
+        has_bundle: bool,
+        job_id: str | None = None,
+    ) -> JobRecord:
+        """Store a new queued job (record, secrets, owner index entry) in one transaction.
+        `job_id` is one from new_job_id(), when the caller needed it before the record existed."""
+        job_id = _checked(job_id) if job_id is not None else new_job_id()
         now = time.time()
         record = {
             "id": job_id,
@@ -113,11 +145,23 @@ class JobStore:
         pipe.hset(self._key(job_id), mapping=record)
         if secrets:
             pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
-        pipe.zadd(f"{self.prefix}:jobs:{owner}", {job_id: now})
+        pipe.zadd(self._owner_index(owner), {job_id: now})
         pipe.execute()
         return self.get(job_id)  # type: ignore[return-value]
 
+    def discard(self, job_id: str, owner: str) -> None:
+        """Remove every trace of a job that was never handed out (a submit that failed half-way):
+        its record, secrets, counters and owner index entry."""
+        parts = ("", "secrets", "progress", "done", "finalize")
+        pipe = self.r.pipeline()
+        pipe.delete(*(self._key(job_id, part) for part in parts))
+        pipe.zrem(self._owner_index(owner), job_id)
+        pipe.execute()
+
     def get(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None when there is none (or `job_id` is not a job id at all)."""
+        if not is_job_id(job_id):
+            return None
         pipe = self.r.pipeline()
         pipe.hgetall(self._key(job_id))
         pipe.hgetall(self._key(job_id, "progress"))
@@ -145,7 +189,9 @@ class JobStore:
         )
 
     def list_for(self, owner: str, limit: int = 100) -> list[JobRecord]:
-        ids = self.r.zrevrange(f"{self.prefix}:jobs:{owner}", 0, limit - 1)
+        if limit < 1:
+            return []
+        ids = self.r.zrevrange(self._owner_index(owner), 0, limit - 1)
         return [job for job in (self.get(i) for i in ids) if job is not None]
 
     def transition(self, job_id: str, to: str, allowed_from: Iterable[str]) -> bool:
@@ -158,12 +204,16 @@ class JobStore:
         return changed
 
     def status(self, job_id: str) -> str | None:
+        if not is_job_id(job_id):
+            return None
         return self.r.hget(self._key(job_id), "status")
 
     def set_fields(self, job_id: str, **values: Any) -> None:
         self.r.hset(self._key(job_id), mapping={k: v for k, v in values.items() if v is not None})
 
     def get_field(self, job_id: str, name: str) -> str | None:
+        if not is_job_id(job_id):
+            return None
         return self.r.hget(self._key(job_id), name)
 
     def fail(self, job_id: str, message: str) -> bool:
@@ -210,7 +260,7 @@ class JobFiles:
     """Where a job's artifacts live under the shared data dir."""
 
     def __init__(self, data_dir: Path, job_id: str):
-        self.root = Path(data_dir) / "jobs" / job_id
+        self.root = Path(data_dir) / "jobs" / _checked(job_id)
 
     @property
     def source_dir(self) -> Path:
