@@ -7,6 +7,7 @@ the same processes as a distributed deployment, on one machine.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +23,9 @@ import httpx
 
 from spider.errors import SpiderError
 from spider.settings import cache_dir
+
+# Server-wide secrets that only the API reads: workers and Flower never get them.
+API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE")
 
 
 def free_port() -> int:
@@ -46,17 +50,26 @@ def redis_server_binary() -> str:
 
 
 def start_redis(directory: Path, log: Path | None = None, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
-    """A private Redis on a free loopback port that keeps nothing on disk; returns (process, url)."""
+    """A private Redis on a free loopback port that keeps nothing on disk and requires a fresh
+    random password; returns (process, url), the url carrying the password
+    (`redis://:<password>@127.0.0.1:<port>/0`)."""
     import redis
 
     port = free_port()
+    password = secrets.token_hex(24)
+    # The password goes in a config file only this user can read, not on the command line that
+    # every local user can see.
+    config = Path(directory) / f"redis-{port}.conf"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"requirepass {password}\n")
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
+        [redis_server_binary(), str(config), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -114,6 +127,8 @@ class LocalStack:
     quiet: bool = True
     cleanup: bool = True
     flower_port: int | None = None
+    # `user:password` for Flower's basic auth; generated when Flower runs, unless given.
+    flower_auth: str | None = None
 
     def __post_init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
@@ -171,14 +186,16 @@ class LocalStack:
             ) from None
         if self.redis_url is None:
             self.redis_url = os.environ.get("SPIDER_REDIS_URL") or self._start_redis()
-        env = {
+        shared = {
             **os.environ,
             "SPIDER_REDIS_URL": self.redis_url,
             "SPIDER_DATA_DIR": str(self.data_dir),
-            "SPIDER_API_KEYS": ",".join(self.api_keys),
             "SPIDER_CACHE_DIR": str(cache_dir()),
             **self.env,
         }
+        # The API keys are the API's alone: workers run jobs, and jobs run user code.
+        env = {name: value for name, value in shared.items() if name not in API_ONLY_ENV}
+        api_env = {**shared, "SPIDER_API_KEYS": ",".join(self.api_keys)}
         python = sys.executable
         for spec in self.workers:
             name = f"worker-{spec.queues.replace(',', '-')}"
@@ -188,14 +205,15 @@ class LocalStack:
                  "--concurrency", str(spec.concurrency), "--hostname", f"{name}-{self.port}@%h"],
                 env,
             )
-        self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], env)
+        self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], api_env)
         if self.flower_port:
-            # Monitoring on loopback only; its API is open so local tools can read it.
+            # Monitoring on loopback only, behind basic auth: Flower can revoke tasks and read
+            # their arguments. The broker URL (with Redis's password) travels in the environment.
+            self.flower_auth = self.flower_auth or f"admin:{secrets.token_urlsafe(18)}"
             self._spawn(
                 "flower",
-                [python, "-m", "celery", "--broker", self.redis_url, "flower", "--address=127.0.0.1",
-                 f"--port={self.flower_port}"],
-                {**env, "FLOWER_UNAUTHENTICATED_API": "true"},
+                [python, "-m", "celery", "flower", "--address=127.0.0.1", f"--port={self.flower_port}"],
+                {**env, "CELERY_BROKER_URL": self.redis_url, "FLOWER_BASIC_AUTH": self.flower_auth},
             )
         self._wait_ready()
 

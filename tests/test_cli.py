@@ -90,13 +90,19 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
         line = proc.stdout.readline()
         assert f"Spider is up at http://127.0.0.1:{port}" in line
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+        flower_line = proc.stdout.readline()
+        assert f"Flower: http://127.0.0.1:{flower}" in flower_line
+        user, _, password = flower_line.split("FLOWER_BASIC_AUTH=")[1].rstrip(")\n").partition(":")
         deadline = time.monotonic() + 60
         workers = {}
         while time.monotonic() < deadline and len(workers) < 4:
             try:
-                workers = httpx.get(f"http://127.0.0.1:{flower}/api/workers", params={"refresh": "true"}, timeout=10).json()
+                workers = httpx.get(f"http://127.0.0.1:{flower}/api/workers", params={"refresh": "true"}, timeout=10,
+                                    auth=(user, password)).json()
             except (httpx.HTTPError, ValueError):
                 time.sleep(1)
+        # Flower answers no one without the password.
+        assert httpx.get(f"http://127.0.0.1:{flower}/api/workers", timeout=10).status_code == 401
         queues = {q["name"] for info in workers.values() for q in info.get("active_queues", [])}
         assert queues == {"control", "rollout", "sandbox", "train"}
     finally:

@@ -131,7 +131,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"Spider is up at {stack.url} (Redis {stack.redis_url}, data in {stack.data_dir}); Ctrl-C stops it",
               flush=True)
         if args.flower_port:
-            print(f"Flower: http://127.0.0.1:{args.flower_port}", flush=True)
+            print(f"Flower: http://127.0.0.1:{args.flower_port} (FLOWER_BASIC_AUTH={stack.flower_auth})", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         except KeyboardInterrupt:
@@ -139,9 +139,42 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) reaches this machine only: every address it resolves
+    to is a loopback one. `0.0.0.0` and `::` (every interface) are not."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from spider.settings import Settings
+
+    try:
+        keys = Settings.from_env().api_keys
+    except OSError as exc:
+        raise SpiderError(f"cannot read the API keys (SPIDER_API_KEYS_FILE): {exc}") from None
+    if not keys and not is_loopback(args.host):
+        if not args.insecure_open:
+            raise SpiderError(
+                f"refusing to serve on {args.host} without API keys: with none configured, every caller "
+                "acts as the same user and sees every job. Set SPIDER_API_KEYS (or SPIDER_API_KEYS_FILE), "
+                "serve on a loopback address (the default, --host 127.0.0.1), or pass --insecure-open to "
+                "serve openly on purpose"
+            )
+        print(f"warning: serving on {args.host} without API keys (--insecure-open): every caller is the same "
+              "user", file=sys.stderr, flush=True)
     uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
     return 0
 
@@ -233,8 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="run the API server only")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another address needs API keys)")
     p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--insecure-open", action="store_true",
+                   help="serve on a non-loopback address without API keys (every caller is the same user)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a worker for some queues")
