@@ -4,6 +4,8 @@ The filesystem view is built from an allow-list: system directories are visible 
 `/etc` is reduced to what Python, TLS and name resolution need, `/dev` is private, and every
 other top-level directory is hidden, except the few paths the jail needs (the runtime, the
 job's venv, the job's own directory), which are whitelisted, read-only but for the scratch dir.
+The network is never the host's: every jail gets an empty network namespace (loopback only); one
+with network access reaches out through the worker's egress proxy alone (spider.sandbox.egress).
 When the worker runs as root, the jailed interpreter switches to a user id of its own per job
 before it runs any user code: that makes the process-count limit per job, keeps other jobs'
 and the server's files out of reach by plain permissions too, and lets the interpreter kill
@@ -69,6 +71,9 @@ class JailSpec:
     readable: list[Path]
     writable: list[Path]
     limits: JailLimits
+    # A jail always has a network namespace of its own with loopback only; `network` lets it
+    # open inet sockets there, for the relay to the worker's egress proxy (spider.sandbox.egress),
+    # whose socket directory must be in `readable`.
     network: bool = False
     extra_etc: list[str] = field(default_factory=list)
     hostname: str = "spider-sandbox"
@@ -116,7 +121,7 @@ def firejail_profile(spec: JailSpec) -> str:
         f"rlimit-fsize {spec.limits.file_size_mb * MiB}",
         f"rlimit-nofile {spec.limits.open_files}",
     ]
-    lines += ["protocol unix,inet,inet6"] if spec.network else ["net none", "protocol unix"]
+    lines += ["net none", "protocol unix,inet,inet6" if spec.network else "protocol unix"]
     lines.append("read-only /")
     allowed = spec.readable + spec.writable
     allowed_tops = {_top(p) for p in allowed}

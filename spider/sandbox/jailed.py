@@ -373,7 +373,86 @@ def load_bundle(path):
     return pickle.loads(payload)
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def start_egress_relay(socket_path):
+    """Listen on 127.0.0.1 of the jail's own network namespace (where nothing of the host is) and
+    pipe every connection to the worker's egress proxy through the unix socket `socket_path`.
+    Returns the port. The relay grants nothing: the proxy on the other end checks every target."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+
+    def splice(source, target):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def relay(client):
+        proxy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proxy.connect(socket_path)
+            back = threading.Thread(target=splice, args=(proxy, client), daemon=True)
+            back.start()
+            splice(client, proxy)
+            back.join()
+        except OSError:
+            pass
+        finally:
+            client.close()
+            proxy.close()
+
+    def accept():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # out of descriptors, for now
+                time.sleep(0.05)
+                continue
+            threading.Thread(target=relay, args=(client,), name="spider-egress-relay", daemon=True).start()
+
+    threading.Thread(target=accept, name="spider-egress-relay", daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def use_egress_proxy(socket_path):
+    """Start the relay and point the proxy variables that HTTP clients (requests, httpx, urllib,
+    pip, curl) read at it; the jail has no other way out."""
+    proxy = "http://127.0.0.1:%d" % start_egress_relay(socket_path)
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ.pop(name, None)
+    for name in PROXY_VARIABLES:
+        os.environ[name] = proxy
+
+
+def run_behind_relay(socket_path, command):
+    """`spider_jail.py --egress-relay SOCKET -- COMMAND...`: run COMMAND (a dependency build) with
+    the relay in front of the egress proxy; exit with its status."""
+    import subprocess
+
+    use_egress_proxy(socket_path)
+    try:
+        return subprocess.call(command)
+    except OSError as exc:
+        print("cannot run %s: %s" % (command[0], exc), file=sys.stderr)
+        return 127
+
+
 def main():
+    if sys.argv[1:2] == ["--egress-relay"] and sys.argv[3:4] == ["--"]:
+        return run_behind_relay(sys.argv[2], sys.argv[4:])
     # The pipe to the worker gets private descriptors; the user's prints go to stderr instead.
     in_fd = os.dup(0)
     out_fd = os.dup(1)
@@ -391,6 +470,8 @@ def main():
         # Only now, as the job's user: its environment (firejail's own variables go) and its venv.
         os.environ.clear()
         os.environ.update(config["env"])
+        if config.get("egress_socket"):
+            use_egress_proxy(config["egress_socket"])
         sys.executable = os.path.join(config["venv"], "bin", "python")
         import site
 

@@ -1,10 +1,16 @@
 """The worker-wide sandbox (one per sandbox worker process): it owns a root directory with the
 jail runtime, the dependency venvs and one private directory per open job, and opens each job's
 `JobSandbox` (spider.sandbox.pool), the pool of warm jailed interpreters that serve its calls.
+
+Around each job's jails it keeps what lives outside them: the job's scratch quota (a tmpfs of
+`runtime.limits.disk_mb` and `max_files` when the worker is root, a polling check otherwise) and,
+for a job with `runtime.network`, its egress proxy (spider.sandbox.egress).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -13,7 +19,9 @@ import secrets as secrets_module
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +30,9 @@ import cloudpickle
 from spider.client.bundle import bundle_manifest
 from spider.config import RuntimeConfig
 from spider.errors import BundleError, SandboxError
+from spider.policy import Policy
 from spider.sandbox import jailed
+from spider.sandbox.egress import EgressProxy, EgressRules
 from spider.sandbox.interpreter import LaunchSpec
 from spider.sandbox.pool import JobSandbox
 from spider.sandbox.jail import (
@@ -76,7 +86,16 @@ class Sandbox:
     root it must be reachable by other users. Without firejail it refuses to run user code, unless `unsafe=True`, which
     runs it in plain subprocesses with resource limits only and logs a warning for every job.
     `pool_size` is the number of warm interpreters per job, `max_calls_per_interpreter` how many
-    calls (rows or tool calls) one serves before it is replaced."""
+    calls (rows or tool calls) one serves before it is replaced. `policy` (default:
+    `Policy.from_env()`) is the operator's: whether `runtime.network` is honoured, which hosts the
+    egress proxies let through, what dependency builds may fetch.
+
+    `disk_quota` says how a job's scratch dir is held to `runtime.limits.disk_mb` and
+    `max_files`: "auto" mounts a tmpfs of that size and inode count on it when the worker runs as
+    root (a hard limit: a write past it fails with ENOSPC in the user's code), and falls back to
+    "poll" otherwise: every `quota_poll_s` seconds the worker measures each scratch dir and empties
+    one that is over its quota. Polling is weaker: a job may overshoot for one interval, and files
+    it deleted but holds open are not seen."""
 
     def __init__(
         self,
@@ -89,7 +108,12 @@ class Sandbox:
         venv_build_timeout_s: float = 600.0,
         start_timeout_s: float = 60.0,
         kill_grace_s: float = 1.0,
+        policy: Policy | None = None,
+        disk_quota: str = "auto",
+        quota_poll_s: float = 1.0,
     ):
+        if disk_quota not in ("auto", "poll"):
+            raise SandboxError(f"disk_quota must be 'auto' or 'poll', not {disk_quota!r}")
         if pool_size < 1 or max_calls_per_interpreter < 1:
             raise SandboxError("pool_size and max_calls_per_interpreter must be at least 1")
         self.firejail = find_firejail(firejail)
@@ -121,6 +145,10 @@ class Sandbox:
         self.start_timeout_s = start_timeout_s
         self.kill_grace_s = kill_grace_s
         self.as_root = os.geteuid() == 0
+        self.policy = policy if policy is not None else Policy.from_env()
+        # A tmpfs per job needs CAP_SYS_ADMIN in the worker's mount namespace: root has it.
+        self.tmpfs_quota = disk_quota == "auto" and self.as_root
+        self._scratch_watch = ScratchWatch(quota_poll_s)
         for directory in (self.root, self.root / "jobs"):
             directory.mkdir(parents=True, exist_ok=True)
             os.chmod(directory, 0o711 if directory.name == "jobs" else 0o755)
@@ -128,13 +156,21 @@ class Sandbox:
             check_traversable(self.root)
         self.runtime_dir = self._install_runtime()
         self.venvs = VenvCache(
-            self.root / "venvs", python, self.python_minor, self.firejail, build_timeout_s=venv_build_timeout_s
-        )
+            self.root / "venvs", python, self.python_minor, self.firejail, build_timeout_s=venv_build_timeout_s,
+            policy=self.policy,
+        )  # fmt: skip
         self._jobs: dict[str, JobSandbox] = {}
+        self._hosts: dict[str, JobHost] = {}
         self._lock = threading.Lock()
         self._job_locks: dict[str, threading.Lock] = {}
         if not self.jailed:
             log.warning("sandbox in UNSAFE mode: firejail is unavailable, user code runs without isolation")
+        if not self.tmpfs_quota:
+            log.warning(
+                "job scratch quotas (runtime.limits.disk_mb, max_files) are enforced by polling every %g s only; "
+                "run the sandbox worker as root for a hard quota (a tmpfs per job)", quota_poll_s,
+            )  # fmt: skip
+        self._remove_dead_jobs()
 
     # -- the runtime the jails load ---------------------------------------------------------
 
@@ -179,6 +215,11 @@ class Sandbox:
         secrets = dict(secrets or {})
         if not JOB_ID_PATTERN.match(job_id or ""):
             raise SandboxError(f"job id {job_id!r} is not usable as a directory name (letters, digits, '_', '.', '-')")
+        if runtime.network and not self.policy.sandbox_network:
+            raise SandboxError(
+                "runtime.network is switched off on this worker: the operator does not let user code reach the "
+                "network (SPIDER_SANDBOX_NETWORK=0); remove `runtime.network: true` from the job"
+            )
         manifest = bundle_manifest(bundle)
         bundle_sha256 = hashlib.sha256(bundle).hexdigest()  # the whole of it: sources and tool specs too
         if manifest["python_minor"] != self.python_minor:
@@ -215,10 +256,14 @@ class Sandbox:
         with self._lock:
             job = self._jobs.pop(job_id, None)
             self._job_locks.pop(job_id, None)
+            host = self._hosts.pop(job_id, None)
         if job is not None:
             job.close()
+        if host is not None:
+            host.close()
+        self._scratch_watch.forget(job_id)
         if JOB_ID_PATTERN.match(job_id or ""):
-            shutil.rmtree(self.root / "jobs" / job_id, ignore_errors=True)
+            remove_unowned_job_dir(self.root / "jobs" / job_id)  # a dead worker's leftovers, not a neighbour's job
 
     def close(self) -> None:
         """Close every open job."""
@@ -247,21 +292,67 @@ class Sandbox:
         venv: Path,
     ) -> "JobSandbox":
         job_dir = self.root / "jobs" / job_id
-        if job_dir.exists():  # left by a worker that died
-            shutil.rmtree(job_dir)
+        if job_dir.exists() and not remove_unowned_job_dir(job_dir):
+            raise SandboxError(
+                f"job {job_id} is open in another sandbox worker on this host that shares the root {self.root}; "
+                "give each worker process a root of its own (SPIDER_SANDBOX_DIR)"
+            )
         job_dir.mkdir(mode=0o711)
         os.chmod(job_dir, 0o711)
+        host = JobHost(job_dir)
+        job = None
+        try:
+            job = self._start_job(job_id, job_dir, host, bundle, bundle_sha256, manifest, runtime, user_env, venv)
+            job.warm_up()
+        except BaseException:
+            if job is not None:
+                job.close()
+            self._scratch_watch.forget(job_id)
+            host.close()
+            raise
+        with self._lock:
+            self._hosts[job_id] = host
+        return job
+
+    def _start_job(
+        self,
+        job_id: str,
+        job_dir: Path,
+        host: "JobHost",
+        bundle: bytes,
+        bundle_sha256: str,
+        manifest: dict[str, Any],
+        runtime: RuntimeConfig,
+        user_env: dict[str, str],
+        venv: Path,
+    ) -> "JobSandbox":
         bundle_path = job_dir / "bundle.bin"
         bundle_path.write_bytes(bundle)
         os.chmod(bundle_path, 0o644)
+        limits = runtime.limits
         scratch = job_dir / "scratch"
         scratch.mkdir(mode=0o700)
         uid = job_uid(job_id) if self.as_root else None
         if uid is not None:
             os.chown(scratch, uid, uid)
+        # The quota is in place before any jail starts, so that every jail's mount namespace
+        # (a copy of the worker's, taken when firejail starts) holds the job's tmpfs.
+        if self.tmpfs_quota:
+            mount_scratch(scratch, uid if uid is not None else os.getuid(), limits.disk_mb, limits.max_files)
+        else:
+            self._scratch_watch.watch(job_id, scratch, limits.disk_mb, limits.max_files)
         if not self.jailed:
             log.warning("job %s: running user code WITHOUT isolation (unsafe mode: firejail unavailable)", job_id)
-        limits = runtime.limits
+        readable = [self.runtime_dir, venv, bundle_path]
+        egress_socket = None
+        if runtime.network and self.jailed:
+            egress_dir = job_dir / "egress"
+            egress_dir.mkdir(mode=0o711)
+            os.chmod(egress_dir, 0o711)
+            rules = EgressRules.for_jobs(self.policy)
+            host.proxy = EgressProxy(egress_dir / "proxy.sock", rules, owner=uid, name=f"job-{job_id}").start()
+            egress_socket = str(host.proxy.socket_path)
+            readable.append(egress_dir)
         # firejail and the interpreter start as root, so they get a fixed environment: the job's
         # own variables (which could name LD_PRELOAD & co.) are set by the interpreter only after
         # it has become the job's user.
@@ -282,12 +373,14 @@ class Sandbox:
             # The system interpreter, not the venv's `bin/python`: nothing a package build wrote
             # into the venv runs before the switch to the job's user; the venv is entered after.
             "venv": str(venv),
+            # The jail's way out (runtime.network): a relay on its loopback to this socket.
+            "egress_socket": egress_socket,
         }
         command = [self.python, "-I", "-S", str(self.runtime_dir / "spider_jail.py")]
         preexec = None
         if self.jailed:
             spec = JailSpec(
-                readable=[self.runtime_dir, venv, bundle_path],
+                readable=readable,
                 writable=[scratch],
                 limits=JailLimits(
                     memory_mb=limits.memory_mb,
@@ -302,7 +395,7 @@ class Sandbox:
         else:
             preexec = _unjailed_limits(limits.memory_mb, limits.cpu_seconds * (self.max_calls + 1), limits.file_size_mb)
         launch = LaunchSpec(argv=command, env=basics, cwd=str(scratch), config=config, preexec=preexec)
-        job = JobSandbox(
+        return JobSandbox(
             job_id=job_id,
             manifest=manifest,
             bundle_sha256=bundle_sha256,
@@ -313,13 +406,173 @@ class Sandbox:
             start_timeout_s=self.start_timeout_s,
             kill_grace_s=self.kill_grace_s,
         )
+
+    def _remove_dead_jobs(self) -> None:
+        """Remove the directories (and unmount the scratch quotas) that workers which died left."""
         try:
-            job.warm_up()
-        except BaseException:
-            job.close()
-            shutil.rmtree(job_dir, ignore_errors=True)
-            raise
-        return job
+            entries = list((self.root / "jobs").iterdir())
+        except OSError:
+            return
+        for job_dir in entries:
+            if job_dir.is_dir() and not job_dir.is_symlink() and (job_dir / OWNER_LOCK).exists():
+                if remove_unowned_job_dir(job_dir):
+                    log.info("removed the leftovers of job %s, which a worker that died had open", job_dir.name)
+
+
+# -- what a job holds outside its jails ---------------------------------------------------------
+
+OWNER_LOCK = "owner.lock"
+_MS_NOSUID, _MS_NODEV = 2, 4
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
+
+
+class JobHost:
+    """What an open job holds on the worker outside its jails: a lock on its directory (held for
+    as long as the job is open, so that a worker starting later can tell a dead worker's leftovers
+    from a live neighbour's job) and its egress proxy. `close()` stops the proxy and removes the
+    directory, unmounting the scratch quota first."""
+
+    def __init__(self, job_dir: Path):
+        self.job_dir = job_dir
+        self.proxy: EgressProxy | None = None
+        self._lock_fd = os.open(job_dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        remove_job_dir(self.job_dir)
+        os.close(self._lock_fd)
+
+
+def remove_unowned_job_dir(job_dir: Path) -> bool:
+    """Remove `job_dir` unless a live worker holds its owner lock; whether it is gone."""
+    try:
+        fd = os.open(job_dir / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        remove_job_dir(job_dir)  # no lock: from before locks, or a job that never got one
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        remove_job_dir(job_dir)
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_job_dir(job_dir: Path) -> None:
+    """Unmount the job's scratch quota (if any), then delete its directory."""
+    unmount_scratch(job_dir / "scratch")
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _libc_call(name: str, *args: Any) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+def mount_scratch(scratch: Path, uid: int, disk_mb: int, max_files: int) -> None:
+    """Mount a tmpfs of `disk_mb` MiB and `max_files` files and directories on `scratch`, owned by
+    `uid` with mode 0700 (the tmpfs's own root takes one more inode)."""
+    options = f"size={disk_mb}m,nr_inodes={max_files + 1},mode=0700,uid={uid},gid={uid}"
+    try:
+        _libc_call("mount", b"spider-scratch", os.fsencode(scratch), b"tmpfs", _MS_NOSUID | _MS_NODEV, options.encode())
+    except OSError as exc:
+        raise SandboxError(
+            f"cannot mount the scratch quota of {scratch} (a tmpfs: {exc.strerror}); the sandbox worker needs "
+            "CAP_SYS_ADMIN, which firejail needs too"
+        ) from None
+
+
+def unmount_scratch(scratch: Path) -> None:
+    """Detach every tmpfs mounted on `scratch` (jails still running keep theirs until they end)."""
+    for _ in range(8):
+        if not os.path.ismount(scratch):
+            return
+        try:
+            _libc_call("umount2", os.fsencode(scratch), _MNT_DETACH | _UMOUNT_NOFOLLOW)
+        except OSError as exc:
+            log.warning("cannot unmount the scratch quota %s: %s", scratch, exc)
+            return
+
+
+def scratch_usage(scratch: Path, stop_bytes: int, stop_files: int) -> tuple[int, int]:
+    """Bytes (allocated blocks) and entries under `scratch`; counting stops past either bound."""
+    used, files = 0, 0
+    stack = [str(scratch)]
+    while stack and used <= stop_bytes and files <= stop_files:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    files += 1
+                    try:
+                        used += entry.stat(follow_symlinks=False).st_blocks * 512
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return used, files
+
+
+class ScratchWatch:
+    """The scratch quota of a worker that cannot mount one: a thread that measures each watched
+    scratch dir every `interval_s` seconds and empties one that holds more than its quota."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._watched: dict[str, tuple[Path, int, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, job_id: str, scratch: Path, disk_mb: int, max_files: int) -> None:
+        with self._lock:
+            self._watched[job_id] = (scratch, disk_mb * 1024 * 1024, max_files)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="spider-scratch-watch", daemon=True)
+                self._thread.start()
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._watched.pop(job_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                watched = list(self._watched.items())
+            for job_id, (scratch, max_bytes, max_files) in watched:
+                self.check(job_id, scratch, max_bytes, max_files)
+
+    def check(self, job_id: str, scratch: Path, max_bytes: int, max_files: int) -> bool:
+        """Empty `scratch` if it is over its quota; whether it was."""
+        used, files = scratch_usage(scratch, max_bytes, max_files)
+        if used <= max_bytes and files <= max_files:
+            return False
+        log.warning(
+            "job %s holds more than its scratch quota (%d MiB, %d files) and its scratch dir was emptied",
+            job_id, max_bytes // (1024 * 1024), max_files,
+        )  # fmt: skip
+        try:
+            entries = list(os.scandir(scratch))
+        except OSError:
+            return True
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+        return True
 
 
 def _unjailed_limits(memory_mb: int, cpu_seconds: int, file_size_mb: int) -> Callable[[], None]:

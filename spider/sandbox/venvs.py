@@ -20,17 +20,23 @@ import time
 from pathlib import Path
 
 from spider.errors import SandboxError
+from spider.policy import Policy
+from spider.sandbox import jailed
+from spider.sandbox.egress import EgressProxy, EgressRules
 from spider.sandbox.jail import BUILD_UID, JailLimits, JailSpec, firejail_argv, strip_firejail_noise, write_profile
 
 log = logging.getLogger("spider.sandbox")
 
 READY_MARKER = ".spider-ready"
 # Variables of the worker's own environment that configure how pip reaches the package index.
+# (Proxy variables are not among them: a build's only way out is its egress proxy.)
 PIP_ENV = (
     "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_DEFAULT_TIMEOUT",
-    "PIP_RETRIES", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    "PIP_RETRIES", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
 )
+VCS_SCHEMES = ("git+", "hg+", "svn+", "bzr+")
+# Names pip takes for archive files rather than for projects on the index.
+ARCHIVE_SUFFIXES = (".zip", ".whl", ".tar", ".tgz", ".tbz", ".txz", ".tlz", ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.lz", ".tar.lzma")
 
 
 def normalize_requirements(packages: list[str]) -> list[str]:
@@ -50,8 +56,45 @@ def normalize_requirements(packages: list[str]) -> list[str]:
     return sorted(cleaned)
 
 
+def non_index_source(requirement: str) -> str | None:
+    """What `requirement` names instead of a project on the package index (a direct URL, a VCS
+    repository, a local path or archive), or None when it is a plain index requirement such as
+    `name[extra]>=1.2; python_version >= "3.10"`."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    lowered = requirement.lower()
+    try:
+        parsed = Requirement(requirement)
+    except InvalidRequirement:
+        if lowered.startswith(VCS_SCHEMES):
+            return "a VCS repository"
+        return "a URL" if "://" in requirement else "a local path or archive (or it is not a valid requirement)"
+    if parsed.url:
+        return "a VCS repository" if parsed.url.lower().startswith(VCS_SCHEMES) else "a direct URL"
+    if parsed.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return "a local archive"
+    return None
+
+
+def check_sources(requirements: list[str], allow_direct_url: bool) -> None:
+    """Refuse requirements that do not come from the package index, unless the operator allows them."""
+    if allow_direct_url:
+        return
+    for requirement in requirements:
+        source = non_index_source(requirement)
+        if source is not None:
+            raise SandboxError(
+                f"runtime.packages entry {requirement!r} names {source}, not a package on the index; give a "
+                "requirement such as 'requests>=2' (direct URLs, VCS links and file paths are allowed only when "
+                "the operator sets SPIDER_ALLOW_DIRECT_URL_PACKAGES=1)"
+            )
+
+
 class VenvCache:
-    """Builds and hands out the venv for a requirement set under `root`."""
+    """Builds and hands out the venv for a requirement set under `root`.
+
+    `policy` (default: `Policy.from_env()`) says which package index hosts builds may reach and
+    whether requirements may name URLs, VCS repositories or files."""
 
     def __init__(
         self,
@@ -61,7 +104,9 @@ class VenvCache:
         firejail: str | None,
         build_timeout_s: float = 600.0,
         memory_mb: int = 2048,
+        policy: Policy | None = None,
     ):
+        self.policy = policy if policy is not None else Policy.from_env()
         self.root = root
         self.python = python
         self.python_version = python_version
@@ -83,6 +128,7 @@ class VenvCache:
     def ensure(self, packages: list[str]) -> Path:
         """The ready venv for `packages`, building it first if no worker has yet."""
         requirements = normalize_requirements(packages)
+        check_sources(requirements, self.policy.allow_direct_url_packages)
         venv = self.path_for(requirements)
         if (venv / READY_MARKER).exists():
             return venv
@@ -138,28 +184,63 @@ class VenvCache:
 
     def _run_jailed(self, command: list[str], venv: Path, started: float, requirements: list[str], step: str) -> None:
         home = venv / ".build-home"
+        # Built from nothing: no job's secrets or variables, nothing of the worker's but pip's settings.
         env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home), "TMPDIR": str(home)}
         env.update({name: os.environ[name] for name in PIP_ENV if name in os.environ})
         preexec = None
-        if self.firejail is not None:
-            spec = JailSpec(
-                readable=[],
-                writable=[venv],
-                limits=JailLimits(
-                    memory_mb=self.memory_mb,
-                    cpu_seconds_total=int(self.build_timeout_s) + 1,
-                    max_processes=256,
-                    file_size_mb=1024,
-                ),
-                network=True,
-                extra_etc=["pip.conf", f"python{self.python_version}"],
-                hostname="spider-venv-build",
-            )
-            setuid = ["/usr/bin/setpriv", f"--reuid={BUILD_UID}", f"--regid={BUILD_UID}", "--clear-groups"]
-            profile = write_profile(spec, self.root / f"{venv.name}.profile")
-            command = firejail_argv(self.firejail, profile, setuid + command if os.geteuid() == 0 else command)
-        else:
-            preexec = _build_limits(self.memory_mb)
+        proxy = None
+        egress_dir = self.root / f"{venv.name}.egress"
+        try:
+            if self.firejail is not None:
+                # Only pip's download step needs the network: the package index, through a proxy.
+                networked = step == "install"
+                if networked:
+                    proxy = self._start_proxy(egress_dir, venv)
+                    relay = [self.python, "-I", "-S", str(egress_dir / "spider_jail.py"), "--egress-relay"]
+                    command = [*relay, str(proxy.socket_path), "--", *command]
+                spec = JailSpec(
+                    readable=[egress_dir] if networked else [],
+                    writable=[venv],
+                    limits=JailLimits(
+                        memory_mb=self.memory_mb,
+                        cpu_seconds_total=int(self.build_timeout_s) + 1,
+                        max_processes=256,
+                        file_size_mb=1024,
+                    ),
+                    network=networked,
+                    extra_etc=["pip.conf", f"python{self.python_version}"],
+                    hostname="spider-venv-build",
+                )
+                setuid = ["/usr/bin/setpriv", f"--reuid={BUILD_UID}", f"--regid={BUILD_UID}", "--clear-groups"]
+                profile = write_profile(spec, self.root / f"{venv.name}.profile")
+                command = firejail_argv(self.firejail, profile, setuid + command if os.geteuid() == 0 else command)
+            else:
+                preexec = _build_limits(self.memory_mb)
+            self._run(command, env, venv, home, started, requirements, step, preexec)
+        finally:
+            if self.firejail is not None:
+                (self.root / f"{venv.name}.profile").unlink(missing_ok=True)
+            if proxy is not None:
+                proxy.close()
+            shutil.rmtree(egress_dir, ignore_errors=True)
+
+    def _start_proxy(self, egress_dir: Path, venv: Path) -> EgressProxy:
+        """The build's egress proxy, and a copy of the relay that leads to it, in a directory the
+        build jail sees read-only."""
+        shutil.rmtree(egress_dir, ignore_errors=True)
+        egress_dir.mkdir(mode=0o755)
+        os.chmod(egress_dir, 0o755)
+        relay = egress_dir / "spider_jail.py"
+        relay.write_bytes(Path(jailed.__file__).read_bytes())
+        os.chmod(relay, 0o644)
+        owner = BUILD_UID if os.geteuid() == 0 else None
+        rules = EgressRules.for_builds(self.policy)
+        return EgressProxy(egress_dir / "proxy.sock", rules, owner=owner, name=f"venv-build-{venv.name}").start()
+
+    def _run(
+        self, command: list[str], env: dict[str, str], venv: Path, home: Path, started: float,
+        requirements: list[str], step: str, preexec,
+    ) -> None:  # fmt: skip
         home.mkdir(exist_ok=True)
         if os.geteuid() == 0:
             os.chown(home, BUILD_UID, BUILD_UID)
@@ -185,8 +266,6 @@ class VenvCache:
             ) from None
         finally:
             shutil.rmtree(home, ignore_errors=True)
-            if self.firejail is not None:
-                profile.unlink(missing_ok=True)
         if process.returncode != 0:
             tail = "\n  ".join(strip_firejail_noise(output.decode(errors="replace")).strip().splitlines()[-15:])
             if step == "create":
