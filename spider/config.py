@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from spider.errors import ConfigError
 
@@ -33,17 +33,102 @@ class ServerConfig(Strict):
     verify_tls: bool = True
 
 
+HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$"
+REVISION_PATTERN = r"^[\w.\-/]{1,200}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+Dtype = Literal["auto", "half", "float16", "fp16", "bfloat16", "bf16", "float", "float32", "fp32"]
+
+
+class VLLMParameters(Strict):
+    """What a job may pass to `vllm.LLM(...)`: sizing, precision and scheduling knobs.
+
+    Options that load code or read and write server paths (`download_dir`, `load_format`,
+    `worker_cls`, `hf_overrides`, `allowed_local_media_path`, ...) are not on the list. A local
+    `tokenizer` folder and `trust_remote_code` need the operator's permission (SECURITY.md)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=256)
+    pipeline_parallel_size: int = Field(1, ge=1, le=256)
+    data_parallel_size: int = Field(1, ge=1, le=256)
+    dtype: Dtype = "auto"
+    kv_cache_dtype: str = Field("auto", pattern=r"^[a-z0-9_]{1,32}$")
+    quantization: str | None = Field(None, pattern=r"^[a-z0-9_\-]{1,32}$")
+    max_model_len: int | None = Field(None, ge=16, le=10_000_000)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    cpu_offload_gb: float = Field(0, ge=0)
+    enforce_eager: bool = False
+    seed: int | None = None
+    max_num_seqs: int | None = Field(None, ge=1, le=100_000)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    block_size: int | None = Field(None, ge=1, le=1024)
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    disable_sliding_window: bool = False
+    disable_custom_all_reduce: bool = False
+    max_logprobs: int = Field(20, ge=-1, le=100_000)
+    revision: str | None = Field(None, pattern=REVISION_PATTERN)
+    tokenizer: str | None = Field(None, min_length=1, max_length=1000)
+    tokenizer_revision: str | None = Field(None, pattern=REVISION_PATTERN)
+    tokenizer_mode: Literal["auto", "slow", "hf", "mistral"] = "auto"
+    generation_config: Literal["auto", "vllm"] = "auto"
+    trust_remote_code: bool = False
+    enable_lora: bool = False
+    max_loras: int = Field(1, ge=1, le=64)
+    max_lora_rank: int = Field(16, ge=1, le=1024)
+
+
+class HFParameters(Strict):
+    """transformers engine: `dtype`, `device` (cpu, cuda, cuda:N, mps, auto), `batch_size`."""
+
+    dtype: Dtype = "auto"
+    device: str | None = Field(None, pattern=r"^(cpu|cuda|cuda:\d{1,3}|mps|auto)$")
+    batch_size: int = Field(16, ge=1, le=4096)
+
+
+class OpenAIParameters(Strict):
+    """OpenAI-compatible endpoint. The key comes from the job's own secrets (`api_key_env` names
+    it, default OPENAI_API_KEY); `base_url` must be a public address unless the operator allows
+    its host (SPIDER_ALLOWED_HOSTS)."""
+
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$", max_length=2000)
+    api_key_env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    timeout: float = Field(600.0, gt=0, le=24 * 3600)
+    max_retries: int = Field(5, ge=0, le=50)
+
+
+ENGINE_PARAMETERS: dict[str, type[Strict]] = {
+    "vllm": VLLMParameters,
+    "hf": HFParameters,
+    "openai": OpenAIParameters,
+}
+
+
 class ModelConfig(Strict):
     """The generating model (the teacher for datasets, the student for on-policy jobs).
 
-    `parameters` go to the backend as they are: for vllm, `LLM(**parameters)` (tensor_parallel_size,
-    max_model_len, dtype, ...); for openai, `base_url`, `api_key_env`, `max_concurrency`, `timeout`,
-    `max_retries`; for hf, `dtype`, `device`.
+    `name` is a hub id (`org/name`), or a local folder inside a directory the operator allows
+    (SPIDER_MODEL_DIRS). `parameters` are checked against the provider's list: `VLLMParameters`
+    (they go to `LLM(**parameters)`), `HFParameters`, `OpenAIParameters`. Only the keys given are
+    passed on; the others keep the engine's own defaults.
     """
 
     provider: Literal["vllm", "openai", "hf", "tinker"] = "vllm"
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=1000)
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _known_parameters(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        schema = ENGINE_PARAMETERS.get(info.data.get("provider", ""))
+        if schema is None:
+            return value
+        try:
+            schema.model_validate(value)
+        except ValidationError as exc:
+            problems = format_errors(exc, schema).split("\n", 1)[1].strip().replace("\n  ", "; ")
+            raise ValueError(f"not accepted by provider {info.data['provider']!r}: {problems}") from None
+        return value
 
 
 class SourceConfig(Strict):

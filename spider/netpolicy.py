@@ -24,6 +24,10 @@ class EgressDenied(SpiderError):
     """An outbound connection to an address the job may not reach."""
 
 
+class UnresolvableHost(EgressDenied):
+    """A host name that resolves to nothing (here and now: another machine's resolver may differ)."""
+
+
 def forbidden_reason(address: str) -> str | None:
     """Why a job may not connect to `address` (an IP literal), or None when it may."""
     ip = ipaddress.ip_address(address.split("%")[0])
@@ -57,10 +61,10 @@ def resolve_allowed(host: str, port: int, allowed_hosts: tuple[str, ...] = ()) -
     host = host.strip("[]").lower()
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise EgressDenied(f"cannot resolve host {host!r}: {exc}") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UnresolvableHost(f"cannot resolve host {host!r}: {exc}") from None
     if not infos:
-        raise EgressDenied(f"host {host!r} resolves to no address")
+        raise UnresolvableHost(f"host {host!r} resolves to no address")
     if host in allowed_hosts:
         return infos
     for info in infos:
@@ -87,3 +91,46 @@ def connect_allowed(host: str, port: int, allowed_hosts: tuple[str, ...] = (), t
             sock.close()
             last = exc
     raise last or OSError(f"cannot connect to {host}:{port}")
+
+
+def check_url(url: str, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Raise EgressDenied unless `url` is http(s) to a host a job may reach."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EgressDenied(f"{url!r} is not an http(s) URL with a host")
+    resolve_allowed(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), allowed_hosts)
+
+
+def guarded_transport(allowed_hosts: tuple[str, ...], **kwargs: Any):
+    """An httpx transport whose every connection goes through `resolve_allowed`: the checked
+    address is the one connected to, while TLS still verifies the original host name."""
+    import httpcore
+    import httpx
+
+    class GuardedBackend(httpcore.NetworkBackend):
+        def __init__(self) -> None:
+            self.inner = httpcore.SyncBackend()
+
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            name = host.decode() if isinstance(host, bytes) else host
+            infos = resolve_allowed(name, port, allowed_hosts)
+            return self.inner.connect_tcp(infos[0][4][0], port, timeout, local_address, socket_options)
+
+        def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            raise EgressDenied("jobs may not connect to unix sockets")
+
+        def sleep(self, seconds: float) -> None:
+            self.inner.sleep(seconds)
+
+    transport = httpx.HTTPTransport(**kwargs)
+    limits = kwargs.get("limits") or httpx.Limits()
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=transport._pool._ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(),
+    )
+    return transport

@@ -27,9 +27,14 @@ def _words(name: str) -> tuple[str, ...]:
     return tuple(w.strip().lower() for w in os.environ.get(name, "").split(",") if w.strip())
 
 
+def ceiling_env(limit: str) -> str:
+    """The variable that sets the ceiling of `runtime.limits.<limit>` (SPIDER_MAX_MEMORY_MB, SPIDER_MAX_PROCESSES)."""
+    return "SPIDER_MAX_" + limit.upper().removeprefix("MAX_")
+
+
 @dataclass(frozen=True)
 class LimitCeilings:
-    """The most a job may ask for in `runtime.limits` (`SPIDER_MAX_<FIELD>`, e.g. SPIDER_MAX_MEMORY_MB).
+    """The most a job may ask for in `runtime.limits` (`ceiling_env(field)`, e.g. SPIDER_MAX_MEMORY_MB).
 
     A job that asks for more is refused at submit with a 422 naming the ceiling."""
 
@@ -46,7 +51,7 @@ class LimitCeilings:
     def from_env(cls) -> "LimitCeilings":
         values = {}
         for f in fields(cls):
-            raw = os.environ.get(f"SPIDER_MAX_{f.name.upper()}")
+            raw = os.environ.get(ceiling_env(f.name))
             if raw:
                 values[f.name] = type(f.default)(float(raw))
         return cls(**values)

@@ -17,6 +17,16 @@ SAMPLE_PROMPTS = ROOT / "examples" / "data" / "prompts.jsonl"
 API_KEYS = ("key-alice", "key-bob")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_dirs(tmp_path_factory) -> Path:
+    """The tests' own model folders live under pytest's temporary root: the operator setting that
+    lets jobs load local model folders (SPIDER_MODEL_DIRS) names it, for this process and the
+    stack it starts."""
+    root = tmp_path_factory.getbasetemp().resolve()
+    os.environ["SPIDER_MODEL_DIRS"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A ~1M-parameter random Llama with a real BPE tokenizer and a ChatML template."""
@@ -67,6 +77,8 @@ def stack(tmp_path_factory):
         "HF_DATASETS_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "SPIDER_VISIBILITY_TIMEOUT": "20",
+        # The tests' OpenAI-compatible vLLM server listens on loopback: the operator allows that host.
+        "SPIDER_ALLOWED_HOSTS": "127.0.0.1",
     }
     log_dir = tmp_path_factory.mktemp("stack-logs")
     with LocalStack(api_keys=API_KEYS, env=env, log_dir=log_dir) as running:

@@ -244,7 +244,9 @@ class TestVLLM:
         assert usage.prompt_tokens + usage.completion_tokens == VLLM_PARAMETERS["max_model_len"]
 
     def test_unknown_parameter_is_refused(self, tiny):
-        with pytest.raises(EngineError, match="no_such_option"):
+        from pydantic import ValidationError
+
+        with pytest.raises(ValidationError, match="no_such_option"):
             create_engine(ModelConfig(provider="vllm", name=str(tiny), parameters={"no_such_option": 1}))
 
     def test_load_engine_reuses_then_closes_for_another_model(self, vllm, tiny):
@@ -438,11 +440,13 @@ def test_client_errors_are_not_retried(scripted):
 
 def test_auth_failure_fails_the_engine(scripted, monkeypatch):
     scripted.script["secret"] = [(401, {})]
-    monkeypatch.setenv("SPIDER_TEST_KEY", "sk-test-123")
-    engine = OpenAIEngine("m", {"base_url": scripted.url, "api_key_env": "SPIDER_TEST_KEY"})
+    engine = OpenAIEngine("m", {"base_url": scripted.url, "api_key_env": "SPIDER_TEST_KEY"},
+                          secrets={"SPIDER_TEST_KEY": "sk-test-123"})
     with pytest.raises(EngineError, match="api_key_env"):
         engine.generate([ask("secret")], GREEDY)
     assert scripted.headers[0]["Authorization"] == "Bearer sk-test-123"
+    # The worker's own environment never stands in for a secret the job did not send.
+    monkeypatch.setenv("SPIDER_MISSING_KEY", "sk-of-the-worker")
     with pytest.raises(EngineError, match="SPIDER_MISSING_KEY"):
         OpenAIEngine("m", {"base_url": scripted.url, "api_key_env": "SPIDER_MISSING_KEY"})
 

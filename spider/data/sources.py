@@ -6,14 +6,129 @@ import datetime
 import decimal
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spider.config import SourceConfig
 from spider.errors import SourceError
+from spider.policy import Policy, within
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+# Builders a job may name with its own data_files: plain-data formats only (no pickles, no SQL).
+FILE_BUILDERS = ("json", "csv", "parquet", "text")
+# `source.options` a job may set: how to parse its files, never where Spider keeps or reads things.
+BUILDER_OPTIONS = ("data_files", "data_dir", "field", "delimiter", "sep", "column_names", "header", "quotechar",
+                   "skiprows", "columns", "encoding", "sample_by")
+LOAD_OPTIONS = ("verification_mode", "keep_in_memory")
 _SLICE = re.compile(r"^(?P<name>[\w.\-]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+@dataclass(frozen=True)
+class SourceAccess:
+    """What a job's source may read: the files uploaded with it (`uploaded`, a folder), the
+    operator's data roots, the Hub, and http(s) URLs to public hosts when the operator allows
+    remote data. `cache_dir` is the job's own datasets cache (deleted with the job)."""
+
+    uploaded: Path | None = None
+    data_roots: tuple[Path, ...] = ()
+    allow_remote_data: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+
+    @classmethod
+    def for_job(cls, policy: Policy, uploaded: Path | None, cache_dir: Path | None) -> "SourceAccess":
+        return cls(uploaded, policy.data_roots, policy.allow_remote_data, policy.allowed_hosts, cache_dir)
+
+    def roots(self) -> tuple[Path, ...]:
+        return self.data_roots + ((self.uploaded.resolve(),) if self.uploaded else ())
+
+    def check_file(self, entry: str, what: str) -> None:
+        """Raise SourceError unless the job may read `entry` (a path or URL)."""
+        if entry.startswith("hf://datasets/") and "::" not in entry:
+            return
+        if re.match(r"^https?://", entry) and "::" not in entry:
+            if not self.allow_remote_data:
+                raise SourceError(f"{what}: {entry!r} is a URL; this server reads remote data only when the operator "
+                                  "allows it (SPIDER_ALLOW_REMOTE_DATA=1)")
+            from spider.netpolicy import EgressDenied, check_url
+
+            try:
+                check_url(entry, self.allowed_hosts)
+            except EgressDenied as exc:
+                raise SourceError(f"{what}: {exc}") from None
+            return
+        if "://" in entry or "::" in entry or not entry.startswith("/"):
+            raise SourceError(f"{what}: {entry!r} is neither a file of the job nor a hub dataset file")
+        if not within(Path(entry), self.roots()):
+            raise SourceError(
+                f"{what}: {entry!r} is outside what this job may read (its own uploaded files, and the operator's "
+                "SPIDER_DATA_ROOTS); local files are uploaded with the job by the client"
+            )
+
+
+def _entries(data_files: Any) -> list[str]:
+    """Every path or pattern in a `data_files` value (a string, a list, or a mapping of either)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [e for value in data_files.values() for e in _entries(value)]
+    if isinstance(data_files, (list, tuple)):
+        return [e for value in data_files for e in _entries(value)]
+    return [str(data_files)]
+
+
+def looks_local(dataset: str) -> bool:
+    """Whether `source.dataset` names a local file or folder rather than a hub id or a builder."""
+    return dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in LOCAL_BUILDERS or not _HUB_DATASET.match(dataset)
+
+
+def source_problems(source: SourceConfig, policy: Policy, uploaded: bool) -> list[str]:
+    """What in `source` the operator's policy does not allow (checked at submit, before any file
+    is read); the resolved files are checked again when the source is loaded."""
+    problems = []
+    for key in source.options:
+        if key not in BUILDER_OPTIONS + LOAD_OPTIONS:
+            problems.append(f"source.options.{key}: not an option jobs may set; allowed: {', '.join(BUILDER_OPTIONS + LOAD_OPTIONS)}")
+    access = SourceAccess.for_job(policy, None, None)
+    if uploaded:
+        for key in ("data_files", "data_dir"):
+            if key in source.options:
+                problems.append(f"source.options.{key}: the job's source is the file it uploaded; leave {key} out")
+        return problems
+    if looks_local(source.dataset):
+        if not within(Path(source.dataset), policy.data_roots):
+            problems.append(
+                f"source.dataset: {source.dataset!r} is a path on the server, which jobs may read only inside the "
+                "operator's SPIDER_DATA_ROOTS; the client uploads local files with the job"
+            )
+        return problems
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    is_builder = source.dataset in _PACKAGED_DATASETS_MODULES
+    if is_builder and source.dataset not in FILE_BUILDERS:
+        problems.append(f"source.dataset: the {source.dataset!r} builder is not available to jobs; use one of "
+                        f"{', '.join(FILE_BUILDERS)} or a hub dataset id")
+        return problems
+    data_dir = source.options.get("data_dir")
+    if data_dir is not None and (not isinstance(data_dir, str) or is_builder or _escapes(data_dir)):
+        problems.append("source.options.data_dir: only a folder inside the hub dataset's repository")
+    for entry in _entries(source.options.get("data_files")):
+        if not is_builder and not _escapes(entry):
+            continue  # a pattern inside the hub repository
+        try:
+            access.check_file(entry, "source.options.data_files")
+        except SourceError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _escapes(pattern: str) -> bool:
+    """Whether a hub-repo-relative pattern points outside the repository."""
+    return pattern.startswith(("/", "~", "\\")) or ".." in Path(pattern).parts or "://" in pattern or "::" in pattern
 
 
 def jsonable(value: Any) -> Any:
@@ -39,8 +154,7 @@ def _builder_and_files(source: SourceConfig) -> tuple[str, dict[str, Any]]:
     """Turn a local path into a builder + data_files; pass hub ids and builders through."""
     options = dict(source.options)
     path = Path(source.dataset).expanduser()
-    looks_local = source.dataset.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_BUILDERS
-    if looks_local or path.exists():
+    if looks_local(source.dataset) or path.exists():
         if not path.exists():
             raise SourceError(f"source dataset {source.dataset!r}: no such file or directory")
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_BUILDERS) if path.is_dir() else [path]
@@ -51,27 +165,28 @@ def _builder_and_files(source: SourceConfig) -> tuple[str, dict[str, Any]]:
         if len(builders) > 1:
             raise SourceError(f"source dataset {source.dataset!r} mixes file types {sorted(suffixes)}")
         split_name = source.split.split("[")[0]
-        options["data_files"] = {split_name: [str(p) for p in files]}
+        options["data_files"] = {split_name: [str(p.resolve()) for p in files]}
         if ".tsv" in suffixes:
             options.setdefault("delimiter", "\t")
         return builders.pop(), options
     return source.dataset, options
 
 
-def load_source_rows(source: SourceConfig, token: str | None = None) -> list[dict[str, Any]]:
+def load_source_rows(source: SourceConfig, token: str | None = None, access: SourceAccess | None = None) -> list[dict[str, Any]]:
     """The source's rows, after split slicing, shuffling (seeded) and `max_examples`.
 
-    Raises SourceError with the dataset's own message when it cannot be loaded."""
+    With `access` (every job), the files the source resolves to are checked against it before
+    anything is read, and datasets keeps its cache in `access.cache_dir`. Without a `token`, none
+    is sent (not the worker's own). Raises SourceError with the dataset's own message when the
+    source cannot be loaded."""
     import datasets
 
-    builder, options = _builder_and_files(source)
-    kwargs: dict[str, Any] = dict(options)
+    builder_name, options = _builder_and_files(source)
+    kwargs: dict[str, Any] = {k: v for k, v in options.items() if k not in LOAD_OPTIONS}
     if source.config_name:
         kwargs["name"] = source.config_name
     if source.revision:
         kwargs["revision"] = source.revision
-    if token:
-        kwargs["token"] = token
     split = source.split
     stream_slice: tuple[int | None, int | None] | None = None
     if source.streaming and "[" in split:
@@ -83,8 +198,20 @@ def load_source_rows(source: SourceConfig, token: str | None = None) -> list[dic
         stream_slice = (int(start) if start else None, int(stop) if stop else None)
         if any(v is not None and v < 0 for v in stream_slice):
             raise SourceError("streaming sources do not support negative slice bounds")
+    cache = str(access.cache_dir) if access is not None and access.cache_dir else None
     try:
-        dataset = datasets.load_dataset(builder, split=split, streaming=source.streaming, **kwargs)
+        builder = datasets.load_dataset_builder(builder_name, cache_dir=cache, token=token or False, **kwargs)
+        if access is not None:
+            for entry in _entries(builder.config.data_files):
+                access.check_file(str(entry), f"source {source.dataset!r}")
+        if source.streaming:
+            dataset = builder.as_streaming_dataset(split=split)
+        else:
+            builder.download_and_prepare(verification_mode=options.get("verification_mode"))
+            keep = options.get("keep_in_memory")
+            dataset = builder.as_dataset(split=split, in_memory=bool(keep))
+    except SourceError:
+        raise
     except Exception as exc:  # datasets raises many types; the user needs its message, not a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load source dataset {source.dataset!r} (split {source.split!r}): {message}") from None

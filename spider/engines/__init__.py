@@ -48,20 +48,28 @@ def engine_key(model: "ModelConfig", secrets: dict[str, str] | None = None) -> E
 
 
 def create_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -> Engine:
-    """A new engine for `model`, not cached: the caller closes it. `secrets` are the job's own
-    (an endpoint's API key, HF_TOKEN for gated models), never read from other jobs."""
+    """A new engine for a job's `model`, not cached: the caller closes it. `secrets` are the job's
+    own (an endpoint's API key, HF_TOKEN for gated models), never read from other jobs or from the
+    worker's environment. What the job may reach is the operator's policy (`spider.policy`): local
+    model folders, remote code, outbound hosts."""
+    from spider.models import ModelAccess
+    from spider.policy import Policy
+
+    policy = Policy.from_env()
     if model.provider == "vllm":
         from spider.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model.name, model.parameters, secrets)
+        return VLLMEngine(
+            model.name, model.parameters, secrets, access=ModelAccess.from_env(), allow_remote_code=policy.allow_remote_code
+        )
     if model.provider == "openai":
         from spider.engines.openai_engine import OpenAIEngine
 
-        return OpenAIEngine(model.name, model.parameters, secrets)
+        return OpenAIEngine(model.name, model.parameters, secrets, allowed_hosts=policy.allowed_hosts)
     if model.provider == "hf":
         from spider.engines.hf_engine import HFEngine
 
-        return HFEngine(model.name, model.parameters, secrets)
+        return HFEngine(model.name, model.parameters, secrets, access=ModelAccess.from_env())
     if model.provider == "tinker":
         raise EngineError(
             "provider 'tinker' samples through the trainer backend of an on-policy job, not through a "

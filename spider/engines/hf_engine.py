@@ -41,7 +41,7 @@ from transformers import (
 from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
 from spider.engines.prompts import check_chat_template, render_prompt
 from spider.errors import EngineError
-from spider.models import resolve_model
+from spider.models import ModelAccess, resolve_model
 from spider.types import Usage
 
 PARAMETERS = ("dtype", "device", "batch_size")
@@ -79,7 +79,7 @@ class HFEngine(Engine):
     float16), `device` (default cuda when available, else cpu; `auto` spreads the model with
     accelerate), `batch_size` (samples per forward pass, default 16)."""
 
-    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None):
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None, access: ModelAccess | None = None):
         parameters = dict(parameters or {})
         unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
@@ -97,7 +97,7 @@ class HFEngine(Engine):
         self.batch_size = batch_size
         self.name = name
 
-        path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"))
+        path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"), access=access)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         check_chat_template(self.tokenizer, name)
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -27,6 +26,7 @@ import httpx
 
 from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
 from spider.errors import EngineError
+from spider.netpolicy import EgressDenied, check_url, guarded_transport
 from spider.types import Message, ToolCall, Usage
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,21 @@ RETRY_AFTER_MAX_S = 300.0
 
 class OpenAIEngine(Engine):
     """Chat completions over HTTP. `parameters`: `base_url` (default OpenAI's), `api_key_env` (the
-    environment variable holding the key, default OPENAI_API_KEY; without it no key is sent),
+    name of the job secret holding the key, default OPENAI_API_KEY; without it no key is sent),
     `max_concurrency` (default 16), `timeout` (seconds per attempt, default 600), `max_retries`
-    (default 5)."""
+    (default 5).
 
-    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None):
+    The key comes from `secrets` only (the job's own), never from the worker's environment. With
+    `allowed_hosts` given (always, for jobs), every connection goes to a public address or to one
+    of those hosts (`spider.netpolicy`); None means no such check (for the operator's own use)."""
+
+    def __init__(
+        self,
+        name: str,
+        parameters: dict[str, Any] | None = None,
+        secrets: dict[str, str] | None = None,
+        allowed_hosts: tuple[str, ...] | None = None,
+    ):
         parameters = dict(parameters or {})
         unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
@@ -56,12 +66,11 @@ class OpenAIEngine(Engine):
         self.name = name
         self.base_url = str(parameters.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         key_env = parameters.get("api_key_env")
-        # The job's own secrets first, then the worker's environment.
-        api_key = (secrets or {}).get(key_env or "OPENAI_API_KEY") or os.environ.get(key_env or "OPENAI_API_KEY")
+        api_key = (secrets or {}).get(key_env or "OPENAI_API_KEY")
         if key_env and not api_key:
             raise EngineError(
-                f"model.parameters.api_key_env names {key_env!r}, but that environment variable is not set; "
-                "send it with the job's secrets or set it on the worker"
+                f"model.parameters.api_key_env names {key_env!r}, but the job was not sent that secret: "
+                f"pass it in the client's env (env={{{key_env!r}: ...}}); workers never lend their own keys"
             )
         self.max_concurrency = _positive_int(parameters, "max_concurrency", 16)
         self.max_retries = _positive_int(parameters, "max_retries", 5, allow_zero=True)
@@ -69,11 +78,21 @@ class OpenAIEngine(Engine):
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise EngineError(f"model.parameters.timeout must be a positive number of seconds, got {timeout!r}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        transport = None
+        if allowed_hosts is not None:
+            try:
+                check_url(self.base_url, allowed_hosts)
+            except EgressDenied as exc:
+                raise EngineError(f"model.parameters.base_url: {exc}") from None
+            transport = guarded_transport(allowed_hosts, limits=limits)
         self.client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(float(timeout)),
-            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+            limits=limits,
+            transport=transport,
+            follow_redirects=False,
         )
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
@@ -129,6 +148,9 @@ class OpenAIEngine(Engine):
                 return GenerationResult(request.key, error="not sent: the endpoint refused another request")
             try:
                 response = self.client.post("/chat/completions", json=body)
+            except EgressDenied as exc:
+                refused.set()
+                raise EngineError(f"model.parameters.base_url: {exc}") from None
             except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
                 problem, wait = f"{type(exc).__name__}: {exc}", None
             else:

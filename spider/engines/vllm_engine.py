@@ -12,13 +12,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
 from spider.engines.prompts import check_chat_template, render_prompt
 from spider.errors import EngineError
-from spider.models import resolve_model
+from spider.models import ModelAccess, resolve_model
 from spider.types import Usage
 
 logger = logging.getLogger(__name__)
@@ -42,9 +41,18 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 
 class VLLMEngine(Engine):
-    """`vllm.LLM` on `resolve_model(name, token=(secrets or {}).get("HF_TOKEN"))`; `parameters` go to `LLM(**parameters)` as they are."""
+    """`vllm.LLM` on `resolve_model(name, ...)`; `parameters` (checked by `VLLMParameters` when they
+    come from a job) go to `LLM(**parameters)`. `access` limits local model and tokenizer folders;
+    `allow_remote_code` is the operator's permission for `trust_remote_code`."""
 
-    def __init__(self, name: str, parameters: dict[str, Any] | None = None, secrets: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        parameters: dict[str, Any] | None = None,
+        secrets: dict[str, str] | None = None,
+        access: ModelAccess | None = None,
+        allow_remote_code: bool = True,
+    ):
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -58,14 +66,19 @@ class VLLMEngine(Engine):
         kwargs = dict(parameters or {})
         if "model" in kwargs:
             raise EngineError("model.parameters.model: give the model as model.name, not as a vLLM parameter")
+        if kwargs.get("trust_remote_code") and not allow_remote_code:
+            raise EngineError(
+                "model.parameters.trust_remote_code: this server does not run code from model repositories "
+                "(the operator allows it with SPIDER_ALLOW_REMOTE_CODE=1)"
+            )
         if current_platform.is_cpu():
             kwargs.setdefault("enforce_eager", True)
             if "kv_cache_memory_bytes" not in kwargs:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        tokenizer = kwargs.get("tokenizer")
-        if isinstance(tokenizer, str) and not Path(tokenizer).expanduser().exists():
-            kwargs["tokenizer"] = str(resolve_model(tokenizer, token=(secrets or {}).get("HF_TOKEN")))
-        path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"))
+        token = (secrets or {}).get("HF_TOKEN")
+        if isinstance(kwargs.get("tokenizer"), str):
+            kwargs["tokenizer"] = str(resolve_model(kwargs["tokenizer"], token=token, access=access))
+        path = resolve_model(name, token=token, access=access)
         try:
             self.llm: Any = LLM(model=str(path), **kwargs)
         except TypeError as exc:

@@ -8,11 +8,65 @@ public, and `runtime.limits` above the operator's ceilings.
 
 from __future__ import annotations
 
-from spider.config import JobConfig
-from spider.policy import Policy
+from pathlib import Path
+
+from spider.config import JobConfig, ModelConfig
+from spider.data.sources import source_problems
+from spider.errors import ConfigError
+from spider.models import ModelAccess, looks_local
+from spider.netpolicy import EgressDenied, UnresolvableHost, check_url
+from spider.policy import Policy, ceiling_env
 
 
 def admit(job: JobConfig, policy: Policy, source_files: list[str] | None = None) -> None:
     """Raise ConfigError naming every field of `job` that `policy` does not allow.
 
     `source_files` are the names of the files uploaded with the job (its source, when present)."""
+    problems = (
+        model_problems(job.model, policy, "job.model")
+        + source_problems(job.source, policy, uploaded=bool(source_files))
+        + runtime_problems(job, policy)
+    )
+    if problems:
+        raise ConfigError("this server does not accept the job:\n  " + "\n  ".join(problems))
+
+
+def model_problems(model: ModelConfig, policy: Policy, path: str) -> list[str]:
+    """Local model folders, remote code and outbound hosts that `policy` does not allow."""
+    problems = []
+    access = ModelAccess(policy.model_dirs)
+    params = model.parameters
+    if model.provider in ("vllm", "hf"):
+        names = [("name", model.name)] + ([("parameters.tokenizer", params["tokenizer"])] if params.get("tokenizer") else [])
+        for key, name in names:
+            if looks_local(name) and not access.allows(Path(name)):
+                problems.append(f"{path}.{key}: {access.refusal(name)}")
+    if params.get("trust_remote_code") and not policy.allow_remote_code:
+        problems.append(
+            f"{path}.parameters.trust_remote_code: this server does not run code from model repositories "
+            "(the operator allows it with SPIDER_ALLOW_REMOTE_CODE=1)"
+        )
+    if model.provider == "openai":
+        from spider.engines.openai_engine import DEFAULT_BASE_URL
+
+        try:
+            check_url(params.get("base_url") or DEFAULT_BASE_URL, policy.allowed_hosts)
+        except UnresolvableHost:
+            pass  # the workers' resolver may know it; they check every connection again
+        except EgressDenied as exc:
+            problems.append(f"{path}.parameters.base_url: {exc}")
+    return problems
+
+
+def runtime_problems(job: JobConfig, policy: Policy) -> list[str]:
+    """`runtime.limits` above the operator's ceilings, and network the operator turned off."""
+    problems = []
+    for name in type(job.runtime.limits).model_fields:
+        asked, ceiling = getattr(job.runtime.limits, name), getattr(policy.ceilings, name)
+        if asked > ceiling:
+            problems.append(
+                f"job.runtime.limits.{name}: {asked} is above this server's ceiling of {ceiling} ({ceiling_env(name)})"
+            )
+    if job.runtime.network and not policy.sandbox_network:
+        problems.append("job.runtime.network: this server gives user code no network (SPIDER_SANDBOX_NETWORK=0)")
+    return problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from spider.config import JobConfig
 from spider.data.sinks import read_jsonl, upload_to_hub, write_result
-from spider.data.sources import choose_system_prompt, load_source_rows, prompt_of, row_seed
+from spider.data.sources import SourceAccess, choose_system_prompt, load_source_rows, prompt_of, row_seed
 from spider.engines.base import GenerationRequest, GenerationResult
 from spider.errors import SpiderError
 from spider.events import EventBus
@@ -99,10 +100,8 @@ def plan_job(ctx: Context, job_id: str) -> None:
         return
     if not ctx.store.transition(job_id, "running", ["queued", "running"]):
         return  # cancelled before it started, or already ended
-    label = ctx.store.get_field(job_id, "source_label") or config.source.dataset
-    ctx.bus.publish(job_id, "job.started", f"loading source {label!r}")
-    secrets = ctx.store.secrets(job_id)
-    rows = load_source_rows(config.source, token=secrets.get("HF_TOKEN"))
+    ctx.bus.publish(job_id, "job.started", f"loading source {config.source.dataset!r}")
+    rows = load_job_source(ctx, job_id, config)
     if not rows:
         raise SpiderError(f"source {config.source.dataset!r} (split {config.source.split!r}) has no rows")
     has_pre = record.has_bundle and _bundle_has(ctx, job_id, "has_pre_processor")
@@ -129,6 +128,25 @@ def plan_job(ctx: Context, job_id: str) -> None:
     )
     for batch_index in range(len(batches)):
         (ctx.dispatch.preprocess if has_pre else ctx.dispatch.rollout)(job_id, batch_index)
+
+
+def load_job_source(ctx: Context, job_id: str, config: JobConfig) -> list[dict[str, Any]]:
+    """The job's source rows: from the files it uploaded when it did, else from the Hub or the
+    operator's data roots, read with the job's own token and a datasets cache of the job's own,
+    removed once the rows are loaded."""
+    files = ctx.files(job_id)
+    uploaded = json.loads(ctx.store.get_field(job_id, "source_upload") or "null")
+    source = config.source
+    if uploaded is not None:
+        only = uploaded[0] if len(uploaded) == 1 else ""
+        source = source.model_copy(update={"dataset": str(files.source_dir / only), "options": {
+            k: v for k, v in source.options.items() if k not in ("data_files", "data_dir")}})
+    cache = files.root / "datasets-cache"
+    access = SourceAccess.for_job(ctx.settings.policy, files.source_dir if uploaded is not None else None, cache)
+    try:
+        return load_source_rows(source, token=ctx.store.secrets(job_id).get("HF_TOKEN"), access=access)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def resume_job(ctx: Context, job_id: str) -> None:
