@@ -279,17 +279,15 @@ def wait_for(stack, job_id: str, key: str = ALICE, timeout: float = 240) -> dict
 
 
 def test_openai_engine_never_sends_the_workers_own_keys(stack):
-    """The finding: `api_key_env: SPIDER_API_KEYS` sent every API key to the submitter's server."""
+    """The finding: `api_key_env: SPIDER_API_KEYS` sent every API key to the submitter's server.
+    A key the job did not send is refused at submit; the workers never fall back to their own
+    environment either (tests/test_engines.py::test_auth_failure_fails_the_engine)."""
     attacker = Recorder("127.0.0.1")  # the stack's operator allows 127.0.0.1 (the tests' vLLM server)
     try:
         for key_env in ("SPIDER_API_KEYS", "SPIDER_REDIS_URL", "HF_TOKEN", "PATH"):
             body = job_body(stack, "m", **{"model.provider": "openai",
                                             "model.parameters": {"base_url": attacker.url, "api_key_env": key_env}})
-            body["source"]["split"] = "train[0:1]"
-            response = submit(stack, body)
-            assert response.status_code == 201, response.text
-            status = wait_for(stack, response.json()["job_id"])
-            assert status["status"] == "failed" and key_env in status["error"], status
+            refused(submit(stack, body), "api_key_env", key_env)
         assert attacker.requests == []
     finally:
         attacker.shutdown()
@@ -352,3 +350,11 @@ def test_a_config_with_engine_parameter_typos_fails_before_it_is_sent():
     with pytest.raises(Exception, match="base_url"):
         ModelConfig(provider="openai", name="m", parameters={"base_url": "ftp://example.com/v1"})
     assert ModelConfig(provider="openai", name="m", parameters={"base_url": "https://example.com/v1"}).parameters
+
+
+@pytest.mark.parametrize("package", ["evil @ https://example.com/evil-1.0.tar.gz", "git+https://example.com/evil.git",
+                                     "/etc/passwd", "./evil.tar.gz", "--index-url=http://10.0.0.1/simple"])
+def test_packages_from_outside_the_index_are_refused(stack, tiny_model, package):
+    body = job_body(stack, tiny_model)
+    body["runtime"] = {"packages": [package]}
+    refused(submit(stack, body), "job.runtime.packages")

@@ -308,7 +308,7 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
     env = _checked_env(body.get("env"))
     source_files = _decode_source_files(body.get("source_files"), settings.max_bundle_bytes)
     try:
-        admission.admit(job, settings.policy, source_files=sorted(source_files) or None)
+        admission.admit(job, settings.policy, source_files=sorted(source_files) or None, secret_names=sorted(env))
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
     bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)

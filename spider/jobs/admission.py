@@ -12,18 +12,22 @@ from pathlib import Path
 
 from spider.config import JobConfig, ModelConfig
 from spider.data.sources import source_problems
-from spider.errors import ConfigError
+from spider.errors import ConfigError, SandboxError
 from spider.models import ModelAccess, looks_local
 from spider.netpolicy import EgressDenied, UnresolvableHost, check_url
 from spider.policy import Policy, ceiling_env
+from spider.sandbox.venvs import check_sources, normalize_requirements
 
 
-def admit(job: JobConfig, policy: Policy, source_files: list[str] | None = None) -> None:
+def admit(
+    job: JobConfig, policy: Policy, source_files: list[str] | None = None, secret_names: list[str] | None = None
+) -> None:
     """Raise ConfigError naming every field of `job` that `policy` does not allow.
 
-    `source_files` are the names of the files uploaded with the job (its source, when present)."""
+    `source_files` are the names of the files uploaded with the job (its source, when present);
+    `secret_names` the names of the secrets sent with it (keys an engine needs must be among them)."""
     problems = (
-        model_problems(job.model, policy, "job.model")
+        model_problems(job.model, policy, "job.model", secret_names)
         + source_problems(job.source, policy, uploaded=bool(source_files))
         + runtime_problems(job, policy)
     )
@@ -31,8 +35,9 @@ def admit(job: JobConfig, policy: Policy, source_files: list[str] | None = None)
         raise ConfigError("this server does not accept the job:\n  " + "\n  ".join(problems))
 
 
-def model_problems(model: ModelConfig, policy: Policy, path: str) -> list[str]:
-    """Local model folders, remote code and outbound hosts that `policy` does not allow."""
+def model_problems(model: ModelConfig, policy: Policy, path: str, secret_names: list[str] | None = None) -> list[str]:
+    """Local model folders, remote code and outbound hosts that `policy` does not allow, and an
+    endpoint key the job did not send (workers never lend their own)."""
     problems = []
     access = ModelAccess(policy.model_dirs)
     params = model.parameters
@@ -55,6 +60,12 @@ def model_problems(model: ModelConfig, policy: Policy, path: str) -> list[str]:
             pass  # the workers' resolver may know it; they check every connection again
         except EgressDenied as exc:
             problems.append(f"{path}.parameters.base_url: {exc}")
+        key_env = params.get("api_key_env")
+        if key_env and secret_names is not None and key_env not in secret_names:
+            problems.append(
+                f"{path}.parameters.api_key_env: names {key_env!r}, which the job was not sent; pass it in the "
+                "client's env (workers never lend their own keys)"
+            )
     return problems
 
 
@@ -69,4 +80,8 @@ def runtime_problems(job: JobConfig, policy: Policy) -> list[str]:
             )
     if job.runtime.network and not policy.sandbox_network:
         problems.append("job.runtime.network: this server gives user code no network (SPIDER_SANDBOX_NETWORK=0)")
+    try:
+        check_sources(normalize_requirements(job.runtime.packages), policy.allow_direct_url_packages)
+    except SandboxError as exc:
+        problems.append(f"job.runtime.packages: {exc}")
     return problems
