@@ -1,9 +1,10 @@
 """One jailed interpreter, seen from the worker: start it, send it requests, kill it.
 
-Requests go out in `marshal` format; everything read back is untrusted: answers are JSON (never
-unpickled or unmarshalled here),
-their size is bounded, and every read and write has a deadline after which the jail's whole
-process group is killed.
+Requests go out in `marshal` format; everything read back is untrusted: answers are ASCII JSON
+(never unpickled or unmarshalled here), each frame's cost (`jailed.answer_cost`: its size plus
+what decoding it would create) is checked against what the caller allows before it is decoded,
+any failure to decode it is the interpreter's failure, and every read and write has a deadline.
+Each of these failures kills the jail's whole process group.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from spider.sandbox.jail import strip_firejail_noise
+from spider.sandbox.jailed import answer_cost
+from spider.sandbox.outcomes import CallError, preview
 
 _LEN = struct.Struct(">I")
-MAX_FRAME_BYTES = 512 * 1024 * 1024
+MAX_FRAME_BYTES = 512 * 1024 * 1024  # whatever the caller allows
+HELLO_COST = 1024 * 1024  # the start-up answer: a pid, a version and the tools' names
 STDERR_TAIL_BYTES = 16 * 1024
 PIPE_BYTES = 1024 * 1024
 MARSHAL_VERSION = 4
@@ -99,14 +102,13 @@ class Interpreter:
         self._stderr_reader.start()
         deadline = time.monotonic() + start_timeout_s
         self.send(launch.config, deadline)
-        hello = self.receive(deadline)
-        if "error" in hello:
+        hello, _ = self.receive(deadline, HELLO_COST)
+        if isinstance(hello, dict) and "error" in hello:
             self.kill()
-            kind, type_name, message, tb = (list(hello["error"]) + ["", "", "", ""])[:4]
-            raise InterpreterFailure("load", str(type_name), str(message))
-        if not hello.get("ready"):
-            self.kill()
-            raise InterpreterFailure("protocol", "ProtocolError", f"unexpected start-up answer {str(hello)[:200]}")
+            error = CallError.from_wire(hello["error"])
+            raise InterpreterFailure("load", error.type, error.message)
+        if not isinstance(hello, dict) or hello.get("ready") is not True:
+            self.fail_protocol(f"unexpected start-up answer {preview(hello)}")
         self.pid_in_jail = hello.get("pid")
         self.tools = hello.get("tools", [])
 
@@ -128,25 +130,41 @@ class Interpreter:
                 self._fail_dead()
             view = view[written:]
 
-    def receive(self, deadline: float) -> Any:
-        """The next frame, decoded; raises InterpreterFailure (after killing the jail) when the
-        deadline passes, the interpreter dies, or the frame is not JSON."""
+    def receive(self, deadline: float, limit: int) -> tuple[Any, int]:
+        """The next frame, decoded, and its cost (`jailed.answer_cost`). Raises InterpreterFailure
+        (after killing the jail) when the deadline passes, the interpreter dies, the frame costs
+        more than `limit` (kind "limit", type "OutputLimit": then it is not even read), or it is
+        not ASCII JSON that this process can decode (too deep, too big for memory)."""
+        limit = min(limit, MAX_FRAME_BYTES)
         (size,) = _LEN.unpack(self._read_exact(_LEN.size, deadline))
-        if size > MAX_FRAME_BYTES:
-            self._fail("protocol", "ProtocolError", f"the interpreter sent a {size}-byte frame")
+        if size > limit:
+            self._fail("limit", "OutputLimit", f"the interpreter announced a {size}-byte frame; it may send {limit}")
         body = self._read_exact(size, deadline)
+        if not body.isascii():  # what the jail writes is ASCII: no string can be wider than its escapes
+            self.fail_protocol("the interpreter sent a frame that is not ASCII JSON")
+        cost = answer_cost(body)
+        if cost > limit:
+            self._fail("limit", "OutputLimit", f"the interpreter sent a frame that costs {cost}; it may send {limit}")
         try:
-            if size < LARGE_FRAME_BYTES:
-                return json.loads(body)
-            # Decoding a big batch creates many containers at once: collections in the middle
-            # of it would only walk objects that are all alive.
-            gc.disable()
-            try:
-                return json.loads(body)
-            finally:
-                gc.enable()
+            return self._decode(body), cost
+        except RecursionError:
+            self.fail_protocol("the interpreter sent a frame nested too deeply to decode")
+        except MemoryError:
+            self._fail("limit", "MemoryError", "the sandbox worker ran out of memory decoding the interpreter's answer")
         except ValueError:
-            self._fail("protocol", "ProtocolError", "the interpreter sent a frame that is not JSON")
+            self.fail_protocol("the interpreter sent a frame that is not JSON")
+
+    @staticmethod
+    def _decode(body: bytearray) -> Any:
+        if len(body) < LARGE_FRAME_BYTES:
+            return json.loads(body)
+        # Decoding a big batch creates many containers at once: collections in the middle of it
+        # would only walk objects that are all alive.
+        gc.disable()
+        try:
+            return json.loads(body)
+        finally:
+            gc.enable()
 
     def _read_exact(self, size: int, deadline: float) -> bytearray:
         buffer = bytearray(size)
@@ -165,23 +183,21 @@ class Interpreter:
             filled += got
         return buffer
 
-    def request_stream(self, request: bytes, frame_timeout_s: float) -> Iterator[Any]:
-        """Send `request` (an encoded JSON object) and yield its answer frames; each must come
-        within `frame_timeout_s` of the previous one."""
-        self.send(None, time.monotonic() + frame_timeout_s, encoded=request)
-        while True:
-            frame = self.receive(time.monotonic() + frame_timeout_s)
-            yield frame
-            if isinstance(frame, dict):
-                return
-
     # -- failure --------------------------------------------------------------------------------
 
-    def _fail(self, kind: str, type_name: str, message: str) -> None:
+    def _fail(self, kind: str, type_name: str, message: str) -> NoReturn:
         self.kill()
         raise InterpreterFailure(kind, type_name, message)
 
-    def _fail_dead(self) -> None:
+    def fail_protocol(self, message: str) -> NoReturn:
+        """Kill the interpreter for an answer that breaks the protocol, and raise InterpreterFailure."""
+        self._fail("protocol", "ProtocolError", message)
+
+    def fail_output_limit(self) -> NoReturn:
+        """Kill the interpreter for an answer over its output budget, and raise InterpreterFailure."""
+        self._fail("limit", "OutputLimit", "")
+
+    def _fail_dead(self) -> NoReturn:
         self.kill()
         code = self.process.returncode
         if code is not None and code < 0:

@@ -12,9 +12,14 @@ answers with `{"ready": ...}` or `{"error": ...}` and then serves requests until
 
 * `{"op": "process", "which": "pre_processor"|"post_processor", "items": [...], "kwargs": {...}}`
   answered by one or more frames holding a list of outcomes (`["ok", value]`, `["drop"]`,
-  `["error", kind, type, message, traceback]`) and a final `{"done": true, "recycle": bool}`;
-* `{"op": "tool", "name": ..., "arguments": {...}}` answered by `{"content": str, ...}` or
-  `{"error": [kind, type, message, traceback], ...}`.
+  `["error", kind, type, message, traceback]`, `["limit"]`) and a final `{"done": true, "recycle": bool}`;
+* `{"op": "tool", "name": ..., "arguments": {...}}` answered by `{"content": str, ...}`,
+  `{"error": [kind, type, message, traceback], ...}` or `{"limit": true, ...}`.
+
+Every request carries `output_budget`: what its answer may cost (`answer_cost`) beyond the
+`ROW_SLACK` each outcome and the closing frame get. The worker enforces it, killing the jail
+over it; this side keeps within it, turning each result that does not fit into `["limit"]` (or
+a tool's answer into `{"limit": true}`), so that honest code never meets that kill.
 
 Before answering a request, every other process of the job in the jail is killed and reaped, so
 no background process outlives the call that started it.
@@ -37,6 +42,21 @@ FLUSH_INTERVAL_S = 0.05
 FLUSH_ITEMS = 2048
 REAP_WAIT_S = 0.5  # well within the worker's grace period after a call
 DROPPED = ["drop"]
+OUTPUT_LIMITED = ["limit"]
+MAX_ERROR_TEXT = 4000  # characters of an error's message, and of its traceback
+
+# What an answer costs, in bytes: its JSON, plus what the objects that decoding it creates take
+# in the worker beyond their characters (measured with CPython 3.11: a list or dict and its slot
+# ~64 bytes, a str ~50 (two quotes), an int or float and its slot ~32-40). The worker charges
+# answers this to runtime.limits.output_mb, so that the limit bounds the worker's memory however
+# an answer is shaped: 3 MiB of `[[],[],...]` cost 67 MiB, 3 MiB of prose about 3.5 MiB.
+CONTAINER_COST = 64
+QUOTE_COST = 24
+NUMBER_COST = 32
+# Every outcome and every closing frame may cost this much without touching the budget: enough
+# for `["drop"]`, `["limit"]`, its share of a frame's brackets, and `{"done": true, ...}`.
+ROW_SLACK = 256
+_DIGIT_OR_NOT = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
 BUNDLE_FORMAT = 2  # the layout spider.client.bundle writes: header, source files, payload
 
@@ -48,6 +68,17 @@ class CallTimeout(BaseException):
 
 class CpuLimitExceeded(BaseException):
     """Raised in the user's code when a call uses more CPU time than its budget."""
+
+
+def answer_cost(data):
+    """The cost of the JSON `data` (bytes): its length, plus CONTAINER_COST for each `[` and `{`,
+    QUOTE_COST for each `"` and NUMBER_COST for each number (a run of digits, NaN or Infinity).
+    Counted with C-speed byte scans, before anything is decoded; characters inside strings count
+    too, which only overestimates. Additive: the cost of `[a,b]` is that of `[`, `a`, `,`, `b`, `]`."""
+    numbers = data.translate(_DIGIT_OR_NOT).count(b" 0") + data[:1].isdigit()
+    numbers += data.count(b"NaN") + data.count(b"Infinity")
+    containers = data.count(b"[") + data.count(b"{")
+    return len(data) + CONTAINER_COST * containers + QUOTE_COST * data.count(b'"') + NUMBER_COST * numbers
 
 
 def write_frame(fd, obj=None, raw=None):
@@ -155,7 +186,7 @@ def error_entry(exc, kind=None):
     frames = [f for f in frames if f.filename != __file__]
     tb = "".join(traceback.format_list(frames[-5:]))
     message = str(exc) if not isinstance(exc, MemoryError) else (str(exc) or "out of memory (memory limit reached)")
-    return [kind, type(exc).__name__, message, tb]
+    return [kind, type(exc).__name__, message[:MAX_ERROR_TEXT], tb[-MAX_ERROR_TEXT:]]
 
 
 class Server:
@@ -167,6 +198,7 @@ class Server:
         self.guard = Guard(config["call_timeout_s"], config["cpu_seconds"])
         self.scratch = config["scratch"]
         self.reap = config.get("reap_others", False)
+        self.output_left = None  # what the current request's answer may still cost (see answer_cost)
 
     def serve(self):
         while True:
@@ -174,6 +206,7 @@ class Server:
             if request is None or request.get("op") == "exit":
                 return
             op = request.get("op")
+            self.output_left = request.get("output_budget")
             if op == "process":
                 final = self.process(request)
             elif op == "tool":
@@ -184,7 +217,21 @@ class Server:
             # If something could not be cleared in time, the worker replaces the whole jail.
             if not self.after_call():
                 final["recycle"] = True
-            write_frame(self.out_fd, final)
+            data = json.dumps(final).encode()
+            if not self.fits(data, 1):  # only a tool's answer can be this large
+                data = json.dumps({"limit": True, "recycle": bool(final.get("recycle"))}).encode()
+            write_frame(self.out_fd, raw=data)
+
+    def fits(self, data, outcomes):
+        """Whether the frame `data`, holding `outcomes` outcomes (1 for a closing frame), fits in
+        what is left of the request's budget; if it does, it is taken from the budget."""
+        if self.output_left is None:
+            return True
+        charge = answer_cost(data) - ROW_SLACK * outcomes
+        if charge > self.output_left:
+            return False
+        self.output_left -= max(0, charge)
+        return True
 
     def after_call(self):
         """Kill every other process of this job in the jail (background processes, fork bombs)
@@ -244,20 +291,37 @@ class Server:
 
     def send_outcomes(self, outcomes):
         try:
-            data = json.dumps(outcomes)
+            data = json.dumps(outcomes).encode()
         except Exception:  # some value is not JSON: find which, and make those errors
-            parts = []
-            for outcome in outcomes:
-                try:
-                    parts.append(json.dumps(outcome))
-                except Exception as exc:
-                    message = (
-                        f"the processor returned a {type(outcome[1]).__name__} that is not JSON data ({exc}); "
-                        "return dicts, lists, strings, numbers, booleans or None"
-                    )
-                    parts.append(json.dumps(["error", "exception", "TypeError", message, ""]))
-            data = "[" + ",".join(parts) + "]"
-        write_frame(self.out_fd, raw=data.encode())
+            data = None
+        if data is None or not self.fits(data, len(outcomes)):
+            data = self.fitted_outcomes(outcomes)
+        write_frame(self.out_fd, raw=data)
+
+    def fitted_outcomes(self, outcomes):
+        """A frame of `outcomes` one by one: a value that is not JSON becomes an error, one that
+        does not fit in what is left of the budget becomes `["limit"]` (which always fits, as
+        each outcome has ROW_SLACK); the frame's cost is taken from the budget."""
+        limited = json.dumps(OUTPUT_LIMITED).encode()
+        parts = []
+        spent = answer_cost(b"[]") - answer_cost(b",")  # the brackets; the first part has no comma
+        for outcome in outcomes:
+            try:
+                part = json.dumps(outcome).encode()
+            except Exception as exc:
+                message = (
+                    f"the processor returned a {type(outcome[1]).__name__} that is not JSON data ({exc}); "
+                    "return dicts, lists, strings, numbers, booleans or None"
+                )
+                part = json.dumps(["error", "exception", "TypeError", message, ""]).encode()
+            charge = answer_cost(part) + answer_cost(b",") - ROW_SLACK
+            if self.output_left is not None and spent + charge > self.output_left:
+                part, charge = limited, answer_cost(limited) + answer_cost(b",") - ROW_SLACK
+            parts.append(part)
+            spent += charge
+        if self.output_left is not None:
+            self.output_left -= max(0, spent)
+        return b"[" + b",".join(parts) + b"]"
 
     def tool(self, request):
         entry = self.functions["tools"].get(request["name"])
@@ -427,14 +491,17 @@ def start_egress_relay(socket_path):
     return listener.getsockname()[1]
 
 
-def use_egress_proxy(socket_path):
+def use_egress_proxy(socket_path, direct_loopback):
     """Start the relay and point the proxy variables that HTTP clients (requests, httpx, urllib,
-    pip, curl) read at it; the jail has no other way out."""
+    pip, curl) read at it; the jail has no other way out. With `direct_loopback`, clients reach
+    the jail's own loopback (servers the job starts itself) without the proxy."""
     proxy = "http://127.0.0.1:%d" % start_egress_relay(socket_path)
-    for name in ("NO_PROXY", "no_proxy"):
-        os.environ.pop(name, None)
     for name in PROXY_VARIABLES:
         os.environ[name] = proxy
+    bypass = [os.environ.pop(name, "") for name in ("NO_PROXY", "no_proxy")]
+    if direct_loopback:
+        bypass.append("localhost,127.0.0.1,::1")
+        os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(entry for entry in bypass if entry)
 
 
 def run_behind_relay(socket_path, command):
@@ -442,7 +509,7 @@ def run_behind_relay(socket_path, command):
     the relay in front of the egress proxy; exit with its status."""
     import subprocess
 
-    use_egress_proxy(socket_path)
+    use_egress_proxy(socket_path, direct_loopback=False)  # the index may be a mirror on the host's loopback
     try:
         return subprocess.call(command)
     except OSError as exc:
@@ -471,7 +538,7 @@ def main():
         os.environ.clear()
         os.environ.update(config["env"])
         if config.get("egress_socket"):
-            use_egress_proxy(config["egress_socket"])
+            use_egress_proxy(config["egress_socket"], direct_loopback=True)
         sys.executable = os.path.join(config["venv"], "bin", "python")
         import site
 

@@ -3,14 +3,52 @@
 A processor or tool that raises, times out, hits a limit or kills its interpreter does not fail
 the job: its outcome carries a `CallError` that becomes an error record for the row or an error
 tool message for the model.
+
+What an interpreter sends is untrusted: `from_wire` takes any decoded JSON and never raises.
 """
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ErrorKind = Literal["exception", "timeout", "limit", "crash", "load", "protocol"]
+ERROR_KINDS = get_args(ErrorKind)
+MAX_ERROR_TEXT = 4000  # characters kept of an error's message, and of its traceback
+# Deeper results would break the recursive code that later stages run on rows (dataclass
+# conversion, encoders, validators); 128 is also serde_json's default.
+MAX_RESULT_DEPTH = 128
+
+_preview = reprlib.Repr()
+_preview.maxstring = _preview.maxother = 80
+
+
+def preview(value: Any) -> str:
+    """A short repr of any decoded JSON, however large or deep, for error messages."""
+    return _preview.repr(value)
+
+
+def _text(value: Any, limit: int = MAX_ERROR_TEXT, tail: bool = False) -> str:
+    if not isinstance(value, str):
+        return preview(value)
+    return value[-limit:] if tail else value[:limit]
+
+
+def _deeper_than(value: list | dict, limit: int) -> bool:
+    """Whether decoded JSON nests more than `limit` lists and dicts; depth-first, without
+    recursion, holding one iterator per level."""
+    stack = [iter(value.values() if isinstance(value, dict) else value)]
+    while stack:
+        for child in stack[-1]:
+            if isinstance(child, (list, dict)):
+                if len(stack) >= limit:
+                    return True
+                stack.append(iter(child.values() if isinstance(child, dict) else child))
+                break
+        else:
+            stack.pop()
+    return False
 
 
 @dataclass
@@ -34,9 +72,16 @@ class CallError:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, entry: list[Any]) -> "CallError":
-        kind, type_name, message, traceback = (list(entry) + ["", "", "", ""])[:4]
-        return cls(kind=str(kind), type=str(type_name), message=str(message), traceback=str(traceback))  # type: ignore[arg-type]
+    def from_wire(cls, entry: Any) -> "CallError":
+        """`[kind, type, message, traceback]`, each part optional; anything else still makes an error."""
+        fields = list(entry[:4]) if isinstance(entry, list) else []
+        kind, type_name, message, traceback = fields + [""] * (4 - len(fields))
+        return cls(
+            kind=kind if isinstance(kind, str) and kind in ERROR_KINDS else "exception",  # type: ignore[arg-type]
+            type=_text(type_name, 200),
+            message=_text(message),
+            traceback=_text(traceback, tail=True),
+        )
 
 
 @dataclass
@@ -58,14 +103,18 @@ class Outcome:
 
     @classmethod
     def from_wire(cls, entry: Any) -> "Outcome":
-        if isinstance(entry, list) and entry:
+        """An outcome from any decoded JSON: a malformed one is an error outcome, never an exception."""
+        if isinstance(entry, list) and entry and isinstance(entry[0], str):
             if entry[0] == "ok" and len(entry) == 2:
+                if isinstance(entry[1], (list, dict)) and _deeper_than(entry[1], MAX_RESULT_DEPTH):
+                    message = f"the result is nested more than {MAX_RESULT_DEPTH} lists or dicts deep"
+                    return cls("error", error=CallError("limit", "NestingLimit", message))
                 return cls("kept", value=entry[1])
-            if entry[0] == "drop":
+            if entry[0] == "drop" and len(entry) == 1:
                 return cls("dropped")
             if entry[0] == "error":
-                return cls("error", error=CallError.from_wire(entry[1:]))
-        return cls("error", error=CallError("protocol", "ProtocolError", f"malformed outcome {str(entry)[:200]!r}"))
+                return cls("error", error=CallError.from_wire(entry[1:5]))
+        return cls("error", error=CallError("protocol", "ProtocolError", f"malformed outcome {preview(entry)}"))
 
 
 @dataclass

@@ -405,6 +405,7 @@ class Sandbox:
             call_timeout_s=limits.call_timeout_s,
             start_timeout_s=self.start_timeout_s,
             kill_grace_s=self.kill_grace_s,
+            output_mb=limits.output_mb,
         )
 
     def _remove_dead_jobs(self) -> None:
