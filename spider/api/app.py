@@ -317,17 +317,20 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
 
 def new_job_dir(settings: Settings) -> tuple[str, JobFiles]:
     """A fresh job id whose directory this call created (so a rollback removes only its own files)."""
-    while True:
-        job_id = new_job_id()
-        files = JobFiles(settings.data_dir, job_id)
-        try:
-            files.root.mkdir(parents=True)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            log.error("cannot create a job directory under the data dir", exc_info=True)
-            raise HTTPException(*_failure("storing the job's files", exc)) from None
-        return job_id, files
+    try:
+        (settings.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        for _ in range(8):
+            job_id = new_job_id()
+            files = JobFiles(settings.data_dir, job_id)
+            try:
+                files.root.mkdir()
+            except FileExistsError:
+                continue  # an id in use: draw another
+            return job_id, files
+        raise FileExistsError("no free job id")
+    except OSError as exc:
+        log.error("cannot create a job directory under the data dir", exc_info=True)
+        raise HTTPException(*_failure("storing the job's files", exc)) from None
 
 
 def _failure(stage: str, exc: Exception) -> tuple[int, str]:
@@ -350,6 +353,10 @@ def _checked_env(env: Any) -> dict[str, str]:
             raise HTTPException(422, f"env: {name[:60]!r} is not a variable name (letters, digits and '_')")
         if "\x00" in value:
             raise HTTPException(422, f"env: the value of {name} contains a NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise HTTPException(422, f"env: the value of {name} is not valid UTF-8 text") from None
     return env
 
 

@@ -765,7 +765,7 @@ def bundle_manifest(bundle: bytes) -> dict[str, Any]:
 
     def checked(name: str, check: Callable[[Any], bool], what: str) -> Any:
         value = header.get(name)
-        if not check(value):
+        if name not in header or not check(value):
             raise BundleError(f"the bundle header is corrupt: `{name}` must be {what}")
         return value
 
