@@ -295,19 +295,21 @@ class Server:
         except Exception:  # some value is not JSON: find which, and make those errors
             data = None
         if data is None or not self.fits(data, len(outcomes)):
-            data = self.fitted_outcomes(outcomes)
+            # `[x]` is `[` + x + `]`: a lone outcome need not be encoded again.
+            data = self.fitted_outcomes(outcomes, [data[1:-1]] if data and len(outcomes) == 1 else None)
         write_frame(self.out_fd, raw=data)
 
-    def fitted_outcomes(self, outcomes):
-        """A frame of `outcomes` one by one: a value that is not JSON becomes an error, one that
-        does not fit in what is left of the budget becomes `["limit"]` (which always fits, as
-        each outcome has ROW_SLACK); the frame's cost is taken from the budget."""
+    def fitted_outcomes(self, outcomes, encoded=None):
+        """A frame of `outcomes` (or of their JSON, `encoded`) one by one: a value that is not
+        JSON becomes an error, one that does not fit in what is left of the budget becomes
+        `["limit"]` (which always fits, as each outcome has ROW_SLACK); the frame's cost is taken
+        from the budget."""
         limited = json.dumps(OUTPUT_LIMITED).encode()
         parts = []
         spent = answer_cost(b"[]") - answer_cost(b",")  # the brackets; the first part has no comma
-        for outcome in outcomes:
+        for index, outcome in enumerate(outcomes):
             try:
-                part = json.dumps(outcome).encode()
+                part = encoded[index] if encoded else json.dumps(outcome).encode()
             except Exception as exc:
                 message = (
                     f"the processor returned a {type(outcome[1]).__name__} that is not JSON data ({exc}); "

@@ -191,7 +191,7 @@ class JobSandbox:
             pending = items[len(outcomes) :]
             received, failure = self._run_batch(which, pending, kwargs, budget)
             outcomes += received
-            if failure is None:
+            if failure is None or len(outcomes) == len(items):  # every row answered before it failed
                 break
             # The interpreter died (or was killed) somewhere after the last outcome it reported.
             # Run the first unreported item alone to learn whether it is the culprit, then go on
