@@ -140,7 +140,7 @@ class Interpreter:
         if size > limit:
             self._fail("limit", "OutputLimit", f"the interpreter announced a {size}-byte frame; it may send {limit}")
         body = self._read_exact(size, deadline)
-        if not body.isascii():  # what the jail writes is ASCII: no string can be wider than its escapes
+        if not body.isascii():  # the jail writes ASCII, whose text takes a byte a character while decoded
             self.fail_protocol("the interpreter sent a frame that is not ASCII JSON")
         cost = answer_cost(body)
         if cost > limit:

@@ -3,9 +3,10 @@ processor batches and tool calls, replaced after a crash, a limit hit or `max_ca
 
 What one batch or tool call sends back is bounded by the job's `runtime.limits.output_mb`,
 counted with `jailed.answer_cost` (its JSON's size plus what decoding it creates), so that the
-decoded answers of one batch or tool call hold at most about 1.1x output_mb of the worker's memory
-(plus ROW_SLACK per row), or 2x (4x at worst) for text that has characters beyond Latin-1
-(outside the Basic Multilingual Plane); reading a frame adds its bytes and text, at most 2x output_mb.
+decoded answers of one batch or tool call take at most about 1.25x output_mb of the worker's
+memory, plus ROW_SLACK per row. Strings with characters beyond Latin-1 take 2 bytes a character
+once decoded (4 with one beyond the Basic Multilingual Plane), so 4x is the worst case. Reading a
+frame adds its bytes and its text while it is decoded: at most 2x output_mb more.
 """
 
 from __future__ import annotations
