@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from spider.errors import SandboxError
 from spider.netpolicy import EgressDenied, connect_allowed
-from spider.policy import Policy
+from spider.policy import Policy, default_index_hosts
 
 log = logging.getLogger("spider.sandbox")
 
@@ -67,7 +67,7 @@ class EgressRules:
     def for_builds(cls, policy: Policy) -> "EgressRules":
         """Dependency builds: the package index hosts only (on 443, 80 and the ports the index
         URLs name), wherever they resolve to, as the operator's mirror may be private."""
-        hosts = tuple(policy.package_index_hosts)
+        hosts = tuple(policy.package_index_hosts) or default_index_hosts()
         return cls(allowed_hosts=hosts, only_hosts=hosts, only_ports=tuple(sorted({80, 443, *index_url_ports()})))
 
     def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:

@@ -493,17 +493,13 @@ def start_egress_relay(socket_path):
     return listener.getsockname()[1]
 
 
-def use_egress_proxy(socket_path, direct_loopback):
+def use_egress_proxy(socket_path):
     """Start the relay and point the proxy variables that HTTP clients (requests, httpx, urllib,
-    pip, curl) read at it; the jail has no other way out. With `direct_loopback`, clients reach
-    the jail's own loopback (servers the job starts itself) without the proxy."""
+    pip, curl) read at it; the jail has no other way out. A NO_PROXY of the job's own runtime.env
+    stays: what it names is reached directly, which leads no further than the jail's own loopback."""
     proxy = "http://127.0.0.1:%d" % start_egress_relay(socket_path)
     for name in PROXY_VARIABLES:
         os.environ[name] = proxy
-    bypass = [os.environ.pop(name, "") for name in ("NO_PROXY", "no_proxy")]
-    if direct_loopback:
-        bypass.append("localhost,127.0.0.1,::1")
-        os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(entry for entry in bypass if entry)
 
 
 def run_behind_relay(socket_path, command):
@@ -511,7 +507,7 @@ def run_behind_relay(socket_path, command):
     the relay in front of the egress proxy; exit with its status."""
     import subprocess
 
-    use_egress_proxy(socket_path, direct_loopback=False)  # the index may be a mirror on the host's loopback
+    use_egress_proxy(socket_path)
     try:
         return subprocess.call(command)
     except OSError as exc:
@@ -540,7 +536,7 @@ def main():
         os.environ.clear()
         os.environ.update(config["env"])
         if config.get("egress_socket"):
-            use_egress_proxy(config["egress_socket"], direct_loopback=True)
+            use_egress_proxy(config["egress_socket"])
         sys.executable = os.path.join(config["venv"], "bin", "python")
         import site
 
