@@ -149,7 +149,8 @@ def test_hf_refuses_what_it_cannot_honour(tiny, hf):
         hf.generate([ask("hi")], SamplingParams(top_p=0.0))
 
 
-def test_load_engine_reuses_and_replaces(tiny):
+def test_load_engine_reuses_and_replaces(tiny, monkeypatch):
+    monkeypatch.setenv("SPIDER_MAX_ENGINES", "1")
     config = ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32"})
     first = load_engine(config)
     assert load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32"})) is first
@@ -159,6 +160,74 @@ def test_load_engine_reuses_and_replaces(tiny):
     assert second.model is None
     with pytest.raises(EngineError, match="trainer backend"):
         create_engine(ModelConfig(provider="tinker", name="Qwen/Qwen3-8B"))
+
+
+def test_load_engine_keeps_two_models_by_default(tiny):
+    """A policy and a teacher (or simulated user) on one worker do not evict each other."""
+    policy = load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32"}))
+    teacher = load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32", "batch_size": 2}))
+    for _ in range(3):
+        assert load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32"})) is policy
+        assert load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32", "batch_size": 2})) is teacher
+    assert policy.model is not None and teacher.model is not None
+    third = load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32", "batch_size": 3}))
+    assert policy.model is None and teacher.model is not None  # the least recently used went
+    close_engine()
+    assert third.model is None and teacher.model is None
+
+
+def assert_logprobs_match_scoring(engine, results, tolerance):
+    """The log-probs that came with each sampled token equal a separate scoring pass over the same ids."""
+    from spider.engines import ScoreRequest
+
+    completions = [c for r in results for c in r.completions]
+    assert completions and all(c.token_ids and c.logprobs and len(c.logprobs) == len(c.token_ids) for c in completions)
+    scores = engine.score([ScoreRequest(str(i), c.prompt_ids + c.token_ids) for i, c in enumerate(completions)])
+    for completion, score in zip(completions, scores):
+        assert score.error is None and score.logprobs[0] is None
+        scored = score.logprobs[len(completion.prompt_ids):]
+        assert max(abs(a - b) for a, b in zip(scored, completion.logprobs)) < tolerance
+        assert all(v <= 0 for v in scored)
+
+
+def test_hf_token_ids_and_logprobs_equal_a_scoring_pass(hf):
+    requests = [ask(p, seed=i, n=2) for i, p in enumerate(PROMPTS)]
+    results = hf.generate(requests, SamplingParams(temperature=0.9, max_tokens=12, logprobs=True))
+    for result in results:
+        for completion in result.completions:
+            assert hf.tokenizer.decode(completion.token_ids, skip_special_tokens=True).startswith(completion.text)
+    assert_logprobs_match_scoring(hf, results, tolerance=1e-3)
+
+
+def test_hf_prompt_ids_are_used_as_given(hf):
+    rendered = hf.renderer.render([Message("user", PROMPTS[1])]).ids
+    by_ids = hf.generate([GenerationRequest("x", [], prompt_ids=rendered)], GREEDY)[0]
+    by_messages = hf.generate([ask(PROMPTS[1])], GREEDY)[0]
+    assert by_ids.completions[0].token_ids == by_messages.completions[0].token_ids
+    assert by_ids.completions[0].prompt_ids == rendered
+
+
+def test_hf_micro_batcher_decodes_concurrent_requests_together(hf):
+    import asyncio
+
+    calls = []
+    original = hf._generate
+
+    def counting(requests, params):
+        calls.append(len(requests))
+        return original(requests, params)
+
+    hf._generate = counting
+    try:
+        async def many():
+            return await asyncio.gather(*(hf.sample(ask(p, seed=i), GREEDY) for i, p in enumerate(PROMPTS * 2)))
+
+        results = asyncio.run(many())
+    finally:
+        del hf._generate
+    assert [r.key for r in results] == [p for p in PROMPTS * 2]
+    assert texts(results) == texts(hf.generate([ask(p) for p in PROMPTS * 2], GREEDY))
+    assert sum(calls) == 10 and len(calls) < 10
 
 
 def test_sampling_params_from_job_config():
@@ -249,7 +318,44 @@ class TestVLLM:
         with pytest.raises(ValidationError, match="no_such_option"):
             create_engine(ModelConfig(provider="vllm", name=str(tiny), parameters={"no_such_option": 1}))
 
-    def test_load_engine_reuses_then_closes_for_another_model(self, vllm, tiny):
+    def test_token_ids_and_logprobs_equal_a_scoring_pass(self, vllm):
+        requests = [ask(p, seed=i, n=2) for i, p in enumerate(PROMPTS)]
+        results = vllm.generate(requests, SamplingParams(temperature=0.9, max_tokens=12, logprobs=True))
+        assert_logprobs_match_scoring(vllm, results, tolerance=1e-4)
+
+    def test_greedy_with_several_samples_repeats_the_one_greedy_answer(self, vllm):
+        result = vllm.generate([ask(PROMPTS[1], n=3)], GREEDY)[0]
+        assert result.error is None and len(result.completions) == 3
+        assert len({tuple(c.token_ids) for c in result.completions}) == 1
+        assert result.completions[0].token_ids is not result.completions[1].token_ids
+
+    def test_concurrent_requests_take_about_one_batch_call(self, vllm):
+        """N requests sent one at a time on the engine loop are scheduled together by vLLM."""
+        import asyncio
+
+        params = SamplingParams(temperature=1.0, max_tokens=48)
+        requests = [ask(p, seed=i) for i, p in enumerate(PROMPTS * 4)]
+        vllm.generate(requests[:2], params)  # warm
+        started = time.perf_counter()
+        vllm.generate(requests, params)
+        batch_s = time.perf_counter() - started
+
+        async def one_at_a_time():
+            return await asyncio.gather(*(vllm.sample(r, params) for r in requests))
+
+        started = time.perf_counter()
+        results = vllm.loop.run(one_at_a_time())
+        async_s = time.perf_counter() - started
+        sequential_started = time.perf_counter()
+        for request in requests[:4]:
+            vllm.generate([request], params)
+        sequential_s = (time.perf_counter() - sequential_started) * len(requests) / 4
+        assert all(r.completions for r in results)
+        assert async_s < 2 * batch_s + 0.5, (async_s, batch_s)
+        assert async_s < sequential_s / 2, (async_s, sequential_s)
+
+    def test_load_engine_reuses_then_closes_for_another_model(self, vllm, tiny, monkeypatch):
+        monkeypatch.setenv("SPIDER_MAX_ENGINES", "1")
         same = ModelConfig(provider="vllm", name=str(tiny), parameters=dict(VLLM_PARAMETERS))
         assert load_engine(same) is vllm
         children = engine_processes()
@@ -290,6 +396,18 @@ class TestOpenAIOnVLLMServer:
         for got, want in zip(results, reference):
             assert got.completions[0].usage == want.completions[0].usage
             assert got.completions[0].finish_reason == want.completions[0].finish_reason
+        engine.close()
+
+    def test_scoring_and_sampled_logprobs_through_the_server(self, server, hf):
+        engine = OpenAIEngine("spider-tiny", {"base_url": server})
+        results = engine.generate([ask(p, seed=i) for i, p in enumerate(PROMPTS[:3])],
+                                  SamplingParams(temperature=1.0, max_tokens=10, logprobs=True))
+        for result in results:
+            completion = result.completions[0]
+            prompt = hf.renderer.render([Message("user", result.key)]).ids
+            completion.prompt_ids = prompt
+            assert len(completion.token_ids) == completion.usage.completion_tokens
+        assert_logprobs_match_scoring(engine, results, tolerance=1e-3)
         engine.close()
 
     def test_seed_and_n_pass_through(self, server):

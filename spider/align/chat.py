@@ -28,19 +28,8 @@ import numpy as np
 from spider.align.core import Alignment, TokenSide, align_sides
 from spider.align.report import AlignmentReport, SpecialMapping
 from spider.align.vocab import ByteVocab, Role, byte_vocab, encode_continuation
+from spider.chat import ConversationLike, RenderedPrompt, Renderer, TemplateError, messages_of
 from spider.errors import AlignmentError
-from spider.types import Message
-
-ConversationLike = Sequence[Message | Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    """A conversation in one model's chat template, ready to generate (or score) from."""
-
-    text: str
-    ids: list[int]
-
 
 @dataclass(frozen=True)
 class TeacherInputs:
@@ -87,29 +76,6 @@ class TeacherInputs:
         return self.alignment.project(values)
 
 
-def _messages(conversation: ConversationLike) -> list[dict[str, Any]]:
-    return [m.to_openai() if isinstance(m, Message) else dict(m) for m in conversation]
-
-
-def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
-            add_generation_prompt: bool, kwargs: Mapping[str, Any] | None) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise AlignmentError(
-            f"tokenizer {byte_vocab(tokenizer).name!r} has no chat template: set tokenizer.chat_template "
-            "(or load the model's tokenizer_config.json) so conversations can be rendered for it"
-        )
-    text = tokenizer.apply_chat_template(
-        messages,
-        tools=list(tools) if tools else None,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        **dict(kwargs or {}),
-    )
-    if not isinstance(text, str):
-        raise AlignmentError("apply_chat_template(tokenize=False) did not return text")
-    return text
-
-
 def render_prompt(
     tokenizer: Any,
     conversation: ConversationLike,
@@ -117,18 +83,16 @@ def render_prompt(
     tools: Sequence[Mapping[str, Any]] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> RenderedPrompt:
-    """The conversation in `tokenizer`'s chat template, with the generation prompt.
+    """The conversation in `tokenizer`'s chat template, with the generation prompt: the shared
+    `spider.chat.Renderer`, so it is exactly what an engine samples from (one BOS rule)."""
+    try:
+        return _renderer(tokenizer, chat_template_kwargs).render(conversation, tools)
+    except TemplateError as exc:
+        raise AlignmentError(f"tokenizer {byte_vocab(tokenizer).name!r}: {exc}") from None
 
-    Ids are the rendered text tokenized without adding special tokens (templates write their own
-    BOS); a tokenizer that prepends BOS to every encoding gets it here too when the template did
-    not write it, never twice.
-    """
-    text = _render(tokenizer, _messages(conversation), tools, True, chat_template_kwargs)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    vocab = byte_vocab(tokenizer)
-    if vocab.adds_bos and vocab.bos_id is not None and (not ids or ids[0] != vocab.bos_id):
-        ids.insert(0, vocab.bos_id)
-    return RenderedPrompt(text=text, ids=ids)
+
+def _renderer(tokenizer: Any, chat_template_kwargs: Mapping[str, Any] | None) -> Renderer:
+    return Renderer(tokenizer, chat_template_kwargs=chat_template_kwargs)
 
 
 def _map_control(student: ByteVocab, student_id: int, teacher: ByteVocab) -> SpecialMapping:
@@ -240,9 +204,9 @@ def _template_keeps(
     kwargs: Mapping[str, Any] | None,
 ) -> bool:
     """Whether the template, rendering the completion as the assistant turn, keeps its text unchanged."""
-    messages = _messages(conversation) + [{"role": "assistant", "content": completion}]
+    messages = messages_of(conversation) + [{"role": "assistant", "content": completion}]
     try:
-        full = _render(tokenizer, messages, tools, False, kwargs)
+        full = _renderer(tokenizer, kwargs).render_text(messages, tools, add_generation_prompt=False)
     except Exception:  # a template that refuses this turn order does not keep the completion
         return False
     shared = len(os.path.commonprefix([prompt_text, full]))

@@ -1,8 +1,9 @@
 """Generation backends behind one interface (`Engine`), and the one engine a worker process holds.
 
-A rollout worker holds one model at a time: `load_engine` returns the engine already loaded for the
-same (provider, name, parameters) and closes it before loading a different one. Backends are imported
-only when used, so the API and CPU workers never import vLLM or torch.
+A rollout worker holds up to `SPIDER_MAX_ENGINES` models at once (default 2: a policy and a teacher
+or simulated user do not evict each other): `load_engine` returns the engine already loaded for the
+same (provider, name, parameters) and closes the least recently used one before loading one more.
+Backends are imported only when used, so the API and CPU workers never import vLLM or torch.
 """
 
 from __future__ import annotations
@@ -10,10 +11,20 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import os
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
+from spider.engines.base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+)
 from spider.errors import EngineError
 
 if TYPE_CHECKING:
@@ -25,6 +36,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "SamplingParams",
+    "ScoreRequest",
+    "ScoreResult",
     "close_engine",
     "create_engine",
     "load_engine",
@@ -32,9 +45,16 @@ __all__ = [
 ]
 
 EngineKey = tuple[str, str, str]
+DEFAULT_MAX_ENGINES = 2
 
 _lock = threading.Lock()
-_loaded: tuple[EngineKey, Engine] | None = None
+_loaded: "OrderedDict[EngineKey, Engine]" = OrderedDict()  # least recently used first
+
+
+def max_engines() -> int:
+    """How many engines a worker keeps loaded (`SPIDER_MAX_ENGINES`): on a GPU, give each engine
+    its share of memory (vLLM's `gpu_memory_utilization`) when more than one is kept."""
+    return max(1, int(os.environ.get("SPIDER_MAX_ENGINES") or DEFAULT_MAX_ENGINES))
 
 
 def engine_key(model: "ModelConfig", secrets: dict[str, str] | None = None) -> EngineKey:
@@ -79,30 +99,32 @@ def create_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -
 
 
 def load_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -> Engine:
-    """The engine of this process for `model`: reused when the same model is asked for again, and
-    the previous engine closed first when a different one is asked for (one model in memory)."""
-    global _loaded
+    """The engine of this process for `model`: reused when the same model is asked for again; when
+    `max_engines()` are loaded already, the least recently used is closed before a new one starts."""
     key = engine_key(model, secrets)
     with _lock:
-        if _loaded is not None and _loaded[0] == key:
-            return _loaded[1]
-        _close_loaded()
+        engine = _loaded.get(key)
+        if engine is not None:
+            _loaded.move_to_end(key)
+            return engine
+        while len(_loaded) >= max_engines():
+            _loaded.popitem(last=False)[1].close()
         engine = create_engine(model, secrets)
-        _loaded = (key, engine)
+        _loaded[key] = engine
         return engine
 
 
-def close_engine() -> None:
-    """Close the engine this process holds, if any."""
+def loaded_engines() -> list[Engine]:
+    """The engines this process holds, least recently used first."""
     with _lock:
-        _close_loaded()
+        return list(_loaded.values())
 
 
-def _close_loaded() -> None:
-    global _loaded
-    if _loaded is not None:
-        engine, _loaded = _loaded[1], None
-        engine.close()
+def close_engine() -> None:
+    """Close every engine this process holds."""
+    with _lock:
+        while _loaded:
+            _loaded.popitem(last=False)[1].close()
 
 
 def sampling_params(generation: "GenerationParameters") -> SamplingParams:

@@ -1,4 +1,12 @@
-"""The one interface every generation backend implements, and the objects it speaks."""
+"""The one interface every generation backend implements, and the objects it speaks.
+
+An `Engine` samples a whole batch in one call (`generate`), one request at a time on the worker's
+event loop (`sample`, see spider.engines.loop), and scores given token sequences (`score`: the
+log-probability of every token given the ones before it, so a teacher can score a student's
+tokens). Completions carry the prompt ids they were sampled from, the sampled token ids and, when
+asked (`SamplingParams.logprobs`), each sampled token's log-probability under the model's own
+distribution (before temperature and filters: the same quantity `score` returns).
+"""
 
 from __future__ import annotations
 
@@ -22,18 +30,22 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
+    logprobs: bool = False
 
 
 @dataclass
 class GenerationRequest:
     """Generate `n` completions for one conversation. `seed` (per row) makes sampling reproducible
-    whatever the batching; `tools` are OpenAI-style function schemas offered to the model."""
+    whatever the batching; `tools` are OpenAI-style function schemas offered to the model.
+    `prompt_ids`, when given, are used as they are (no rendering): multi-turn loops and trainers
+    that own the exact token sequence pass it."""
 
     key: str
     messages: list[Message]
     n: int = 1
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -45,6 +57,9 @@ class Completion:
     finish_reason: str | None
     usage: Usage
     tool_calls: list[ToolCall] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -54,6 +69,32 @@ class GenerationResult:
     key: str
     completions: list[Completion] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass
+class ScoreRequest:
+    """Score every token of `token_ids` (a prompt and a completion, as one sequence)."""
+
+    key: str
+    token_ids: list[int]
+
+
+@dataclass
+class ScoreResult:
+    """`logprobs[k]` = log p(token_ids[k] | token_ids[:k]); position 0 has no context (None)."""
+
+    key: str
+    logprobs: list[float | None] = field(default_factory=list)
+    error: str | None = None
+
+
+def prompt_ids(renderer: Any, request: GenerationRequest) -> list[int]:
+    """The ids a request is sampled from: its own `prompt_ids`, else its conversation rendered."""
+    if request.prompt_ids is not None:
+        if not request.prompt_ids:
+            raise ValueError("the request's prompt_ids are empty")
+        return list(request.prompt_ids)
+    return renderer.render(request.messages, request.tools).ids
 
 
 class Engine(abc.ABC):
@@ -66,6 +107,19 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]: ...
+
+    async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
+        """One request, awaited on the worker's event loop while others run. Engines that batch
+        internally override it; this default runs a one-request batch in a thread."""
+        import asyncio
+
+        return (await asyncio.to_thread(self.generate, [request], params))[0]
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Per-token log-probabilities of given sequences (prompt log-probs)."""
+        from spider.errors import EngineError
+
+        raise EngineError(f"{type(self).__name__} cannot score token sequences")
 
     def close(self) -> None:
         """Release the model (GPU memory, engine processes, connections)."""

@@ -16,10 +16,12 @@ U+FFFD, as in vLLM and the OpenAI API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +40,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
-from spider.engines.prompts import check_chat_template, render_prompt
+from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams, ScoreRequest, ScoreResult, prompt_ids
+from spider.chat import Renderer, TemplateError
 from spider.errors import EngineError
 from spider.models import ModelAccess, resolve_model
 from spider.types import Usage
 
 PARAMETERS = ("dtype", "device", "batch_size")
+SCORE_TOKENS_PER_PASS = 16_384
+MICRO_BATCH_WAIT_S = 0.005
 DTYPES = {
     "auto": "auto",
     "float32": "float32",
@@ -99,7 +103,11 @@ class HFEngine(Engine):
 
         path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"), access=access)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        check_chat_template(self.tokenizer, name)
+        self.renderer = Renderer(self.tokenizer, name=name)
+        try:
+            self.renderer.check()
+        except TemplateError as exc:
+            raise EngineError(str(exc)) from None
         try:
             if device == "auto":
                 self.model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="auto")
@@ -124,8 +132,47 @@ class HFEngine(Engine):
         # A fresh generation config, so that sampling defaults shipped with the model (temperature,
         # repetition_penalty, top_k, ...) never mix with the request's own parameters.
         self.model.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=self.pad_id)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[GenerationRequest, SamplingParams, asyncio.Future]] = []
+        self._drainer: asyncio.Future | None = None
+
+    async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
+        """A micro-batcher: requests that arrive within MICRO_BATCH_WAIT_S of each other, or while
+        a batch is decoding, are decoded together in the next batch call."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((request, params, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(MICRO_BATCH_WAIT_S)
+        while self._pending:
+            pending, self._pending = self._pending, []
+            groups: list[tuple[SamplingParams, list[Any]]] = []
+            for item in pending:
+                group = next((g for g in groups if g[0] == item[1]), None)
+                if group is None:
+                    groups.append((item[1], [item]))
+                else:
+                    group[1].append(item)
+            for params, items in groups:
+                try:
+                    results = await asyncio.to_thread(self.generate, [item[0] for item in items], params)
+                except Exception as exc:  # the engine failed: every waiting request hears it
+                    for item in items:
+                        if not item[2].done():
+                            item[2].set_exception(exc)
+                    continue
+                for item, result in zip(items, results):
+                    if not item[2].done():
+                        item[2].set_result(result)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        with self._lock:  # one decoding at a time: batch calls and the micro-batcher share the model
+            return self._generate(requests, params)
+
+    def _generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
         _check_sampling(params)
         results = [GenerationResult(key=r.key) for r in requests]
         samples: list[_Sample] = []
@@ -135,7 +182,7 @@ class HFEngine(Engine):
                 result.error = f"n must be at least 1, got {request.n}"
                 continue
             try:
-                ids = render_prompt(self.tokenizer, request.messages, request.tools)
+                ids = prompt_ids(self.renderer, request)
             except Exception as exc:
                 result.error = f"the chat template could not render this conversation: {exc}"
                 continue
@@ -188,24 +235,80 @@ class HFEngine(Engine):
                 generation_config=config,
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([finish]),
+                # The raw logits of every step (before penalties, temperature and filters): the
+                # model's own log-probabilities of the sampled tokens, as `score` computes them.
+                output_logits=params.logprobs,
+                return_dict_in_generate=True,
             )
-        generated = output[:, width:].tolist()
+        generated = output.sequences[:, width:].tolist()
         completions = []
         for row, sample in enumerate(chunk):
             length = finish.lengths[row] if finish.lengths[row] is not None else len(generated[row])
             reason = finish.reasons[row] or "length"
-            text = self._decode(generated[row][:length])
+            token_ids = generated[row][:length]
+            text = self._decode(token_ids)
             cut = _first_stop(text, params.stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"
+            logprobs = None
+            if params.logprobs:
+                steps = torch.stack([output.logits[t][row] for t in range(length)]) if length else None
+                logprobs = [] if steps is None else (
+                    torch.log_softmax(steps.float(), dim=-1).gather(1, torch.tensor(token_ids, device=steps.device)[:, None])
+                    .squeeze(1).tolist()
+                )
             completions.append(
                 Completion(
                     text=text,
                     finish_reason=reason,
                     usage=Usage(prompt_tokens=len(sample.prompt), completion_tokens=length),
+                    token_ids=token_ids,
+                    logprobs=logprobs,
+                    prompt_ids=list(sample.prompt),
                 )
             )
         return completions
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        with self._lock:
+            return self._score(requests)
+
+    def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Per-token log-probs from one forward pass per group of sequences (right-padded, at most
+        SCORE_TOKENS_PER_PASS tokens a pass, so memory stays bounded)."""
+        results = {r.key: ScoreResult(r.key) for r in requests}
+        todo = []
+        for request in requests:
+            if not request.token_ids:
+                results[request.key].error = "nothing to score: the sequence is empty"
+            elif self.context is not None and len(request.token_ids) > self.context:
+                results[request.key].error = f"the sequence has {len(request.token_ids)} tokens; the context is {self.context}"
+            else:
+                todo.append(request)
+        todo.sort(key=lambda r: len(r.token_ids))
+        group: list[ScoreRequest] = []
+        for request in todo + [None]:  # type: ignore[list-item]
+            if group and (request is None or (len(group) + 1) * len(request.token_ids) > SCORE_TOKENS_PER_PASS):
+                for done, logprobs in zip(group, self._score_group(group)):
+                    results[done.key].logprobs = logprobs
+                group = []
+            if request is not None:
+                group.append(request)
+        return [results[r.key] for r in requests]
+
+    def _score_group(self, group: list[ScoreRequest]) -> list[list[float | None]]:
+        width = max(len(r.token_ids) for r in group)
+        input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, request in enumerate(group):
+            input_ids[row, : len(request.token_ids)] = torch.tensor(request.token_ids)
+            attention_mask[row, : len(request.token_ids)] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.inference_mode(), _attention_kernels(self.device):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            picked = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+        values = picked.tolist()
+        return [[None] + values[row][: len(r.token_ids) - 1] for row, r in enumerate(group)]
 
     def _decode(self, ids: list[int]) -> str:
         """The text of `ids`, less a trailing character whose bytes are not all there (a sample cut

@@ -24,7 +24,15 @@ from typing import Any
 
 import httpx
 
-from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
+from spider.engines.base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+)
 from spider.errors import EngineError
 from spider.netpolicy import EgressDenied, check_url, guarded_transport
 from spider.types import Message, ToolCall, Usage
@@ -94,6 +102,7 @@ class OpenAIEngine(Engine):
             transport=transport,
             follow_redirects=False,
         )
+        self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spider-openai")
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
         if not requests:
@@ -111,6 +120,40 @@ class OpenAIEngine(Engine):
         if fatal is not None:
             raise fatal
         return results
+
+    async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
+        """One request on the engine's own threads (at most `max_concurrency` in flight)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._one, request, params, threading.Event())
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Prompt log-probs from an endpoint that returns them for token-id prompts (vLLM's
+        `/completions` with `prompt_logprobs`); other endpoints answer with an error per request."""
+        return list(self._executor.map(self._score_one, requests))
+
+    def _score_one(self, request: ScoreRequest) -> ScoreResult:
+        body = {"model": self.name, "prompt": list(request.token_ids), "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 0}
+        try:
+            response = self.client.post("/completions", json=body)
+        except EgressDenied as exc:
+            raise EngineError(f"model.parameters.base_url: {exc}") from None
+        except httpx.TransportError as exc:
+            return ScoreResult(request.key, error=f"{type(exc).__name__}: {exc}")
+        if response.status_code != 200:
+            return ScoreResult(request.key, error=f"HTTP {response.status_code}: {_detail(response)}")
+        try:
+            table = response.json()["choices"][0]["prompt_logprobs"]
+            logprobs: list[float | None] = [None]
+            for token, entry in zip(request.token_ids[1:], table[1:]):
+                logprobs.append(float(entry[str(token)]["logprob"]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            return ScoreResult(request.key, error="the endpoint does not return prompt log-probs for token ids")
+        if len(logprobs) != len(request.token_ids):
+            return ScoreResult(request.key, error="the endpoint returned log-probs for a different number of tokens")
+        return ScoreResult(request.key, logprobs=logprobs)
 
     def request_body(self, request: GenerationRequest, params: SamplingParams) -> dict[str, Any]:
         """The chat-completions JSON body of one request."""
@@ -138,6 +181,9 @@ class OpenAIEngine(Engine):
             body["repetition_penalty"] = params.repetition_penalty
         if request.tools:
             body["tools"] = request.tools
+        if params.logprobs:
+            body["logprobs"] = True
+            body["return_tokens_as_token_ids"] = True  # vLLM's server: tokens as "token_id:<id>"
         return body
 
     def _one(self, request: GenerationRequest, params: SamplingParams, refused: threading.Event) -> GenerationResult:
@@ -171,6 +217,7 @@ class OpenAIEngine(Engine):
             attempt += 1
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 
@@ -216,17 +263,31 @@ def _parse(request: GenerationRequest, response: httpx.Response) -> GenerationRe
         share, extra = divmod(total_completion, max(len(choices), 1))
         for i, choice in enumerate(choices):
             message = choice.get("message") or {}
+            token_ids, logprobs = _sampled_tokens(choice.get("logprobs"))
             completions.append(
                 Completion(
                     text=message.get("content") or "",
                     finish_reason=choice.get("finish_reason"),
                     usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=share + (1 if i < extra else 0)),
                     tool_calls=[_tool_call(c) for c in message.get("tool_calls") or []],
+                    token_ids=token_ids,
+                    logprobs=logprobs,
                 )
             )
     except (ValueError, KeyError, TypeError) as exc:
         return GenerationResult(request.key, error=f"unreadable response ({exc}): {response.text[:500]}")
     return GenerationResult(request.key, completions=completions)
+
+
+def _sampled_tokens(data: dict[str, Any] | None) -> tuple[list[int], list[float] | None]:
+    """Token ids (where the endpoint gives them as `token_id:<id>`) and log-probs of a choice."""
+    if not data or not data.get("content"):
+        return [], None
+    entries = data["content"]
+    logprobs = [float(e["logprob"]) for e in entries]
+    tokens = [str(e.get("token", "")) for e in entries]
+    ids = [int(t.split(":", 1)[1]) for t in tokens if t.startswith("token_id:")]
+    return (ids if len(ids) == len(tokens) else []), logprobs
 
 
 def _tool_call(data: dict[str, Any]) -> ToolCall:

@@ -9,13 +9,18 @@ NUMA node and compiles slowly.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gc
+import inspect
 import logging
 import os
+import uuid
 from typing import Any
 
-from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams
-from spider.engines.prompts import check_chat_template, render_prompt
+from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams, ScoreRequest, ScoreResult, prompt_ids
+from spider.chat import Renderer, TemplateError
+from spider.engines.loop import engine_loop
 from spider.errors import EngineError
 from spider.models import ModelAccess, resolve_model
 from spider.types import Usage
@@ -41,9 +46,9 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 
 class VLLMEngine(Engine):
-    """`vllm.LLM` on `resolve_model(name, ...)`; `parameters` (checked by `VLLMParameters` when they
-    come from a job) go to `LLM(**parameters)`. `access` limits local model and tokenizer folders;
-    `allow_remote_code` is the operator's permission for `trust_remote_code`."""
+    """`vllm`'s `AsyncLLM` on `resolve_model(name, ...)`; `parameters` (checked by `VLLMParameters`
+    when they come from a job) go to its engine arguments. `access` limits local model and
+    tokenizer folders; `allow_remote_code` is the operator's permission for `trust_remote_code`."""
 
     def __init__(
         self,
@@ -54,7 +59,7 @@ class VLLMEngine(Engine):
         allow_remote_code: bool = True,
     ):
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401
             from vllm.platforms import current_platform
         except ImportError as exc:
             raise EngineError(
@@ -63,6 +68,7 @@ class VLLMEngine(Engine):
             ) from exc
 
         self.name = name
+        self.llm: Any = None
         kwargs = dict(parameters or {})
         if "model" in kwargs:
             raise EngineError("model.parameters.model: give the model as model.name, not as a vLLM parameter")
@@ -79,20 +85,91 @@ class VLLMEngine(Engine):
         if isinstance(kwargs.get("tokenizer"), str):
             kwargs["tokenizer"] = str(resolve_model(kwargs["tokenizer"], token=token, access=access))
         path = resolve_model(name, token=token, access=access)
+        self.loop = engine_loop()
         try:
-            self.llm: Any = LLM(model=str(path), **kwargs)
+            self.llm = self.loop.run(_start(str(path), kwargs))
         except TypeError as exc:
             raise EngineError(f"vLLM rejected model.parameters {sorted(kwargs)}: {exc}") from exc
         except Exception as exc:
             raise EngineError(f"vLLM could not start model {name!r} ({path}): {exc}") from exc
-        self.tokenizer = self.llm.get_tokenizer()
-        self.chat_template: str | None = getattr(self.llm, "chat_template", None)
+        self.tokenizer = self.loop.run(_tokenizer(self.llm))
         self.max_model_len: int = self.llm.model_config.max_model_len
-        check_chat_template(self.tokenizer, name, self.chat_template)
+        self.renderer = Renderer(self.tokenizer, name=name)
+        try:
+            self.renderer.check()
+        except TemplateError as exc:
+            raise EngineError(str(exc)) from None
+
+    # -- sampling -----------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        """The whole batch at once: every request is submitted together and scheduled by vLLM."""
+        self._check_sampling(params)
+
+        async def batch() -> list[GenerationResult]:
+            return list(await asyncio.gather(*(self.sample(r, params) for r in requests)))
+
+        return self.loop.run(batch())
+
+    async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        result = GenerationResult(key=request.key)
+        if request.n < 1:
+            result.error = f"n must be at least 1, got {request.n}"
+            return result
+        try:
+            ids = prompt_ids(self.renderer, request)
+        except Exception as exc:
+            result.error = f"the chat template could not render this conversation: {exc}"
+            return result
+        if len(ids) >= self.max_model_len:
+            result.error = (
+                f"the prompt has {len(ids)} tokens but the model's context (max_model_len) is "
+                f"{self.max_model_len}: shorten the conversation or raise model.parameters.max_model_len"
+            )
+            return result
+        # Greedy samples of one prompt are all the same: vLLM refuses n > 1 without sampling, so one
+        # is decoded and repeated.
+        greedy = params.temperature == 0
+        n = 1 if greedy else request.n
+        sampling = VLLMSamplingParams(
+            n=n,
+            seed=request.seed,
+            logprobs=0 if params.logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one answer with every sample, not a stream
+            **vllm_sampling_kwargs(params),
+        )
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id=_request_id()):
+            final = output
+        samples = list(final.outputs) if final is not None else []
+        result.completions = [self._completion(sample, ids, params.logprobs) for sample in samples]
+        if greedy and result.completions:
+            result.completions = [result.completions[0]] + [
+                _copy(result.completions[0]) for _ in range(request.n - 1)
+            ]
+        return result
+
+    def _completion(self, sample: Any, ids: list[int], want_logprobs: bool) -> Completion:
+        token_ids = list(sample.token_ids)
+        logprobs = None
+        if want_logprobs and sample.logprobs is not None:
+            logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
+        return Completion(
+            text=sample.text,
+            finish_reason=sample.finish_reason,
+            usage=Usage(prompt_tokens=len(ids), completion_tokens=len(token_ids)),
+            token_ids=token_ids,
+            logprobs=logprobs,
+            prompt_ids=ids,
+        )
+
+    @staticmethod
+    def _check_sampling(params: SamplingParams) -> None:
+        from vllm import SamplingParams as VLLMSamplingParams
 
         shared = vllm_sampling_kwargs(params)
         try:
@@ -100,47 +177,44 @@ class VLLMEngine(Engine):
         except Exception as exc:
             raise EngineError(f"vLLM refused the sampling parameters {shared}: {exc}") from exc
 
-        results = [GenerationResult(key=r.key) for r in requests]
-        prompts, sampling, owners = [], [], []
-        for result, request in zip(results, requests):
-            if request.n < 1:
-                result.error = f"n must be at least 1, got {request.n}"
-                continue
-            try:
-                ids = render_prompt(self.tokenizer, request.messages, request.tools, self.chat_template)
-            except Exception as exc:
-                result.error = f"the chat template could not render this conversation: {exc}"
-                continue
-            if len(ids) >= self.max_model_len:
-                result.error = (
-                    f"the prompt has {len(ids)} tokens but the model's context (max_model_len) is "
-                    f"{self.max_model_len}: shorten the conversation or raise model.parameters.max_model_len"
-                )
-                continue
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            sampling.append(VLLMSamplingParams(n=request.n, seed=request.seed, **shared))
-            owners.append(result)
+    # -- scoring ------------------------------------------------------------------------------
 
-        if prompts:
-            outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
-            for result, output in zip(owners, outputs):
-                prompt_tokens = len(output.prompt_token_ids or [])
-                result.completions = [
-                    Completion(
-                        text=sample.text,
-                        finish_reason=sample.finish_reason,
-                        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(sample.token_ids)),
-                    )
-                    for sample in output.outputs
-                ]
-        return results
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        async def batch() -> list[ScoreResult]:
+            return list(await asyncio.gather(*(self.score_one(r) for r in requests)))
+
+        return self.loop.run(batch())
+
+    async def score_one(self, request: ScoreRequest) -> ScoreResult:
+        """Prompt log-probs of the sequence (vLLM's `prompt_logprobs`), one forward pass."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = list(request.token_ids)
+        if not ids:
+            return ScoreResult(request.key, error="nothing to score: the sequence is empty")
+        if len(ids) >= self.max_model_len:
+            return ScoreResult(request.key, error=f"the sequence has {len(ids)} tokens; the context is {self.max_model_len}")
+        sampling = VLLMSamplingParams(
+            max_tokens=1, prompt_logprobs=0, temperature=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id=_request_id()):
+            final = output
+        table = final.prompt_logprobs if final is not None else None
+        if not table:
+            return ScoreResult(request.key, error="vLLM returned no prompt log-probs")
+        logprobs: list[float | None] = [None]
+        logprobs += [float(table[k][ids[k]].logprob) for k in range(1, len(ids))]
+        return ScoreResult(request.key, logprobs=logprobs)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
         try:
-            llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            self.loop.run(_shutdown(llm), timeout=SHUTDOWN_TIMEOUT_S + 10)
         except Exception:  # an engine that already died has nothing left to stop
             logger.debug("vLLM engine shutdown raised", exc_info=True)
         del llm
@@ -150,3 +224,32 @@ class VLLMEngine(Engine):
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
+
+
+async def _start(model: str, kwargs: dict[str, Any]) -> Any:
+    """AsyncLLM is created on the loop it will serve (it starts its output handler there)."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, disable_log_stats=True, **kwargs))
+
+
+async def _tokenizer(llm: Any) -> Any:
+    tokenizer = llm.get_tokenizer()
+    return await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+
+
+async def _shutdown(llm: Any) -> None:
+    llm.shutdown()
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _copy(completion: Completion) -> Completion:
+    return dataclasses.replace(
+        completion,
+        token_ids=list(completion.token_ids),
+        logprobs=None if completion.logprobs is None else list(completion.logprobs),
+    )
