@@ -329,7 +329,8 @@ def test_answer_cost_is_additive_and_bounds_what_decoding_takes(values):
     the two agree only if the cost is additive. And it must bound what decoding creates."""
     parts = [json.dumps(v).encode() for v in values]
     frame = b"[" + b",".join(parts) + b"]"
-    assert answer_cost(frame) == answer_cost(b"[]") + sum(map(answer_cost, parts)) + (len(parts) - 1) * answer_cost(b",")
+    separators = (len(parts) - 1) * answer_cost(b",")
+    assert answer_cost(frame) == answer_cost(b"[]") + sum(map(answer_cost, parts)) + separators
     tracemalloc.start()
     try:
         decoded = json.loads(frame)

@@ -186,7 +186,9 @@ class JobSandbox:
             results = list(pool.map(lambda chunk: self._process_serial(which, chunk, kwargs, budget), chunks))
         return [outcome for result in results for outcome in result]
 
-    def _process_serial(self, which: str, items: list[Any], kwargs: dict[str, Any], budget: OutputBudget) -> list[Outcome]:
+    def _process_serial(
+        self, which: str, items: list[Any], kwargs: dict[str, Any], budget: OutputBudget
+    ) -> list[Outcome]:
         outcomes: list[Outcome] = []
         while len(outcomes) < len(items):
             pending = items[len(outcomes) :]
