@@ -123,22 +123,24 @@ class Renderer:
         return list(dict.fromkeys(i for i in (self.end_of_turn_id, eos) if i is not None))
 
     def is_prefix_preserving(self) -> bool:
-        """Whether rendering a conversation and then appending turns only appends text: the
-        prompt of turn k is a prefix of the prompt of turn k+1, so multi-turn token sequences can
-        be extended by appending tokens. Templates that rewrite earlier turns (dropping the
-        reasoning of past assistant messages, moving tool lists) are not."""
+        """Whether a conversation's tokens can be extended by appending: the prompt of turn k, the
+        assistant's answer, and then the next turn render as one growing text (the prompt of turn
+        k + answer is a prefix of the prompt of turn k+1, in text and in ids). Templates that rewrite
+        earlier turns (dropping the reasoning of past assistant messages, moving tool lists) are not."""
         if self._prefix_preserving is None:
             first = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}]
-            second = first + [{"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+            answer = "A1 answer"
+            second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "U2"}]
             try:
                 before = self.render_text(first)
                 after = self.render_text(second)
-                before_ids = self.encode(before)
-                after_ids = self.encode(after)
             except Exception:  # a template that cannot render the probe cannot promise anything
                 self._prefix_preserving = False
             else:
-                self._prefix_preserving = after.startswith(before) and after_ids[: len(before_ids)] == before_ids
+                before_ids = self.encode(before)
+                self._prefix_preserving = (
+                    after.startswith(before + answer) and self.encode(after)[: len(before_ids)] == before_ids
+                )
         return self._prefix_preserving
 
 
