@@ -160,6 +160,10 @@ class LocalStack:
         self._argv[name] = (argv, env)
         return proc
 
+    def environment(self, name: str) -> dict[str, str]:
+        """The environment the stack started its process `name` with (`api`, `worker-<queues>`, ...)."""
+        return dict(self._argv[name][1])
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill one process of the stack (and its children), as a crash would."""
         proc = self.procs[name]
