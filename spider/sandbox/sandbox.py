@@ -292,14 +292,9 @@ class Sandbox:
         venv: Path,
     ) -> "JobSandbox":
         job_dir = self.root / "jobs" / job_id
-        if job_dir.exists() and not remove_unowned_job_dir(job_dir):
-            raise SandboxError(
-                f"job {job_id} is open in another sandbox worker on this host that shares the root {self.root}; "
-                "give each worker process a root of its own (SPIDER_SANDBOX_DIR)"
-            )
-        job_dir.mkdir(mode=0o711)
-        os.chmod(job_dir, 0o711)
-        host = JobHost(job_dir)
+        if job_dir.exists():
+            remove_unowned_job_dir(job_dir)  # what a worker that died left
+        host = JobHost.create(job_dir)
         job = None
         try:
             job = self._start_job(job_id, job_dir, host, bundle, bundle_sha256, manifest, runtime, user_env, venv)
@@ -414,7 +409,7 @@ class Sandbox:
             entries = list((self.root / "jobs").iterdir())
         except OSError:
             return
-        for job_dir in entries:
+        for job_dir in entries:  # job dirs, and job dirs still under their staging names
             if job_dir.is_dir() and not job_dir.is_symlink() and (job_dir / OWNER_LOCK).exists():
                 if remove_unowned_job_dir(job_dir):
                     log.info("removed the leftovers of job %s, which a worker that died had open", job_dir.name)
@@ -433,11 +428,30 @@ class JobHost:
     from a live neighbour's job) and its egress proxy. `close()` stops the proxy and removes the
     directory, unmounting the scratch quota first."""
 
-    def __init__(self, job_dir: Path):
+    def __init__(self, job_dir: Path, lock_fd: int):
         self.job_dir = job_dir
         self.proxy: EgressProxy | None = None
-        self._lock_fd = os.open(job_dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def create(cls, job_dir: Path) -> "JobHost":
+        """Make `job_dir` (mode 0711), locked from the moment it appears: it is made under another
+        name with its lock held, then renamed into place."""
+        staging = job_dir.with_name(f".{job_dir.name}.{secrets_module.token_hex(4)}")
+        staging.mkdir(mode=0o711)
+        os.chmod(staging, 0o711)
+        lock_fd = os.open(staging / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            os.rename(staging, job_dir)
+        except OSError:
+            os.close(lock_fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SandboxError(
+                f"job {job_dir.name} is open in another sandbox worker on this host that shares the root "
+                f"{job_dir.parent.parent}; give each worker process a root of its own (SPIDER_SANDBOX_DIR)"
+            ) from None
+        return cls(job_dir, lock_fd)
 
     def close(self) -> None:
         if self.proxy is not None:
@@ -451,7 +465,7 @@ def remove_unowned_job_dir(job_dir: Path) -> bool:
     try:
         fd = os.open(job_dir / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        remove_job_dir(job_dir)  # no lock: from before locks, or a job that never got one
+        remove_job_dir(job_dir)  # every job dir appears with its lock: this one is from an older version
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from spider.errors import SandboxError
 from spider.policy import Policy
@@ -183,46 +184,25 @@ class VenvCache:
         log.info("built venv %s for %s in %.1f s", venv.name, requirements or "(no packages)", time.monotonic() - started)
 
     def _run_jailed(self, command: list[str], venv: Path, started: float, requirements: list[str], step: str) -> None:
-        home = venv / ".build-home"
-        # Built from nothing: no job's secrets or variables, nothing of the worker's but pip's settings.
-        env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home), "TMPDIR": str(home)}
-        env.update({name: os.environ[name] for name in PIP_ENV if name in os.environ})
-        preexec = None
-        proxy = None
+        # Only pip's downloads need the network, and only the package index, through a proxy.
         egress_dir = self.root / f"{venv.name}.egress"
+        proxy = self._start_proxy(egress_dir, venv) if step == "install" and self.firejail is not None else None
         try:
-            if self.firejail is not None:
-                # Only pip's download step needs the network: the package index, through a proxy.
-                networked = step == "install"
-                if networked:
-                    proxy = self._start_proxy(egress_dir, venv)
-                    relay = [self.python, "-I", "-S", str(egress_dir / "spider_jail.py"), "--egress-relay"]
-                    command = [*relay, str(proxy.socket_path), "--", *command]
-                spec = JailSpec(
-                    readable=[egress_dir] if networked else [],
-                    writable=[venv],
-                    limits=JailLimits(
-                        memory_mb=self.memory_mb,
-                        cpu_seconds_total=int(self.build_timeout_s) + 1,
-                        max_processes=256,
-                        file_size_mb=1024,
-                    ),
-                    network=networked,
-                    extra_etc=["pip.conf", f"python{self.python_version}"],
-                    hostname="spider-venv-build",
-                )
-                setuid = ["/usr/bin/setpriv", f"--reuid={BUILD_UID}", f"--regid={BUILD_UID}", "--clear-groups"]
-                profile = write_profile(spec, self.root / f"{venv.name}.profile")
-                command = firejail_argv(self.firejail, profile, setuid + command if os.geteuid() == 0 else command)
-            else:
-                preexec = _build_limits(self.memory_mb)
-            self._run(command, env, venv, home, started, requirements, step, preexec)
+            command, preexec = self._confine(command, venv, proxy)
+            status, output = self._run(command, preexec, venv, started, requirements)
         finally:
-            if self.firejail is not None:
-                (self.root / f"{venv.name}.profile").unlink(missing_ok=True)
+            (self.root / f"{venv.name}.profile").unlink(missing_ok=True)
             if proxy is not None:
                 proxy.close()
             shutil.rmtree(egress_dir, ignore_errors=True)
+        if status != 0:
+            tail = "\n  ".join(strip_firejail_noise(output.decode(errors="replace")).strip().splitlines()[-15:])
+            if step == "create":
+                raise SandboxError(f"could not create a venv with {self.python} (is python3-venv installed?):\n  {tail}")
+            raise SandboxError(
+                f"could not install runtime.packages {requirements} (pip exit status {status}); "
+                f"check the names and versions. pip said:\n  {tail}"
+            )
 
     def _start_proxy(self, egress_dir: Path, venv: Path) -> EgressProxy:
         """The build's egress proxy, and a copy of the relay that leads to it, in a directory the
@@ -237,10 +217,41 @@ class VenvCache:
         rules = EgressRules.for_builds(self.policy)
         return EgressProxy(egress_dir / "proxy.sock", rules, owner=owner, name=f"venv-build-{venv.name}").start()
 
-    def _run(
-        self, command: list[str], env: dict[str, str], venv: Path, home: Path, started: float,
-        requirements: list[str], step: str, preexec,
-    ) -> None:  # fmt: skip
+    def _confine(self, command: list[str], venv: Path, proxy: EgressProxy | None) -> tuple[list[str], Any]:
+        """The argv that runs `command` in a build jail (behind the relay to `proxy`, if any), and
+        the preexec function of an unjailed build (unsafe mode: resource limits only)."""
+        if self.firejail is None:
+            return command, _build_limits(self.memory_mb)
+        readable = []
+        if proxy is not None:
+            relay = proxy.socket_path.parent / "spider_jail.py"
+            command = [self.python, "-I", "-S", str(relay), "--egress-relay", str(proxy.socket_path), "--", *command]
+            readable.append(proxy.socket_path.parent)
+        spec = JailSpec(
+            readable=readable,
+            writable=[venv],
+            limits=JailLimits(
+                memory_mb=self.memory_mb,
+                cpu_seconds_total=int(self.build_timeout_s) + 1,
+                max_processes=256,
+                file_size_mb=1024,
+            ),
+            network=proxy is not None,
+            extra_etc=["pip.conf", f"python{self.python_version}"],
+            hostname="spider-venv-build",
+        )
+        if os.geteuid() == 0:
+            command = ["/usr/bin/setpriv", f"--reuid={BUILD_UID}", f"--regid={BUILD_UID}", "--clear-groups", *command]
+        profile = write_profile(spec, self.root / f"{venv.name}.profile")
+        return firejail_argv(self.firejail, profile, command), None
+
+    def _run(self, command: list[str], preexec: Any, venv: Path, started: float, requirements: list[str]) -> tuple[int, bytes]:
+        """Run one build step in `venv` within what is left of the build's time; its exit status
+        and output."""
+        home = venv / ".build-home"
+        # Built from nothing: no job's secrets or variables, nothing of the worker's but pip's settings.
+        env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home), "TMPDIR": str(home)}
+        env.update({name: os.environ[name] for name in PIP_ENV if name in os.environ})
         home.mkdir(exist_ok=True)
         if os.geteuid() == 0:
             os.chown(home, BUILD_UID, BUILD_UID)
@@ -266,14 +277,7 @@ class VenvCache:
             ) from None
         finally:
             shutil.rmtree(home, ignore_errors=True)
-        if process.returncode != 0:
-            tail = "\n  ".join(strip_firejail_noise(output.decode(errors="replace")).strip().splitlines()[-15:])
-            if step == "create":
-                raise SandboxError(f"could not create a venv with {self.python} (is python3-venv installed?):\n  {tail}")
-            raise SandboxError(
-                f"could not install runtime.packages {requirements} (pip exit status {process.returncode}); "
-                f"check the names and versions. pip said:\n  {tail}"
-            )
+        return process.returncode, output
 
 
 def _build_limits(memory_mb: int):
