@@ -1,7 +1,9 @@
 """Throughput of the generation engines, each against a baseline measured in the same run.
 
 * hf:     transformers, `batch_size` 16 vs 1 (one request per forward pass).
-* vllm:   one `generate` call for the whole batch vs one call per request.
+* vllm:   one `generate` call for the whole batch vs one call per request; and the same requests
+          sent one at a time, concurrently, through `Engine.sample` on the engine loop (the async
+          interface conversation loops use) vs the batch call (median of `--repeats`, interleaved).
 * openai: `max_concurrency` 16 vs 1 against a local endpoint that takes 50 ms per request.
 
 The tiny random model (spider.testing) is used unless `--model` names another (e.g.
@@ -65,17 +67,42 @@ def bench_hf(model: str, dtype: str, threads: int, requests, params) -> None:
     report("hf", results[1], results[16], ("batch_size=1", "batch_size=16"))
 
 
-def bench_vllm(model: str, dtype: str, requests, params) -> None:
+def timed_async(engine, requests, params) -> tuple[float, int]:
+    """Every request sent on its own through `engine.sample`, all at once, on the engine loop."""
+    import asyncio
+
+    async def together():
+        return await asyncio.gather(*(engine.sample(r, params) for r in requests))
+
+    started = time.perf_counter()
+    results = engine.loop.run(together())
+    elapsed = time.perf_counter() - started
+    assert all(r.error is None for r in results)
+    return elapsed, sum(c.usage.completion_tokens for r in results for c in r.completions)
+
+
+def median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    return sorted(runs, key=lambda run: run[1] / run[0])[len(runs) // 2]
+
+
+def bench_vllm(model: str, dtype: str, requests, params, repeats: int) -> None:
     from spider.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(model, {"dtype": dtype, "max_model_len": 1024})
     try:
         timed(engine, [requests[:2]], params)  # warm-up
         one_by_one = timed(engine, [[r] for r in requests], params)
-        together = timed(engine, [requests], params)
+        batch_runs, async_runs = [], []
+        for _ in range(repeats):
+            batch_runs.append(timed(engine, [requests], params))
+            async_runs.append(timed_async(engine, requests, params))
     finally:
         engine.close()
+    together = median_run(batch_runs)
     report("vllm", one_by_one, together, ("one call per request", "one call per batch"))
+    report("vllm", together, median_run(async_runs), ("one call per batch", "concurrent sample() calls"))
+    spread = [round(t[1] / t[0]) for t in async_runs]
+    print(f"        concurrent sample() tok/s over {repeats} repeats: {spread}")
 
 
 class SlowEndpoint:
@@ -135,6 +162,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "vllm", "openai"])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the vllm batch/async pair")
     args = parser.parse_args()
 
     from spider.engines import SamplingParams
@@ -148,7 +176,7 @@ def main() -> None:
         if "hf" not in args.skip:
             bench_hf(model, args.dtype, args.threads, requests, params)
         if "vllm" not in args.skip:
-            bench_vllm(model, args.dtype, requests, params)
+            bench_vllm(model, args.dtype, requests, params, args.repeats)
         if "openai" not in args.skip:
             bench_openai(requests, params)
 
