@@ -253,7 +253,7 @@ class SandboxLimits(Strict):
     file_size_mb: int = Field(64, ge=1, description="largest file written")
     disk_mb: int = Field(256, ge=1, description="everything the job writes to its scratch dir")
     max_files: int = Field(10_000, ge=16, description="files and directories in its scratch dir")
-    output_mb: int = Field(64, ge=1, description="what one call or batch may send back")
+    output_mb: int = Field(64, ge=1, description="what one call or batch may send back (its decoded cost)")
 
 
 class RuntimeConfig(Strict):

@@ -85,7 +85,7 @@ class Policy:
     allowed_hosts: tuple[str, ...] = ()
     sandbox_network: bool = True
     allow_direct_url_packages: bool = False
-    package_index_hosts: tuple[str, ...] = ()
+    package_index_hosts: tuple[str, ...] = field(default_factory=lambda: default_index_hosts())
     ceilings: LimitCeilings = field(default_factory=LimitCeilings)
 
     @classmethod
