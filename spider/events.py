@@ -1,9 +1,9 @@
 """Progress events: published by whoever makes progress, stored durably per job and fanned out live.
 
-Each event is appended to a capped Redis stream (`spider:events:<job>`: the history, whose entry id
-is the event id) and published on a pub/sub channel (`spider:live:<job>`) for live followers. A
-follower subscribes first, then replays the stream, then drops live duplicates by id: nothing is
-missed between replay and live.
+Each event is appended to a capped Redis stream (`Keys.events`: the history, whose entry id is the
+event id) and published on a pub/sub channel (`Keys.live`) for live followers. A follower
+subscribes first, then replays the stream, then drops live duplicates by id: nothing is missed
+between replay and live. The event that ends a job also gives its history a time to live.
 """
 
 from __future__ import annotations
@@ -16,19 +16,10 @@ from typing import Any, AsyncIterator
 import redis
 import redis.asyncio as aioredis
 
-from spider.types import Event
+from spider.keys import DEFAULT_KEYS, Keys
+from spider.types import ENDING_KINDS, Event
 
 log = logging.getLogger(__name__)
-
-TERMINAL_KINDS = ("job.completed", "job.failed", "job.cancelled")
-
-
-def stream_key(job_id: str) -> str:
-    return f"spider:events:{job_id}"
-
-
-def channel(job_id: str) -> str:
-    return f"spider:live:{job_id}"
 
 
 def _id_tuple(event_id: str) -> tuple[int, int]:
@@ -37,11 +28,16 @@ def _id_tuple(event_id: str) -> tuple[int, int]:
 
 
 class EventBus:
-    """Publishes and reads a job's events. `history` caps the stored events per job."""
+    """Publishes and reads a job's events. `history` caps the stored events per job; `ended_ttl`
+    (seconds, None for never) is how long the history of an ended job is kept."""
 
-    def __init__(self, client: redis.Redis, history: int = 10_000):
+    def __init__(
+        self, client: redis.Redis, history: int = 10_000, ended_ttl: int | None = None, keys: Keys = DEFAULT_KEYS
+    ):
         self.r = client
         self.history = history
+        self.ended_ttl = ended_ttl
+        self.keys = keys
 
     def publish(
         self,
@@ -51,20 +47,25 @@ class EventBus:
         level: str = "info",
         data: dict[str, Any] | None = None,
     ) -> Event:
-        body = {"ts": time.time(), "kind": kind, "level": level, "message": message, "data": data or {}}
-        event_id = self.r.xadd(stream_key(job_id), {"e": json.dumps(body)}, maxlen=self.history, approximate=True)
+        body = {"ts": time.time(), "kind": str(kind), "level": level, "message": message, "data": data or {}}
+        stream = self.keys.events(job_id)
+        pipe = self.r.pipeline()
+        pipe.xadd(stream, {"e": json.dumps(body)}, maxlen=self.history, approximate=True)
+        if kind in ENDING_KINDS and self.ended_ttl is not None:
+            pipe.expire(stream, self.ended_ttl)  # the history of an ended job is kept this long
+        event_id = pipe.execute()[0]
         if isinstance(event_id, bytes):
             event_id = event_id.decode()
         event = Event(id=event_id, job_id=job_id, **body)
-        self.r.publish(channel(job_id), json.dumps(event.to_dict()))
+        self.r.publish(self.keys.live(job_id), json.dumps(event.to_dict()))
         log.log(logging.getLevelName(level.upper()), "[%s] %s %s", job_id, kind, message)
         return event
 
     def replay(self, job_id: str, after: str | None = None) -> list[Event]:
-        return [_decode(job_id, eid, fields) for eid, fields in self.r.xrange(stream_key(job_id), min=_bound(after))]
+        return [_decode(job_id, eid, fields) for eid, fields in self.r.xrange(self.keys.events(job_id), min=_bound(after))]
 
     def delete(self, job_id: str) -> None:
-        self.r.delete(stream_key(job_id))
+        self.r.delete(self.keys.events(job_id))
 
 
 def _bound(after: str | None) -> str:
@@ -79,8 +80,8 @@ def _decode(job_id: str, event_id: Any, fields: dict[Any, Any]) -> Event:
     return Event(id=event_id, job_id=job_id, **json.loads(raw))
 
 
-async def _history(client: aioredis.Redis, job_id: str, after: str | None) -> list[Event]:
-    return [_decode(job_id, eid, fields) for eid, fields in await client.xrange(stream_key(job_id), min=_bound(after))]
+async def _history(client: aioredis.Redis, stream: str, job_id: str, after: str | None) -> list[Event]:
+    return [_decode(job_id, eid, fields) for eid, fields in await client.xrange(stream, min=_bound(after))]
 
 
 async def _next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
@@ -100,19 +101,21 @@ async def follow(
     after: str | None = None,
     is_finished: Any = None,
     keepalive: float = 15.0,
+    keys: Keys = DEFAULT_KEYS,
 ) -> AsyncIterator[Event | None]:
     """Yield the job's events after `after`: the stored history, then live ones, until a terminal
     event. Yields None every `keepalive` seconds of silence (so servers can send a heartbeat).
     `is_finished` is an async callable checked on silence, to stop following a job that ended
     without a terminal event in the stream (e.g. its history was trimmed)."""
+    stream, live = keys.events(job_id), keys.live(job_id)
     pubsub = client.pubsub()
-    await pubsub.subscribe(channel(job_id))
+    await pubsub.subscribe(live)
     try:
         last = after
-        for event in await _history(client, job_id, after):
+        for event in await _history(client, stream, job_id, after):
             last = event.id
             yield event
-            if event.kind in TERMINAL_KINDS:
+            if event.kind in ENDING_KINDS:
                 return
 
         async def ended() -> bool:
@@ -133,10 +136,10 @@ async def follow(
                 continue
             last = event.id
             yield event
-            if event.kind in TERMINAL_KINDS:
+            if event.kind in ENDING_KINDS:
                 return
-        for event in await _history(client, job_id, last):
+        for event in await _history(client, stream, job_id, last):
             yield event
     finally:
-        await pubsub.unsubscribe(channel(job_id))
+        await pubsub.unsubscribe(live)
         await pubsub.aclose()

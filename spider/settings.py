@@ -27,6 +27,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_bundle_bytes: int = 64 * 1024 * 1024
     event_history: int = 10_000
+    # How long an ended job's event history is kept (seconds).
+    event_ttl_s: int = 7 * 24 * 3600
     visibility_timeout: int = 4 * 3600
     policy: Policy = field(default_factory=Policy)
 
@@ -41,6 +43,7 @@ class Settings:
             data_dir=Path(os.environ.get("SPIDER_DATA_DIR") or cache_dir() / "data"),
             api_keys=tuple(keys),
             max_bundle_bytes=int(os.environ.get("SPIDER_MAX_BUNDLE_BYTES", cls.max_bundle_bytes)),
+            event_ttl_s=int(os.environ.get("SPIDER_EVENT_TTL_S", cls.event_ttl_s)),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
             policy=Policy.from_env(),
         )

@@ -11,7 +11,9 @@ import redis
 from spider.config import JobConfig
 from spider.events import EventBus
 from spider.jobs import dataset
+from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
+from spider.policy import Policy
 from spider.settings import Settings
 from tests.helpers import SAMPLE_PROMPTS
 
@@ -22,23 +24,16 @@ class Recorder:
     def __init__(self):
         self.calls: list[tuple] = []
 
-    def rollout(self, job_id, batch_index):
-        self.calls.append(("rollout", job_id, batch_index))
-
-    def preprocess(self, job_id, batch_index):
-        self.calls.append(("preprocess", job_id, batch_index))
-
-    def postprocess(self, job_id, batch_index):
-        self.calls.append(("postprocess", job_id, batch_index))
-
-    def finalize(self, job_id):
-        self.calls.append(("finalize", job_id))
+    def dispatch(self, stage, job_id, *args):
+        self.calls.append((stage, job_id, *args))
 
 
 @pytest.fixture
 def ctx(redis_url, tmp_path):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    return dataset.Context(Settings(redis_url=redis_url, data_dir=tmp_path), JobStore(client), EventBus(client), Recorder())
+    # The sample prompts are read where they lie: the operator lets jobs read their folder.
+    settings = Settings(redis_url=redis_url, data_dir=tmp_path, policy=Policy(data_roots=(SAMPLE_PROMPTS.parent.resolve(),)))
+    return Context(settings, JobStore(client), EventBus(client), Recorder())
 
 
 def job(tiny_model, **output):
@@ -53,12 +48,12 @@ def job(tiny_model, **output):
 def run_all(ctx, job_id):
     """Drive the recorded stages to the end, redelivering every rollout once (as a crash would)."""
     dataset.plan_job(ctx, job_id)
-    while ctx.dispatch.calls:
-        stage, *args = ctx.dispatch.calls.pop(0)
-        if stage == "rollout":
+    while ctx.dispatcher.calls:
+        stage, *args = ctx.dispatcher.calls.pop(0)
+        if stage == dataset.ROLLOUT:
             dataset.run_batch(ctx, *args)
             dataset.run_batch(ctx, *args)  # a redelivered task must not duplicate anything
-        elif stage == "finalize":
+        elif stage == dataset.FINALIZE:
             dataset.finalize_job(ctx, *args)
 
 
@@ -118,12 +113,12 @@ def test_a_redelivered_plan_resumes_only_the_missing_batches(ctx, tiny_model):
     config = job(tiny_model)
     record = ctx.store.create("owner", config.model_dump(mode="json"), {}, has_bundle=False)
     dataset.plan_job(ctx, record.id)
-    first = [c for c in ctx.dispatch.calls if c[0] == "rollout"]
+    first = [c for c in ctx.dispatcher.calls if c[0] == dataset.ROLLOUT]
     assert [c[2] for c in first] == [0, 1, 2]
     dataset.run_batch(ctx, record.id, 1)
-    ctx.dispatch.calls.clear()
+    ctx.dispatcher.calls.clear()
     dataset.plan_job(ctx, record.id)  # the control worker died before acknowledging the plan
-    assert ctx.dispatch.calls == [("rollout", record.id, 0), ("rollout", record.id, 2)]
+    assert ctx.dispatcher.calls == [(dataset.ROLLOUT, record.id, 0), (dataset.ROLLOUT, record.id, 2)]
     assert ctx.bus.replay(record.id)[-1].kind == "job.resumed"
     run_all_dispatched(ctx)
     assert ctx.store.get(record.id).status == "completed"
@@ -131,6 +126,6 @@ def test_a_redelivered_plan_resumes_only_the_missing_batches(ctx, tiny_model):
 
 
 def run_all_dispatched(ctx):
-    while ctx.dispatch.calls:
-        stage, *args = ctx.dispatch.calls.pop(0)
-        {"rollout": dataset.run_batch, "finalize": dataset.finalize_job}[stage](ctx, *args)
+    while ctx.dispatcher.calls:
+        stage, *args = ctx.dispatcher.calls.pop(0)
+        {dataset.ROLLOUT: dataset.run_batch, dataset.FINALIZE: dataset.finalize_job}[stage](ctx, *args)

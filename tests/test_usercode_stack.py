@@ -1,5 +1,6 @@
 """User code through the real stack: processors and tools shipped from a user's project folder run
-on the sandbox worker under firejail; secrets reach only their own job's code."""
+on the sandbox worker under firejail; secrets reach only their own job's code; a job with tools is
+refused at submit until conversation rollouts offer them to the model."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def run_script(stack, tiny_model, out, mode):
         cwd=PROJECT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(open(f"{out}.job.json").read())["job_id"]
+    return json.loads(open(f"{out}.job.json").read())
 
 
 def test_processors_from_a_users_project_shape_the_dataset(stack, tiny_model, tmp_path):
     out = tmp_path / "result.jsonl"
-    job_id = run_script(stack, tiny_model, out, "dataset")
+    job_id = run_script(stack, tiny_model, out, "dataset")["job_id"]
     records = read_jsonl(out)
     # Rows 16-23 are instructions: dropped by the pre-processor. Odd rows: dropped by the post-processor.
     assert [r["row_index"] for r in records] == [0, 2, 4, 6, 8, 10, 12, 14]
@@ -55,8 +56,42 @@ def test_processors_from_a_users_project_shape_the_dataset(stack, tiny_model, tm
     assert status["rows_total"] == 24 and status["progress"]["rows_done"] == 24  # dropped rows count as done
 
 
-def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(stack, tiny_model, tmp_path):
-    job_id = run_script(stack, tiny_model, tmp_path / "tool", "tool")
+@pytest.fixture(scope="module")
+def refused_tool_job(stack, tiny_model, tmp_path_factory):
+    """What the user's script met submitting a job with a tool: the refusal, the job and its bundle."""
+    return run_script(stack, tiny_model, tmp_path_factory.mktemp("tool") / "tool", "tool")
+
+
+def test_a_job_with_tools_is_refused_at_submit(stack, refused_tool_job):
+    # Until conversation rollouts offer tools to the model, accepting them would ignore them silently.
+    assert refused_tool_job["status"] == 422
+    detail = refused_tool_job["detail"]
+    assert "'lookup_capital'" in detail and "add_tool" in detail and "does not offer tools" in detail
+
+
+def store_job(stack, config: dict, bundle: bytes, secrets: dict[str, str]) -> str:
+    """Store a job as the API does (record, secrets, bundle and manifest) without queueing it: the
+    API refuses jobs with tools, and their tools are still served by the sandbox queue."""
+    import redis
+
+    from spider.api.app import owner_of
+    from spider.client.bundle import bundle_manifest
+    from spider.jobs.store import JobFiles, JobStore, new_job_id, write_atomic
+
+    job_id = new_job_id()
+    files = JobFiles(stack.data_dir, job_id)
+    write_atomic(files.bundle, bundle)
+    write_atomic(files.bundle_manifest, json.dumps(bundle_manifest(bundle).to_dict()))
+    store = JobStore(redis.Redis.from_url(stack.redis_url, decode_responses=True))
+    store.create(owner_of(API_KEYS[0]), config, secrets, has_bundle=True, job_id=job_id)
+    return job_id
+
+
+def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(stack, refused_tool_job):
+    import base64
+
+    bundle = base64.b64decode(refused_tool_job["bundle"])
+    job_id = store_job(stack, refused_tool_job["job"], bundle, {"SECRET_B": "beta-secret"})
     app = make_celery(Settings(redis_url=stack.redis_url))
 
     def send(job, call_id, name, arguments):
@@ -69,7 +104,7 @@ def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(stack, tiny_mod
         started = time.monotonic()
         answers = caller.call_many([("lookup_capital", {"country": "France"}), ("lookup_capital", {"country": "Japan"})],
                                    timeout=120)
-        assert answers[0].ok and answers[0].content.startswith("Paris ")
+        assert answers[0].ok and answers[0].content.startswith("Paris "), answers[0]
         assert answers[1].ok and answers[1].content.startswith("Tokyo ")
         env = answers[0].content.split(" ", 1)[1]
         assert "beta-secret" in env and "alpha-secret" not in env

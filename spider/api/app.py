@@ -27,9 +27,10 @@ from spider import __version__
 from spider.config import JobConfig
 from spider.errors import BundleError, ConfigError
 from spider.events import EventBus, follow
-from spider.jobs import admission, dataset
-from spider.jobs.store import TERMINAL, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
+from spider.jobs import admission, dataset, stages
+from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
+from spider.types import BundleManifest, EventKind, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = JobStore(client)
-    bus = EventBus(client, settings.event_history)
+    bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s, keys=store.keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,8 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return CeleryDispatcher()
 
-    def context() -> dataset.Context:
-        return dataset.Context(settings, store, bus, dispatcher())
+    def context() -> stages.Context:
+        return stages.Context(settings, store, bus, dispatcher())
 
     def caller(authorization: str | None = Header(default=None)) -> str:
         """The owner id of the caller's API key; every caller is 'local' when no keys are configured."""
@@ -112,22 +113,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 write_atomic(files.source_dir / name, data)
             if submission.bundle is not None:
                 write_atomic(files.bundle, submission.bundle.data)
-                write_atomic(files.root / "bundle.manifest.json", json.dumps(submission.bundle.manifest))
+                write_atomic(files.bundle_manifest, json.dumps(submission.bundle.manifest.to_dict()))
             stage = "recording the job"
             config = submission.job.model_dump(mode="json")
             store.create(owner, config, submission.env, has_bundle=submission.bundle is not None, job_id=job_id)
             if submission.source_files:
                 store.set_fields(job_id, source_upload=json.dumps(sorted(submission.source_files)))
-            bus.publish(job_id, "job.queued", "job queued")
+            bus.publish(job_id, EventKind.JOB_QUEUED, "job queued")
             stage = "queueing the job"
-            from spider.workers.tasks import plan_job
-
-            plan_job.apply_async((job_id,), queue="control")
+            context().dispatch(dataset.PLAN, job_id)
         except Exception as exc:
             log.error("submit of job %s failed while %s", job_id, stage, exc_info=True)
             roll_back(job_id, owner, files)
             raise HTTPException(*_failure(stage, exc)) from None
-        return {"job_id": job_id, "status": "queued"}
+        return {"job_id": job_id, "status": JobStatus.QUEUED}
 
     def roll_back(job_id: str, owner: str, files: JobFiles) -> None:
         """Remove what a failed submit left: files, record, secrets, owner index entry, events."""
@@ -149,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
         owned(job_id, owner)
-        dataset.cancel_job(context(), job_id)
+        stages.cancel_job(context(), job_id)
         return owned(job_id, owner).public()
 
     @app.get("/v1/jobs/{job_id}/events")
@@ -168,8 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         aredis = request.app.state.aredis
 
         async def finished() -> bool:
-            status = await aredis.hget(f"spider:job:{job_id}", "status")
-            return status in TERMINAL
+            status = await aredis.hget(store.keys.job(job_id), "status")
+            return status is not None and JobStatus(status).ended
 
         async def stream():
             yield "retry: 2000\n\n"
@@ -177,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for event in bus.replay(job_id, after=after):
                     yield _sse(event)
                 return
-            async for event in follow(aredis, job_id, after=after, is_finished=finished):
+            async for event in follow(aredis, job_id, after=after, is_finished=finished, keys=store.keys):
                 if await request.is_disconnected():
                     return
                 if event is None:
@@ -190,7 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/result")
     def result(job_id: str, owner: str = Depends(caller)):
         record = owned(job_id, owner)
-        if record.status != "completed":
+        if record.status != JobStatus.COMPLETED:
             raise HTTPException(409, f"job {job_id} is {record.status}; its result exists once it is completed")
         fmt = record.config.get("output", {}).get("format", "jsonl")
         path = JobFiles(settings.data_dir, job_id).result(fmt)
@@ -268,10 +267,10 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, d
     await response(scope, receive, send)
 
 
+@dataclass
 class _Bundle:
-    def __init__(self, data: bytes, manifest: dict[str, Any]):
-        self.data = data
-        self.manifest = manifest
+    data: bytes
+    manifest: BundleManifest
 
 
 @dataclass
@@ -312,6 +311,13 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
     bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
+    if bundle is not None and bundle.manifest.has_tools:
+        names = ", ".join(repr(name) for name in bundle.manifest.tools)
+        raise HTTPException(
+            422,
+            f"bundle: the job has tools ({names}), but this server does not offer tools to the model yet: dataset "
+            "jobs generate one answer per row, without tool calls. Submit the job without add_tool",
+        )
     return Submission(job, env, bundle, source_files)
 
 

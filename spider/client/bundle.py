@@ -38,6 +38,7 @@ from typing import Any
 import cloudpickle
 
 from spider.errors import BundleError
+from spider.types import BundleManifest
 
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
 # 2: the source files of local modules travel in their own section, between header and payload.
@@ -753,11 +754,9 @@ def _format_mismatch(found: Any) -> str:
     )
 
 
-def bundle_manifest(bundle: bytes) -> dict[str, Any]:
-    """What a bundle holds, read from its header without executing any user code:
-    `python` (the client's version), `python_minor`, `cloudpickle`, `tools` (names),
-    `tool_specs` (schemas), `has_pre_processor`, `has_post_processor`, `local_modules` (pickled by
-    value), `source_modules` (whose source files travel), `bytes`.
+def bundle_manifest(bundle: bytes) -> BundleManifest:
+    """What a bundle holds, read from its header without executing any user code (see
+    spider.types.BundleManifest for its fields).
 
     The header comes from whoever submitted the bundle: every field is checked for its type, and
     anything malformed raises BundleError naming the field."""
@@ -791,20 +790,20 @@ def bundle_manifest(bundle: bytes) -> dict[str, Any]:
         raise BundleError("the bundle header is corrupt: two tools have the same name")
     pre = checked("pre_processor", lambda v: v is None or text(v), "a name or null")
     post = checked("post_processor", lambda v: v is None or text(v), "a name or null")
-    return {
-        "python": python,
-        "python_minor": python_minor(python),
-        "cloudpickle": checked("cloudpickle", text, "a version"),
-        "tools": [t["name"] for t in tools],
-        "tool_specs": tools,
-        "has_pre_processor": pre is not None,
-        "has_post_processor": post is not None,
-        "pre_processor": pre,
-        "post_processor": post,
-        "local_modules": checked("local_modules", names, "a list of module names"),
-        "source_modules": checked("source_modules", names, "a list of module names"),
-        "bytes": len(bundle),
-    }
+    return BundleManifest(
+        python=python,
+        python_minor=python_minor(python),
+        cloudpickle=checked("cloudpickle", text, "a version"),
+        tools=[t["name"] for t in tools],
+        tool_specs=tools,
+        has_pre_processor=pre is not None,
+        has_post_processor=post is not None,
+        pre_processor=pre,
+        post_processor=post,
+        local_modules=checked("local_modules", names, "a list of module names"),
+        source_modules=checked("source_modules", names, "a list of module names"),
+        bytes=len(bundle),
+    )
 
 
 def python_minor(version: str) -> str:

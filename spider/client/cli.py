@@ -6,13 +6,13 @@ import argparse
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from spider.errors import SpiderError
+from spider.types import ENDING_KINDS, EventKind, JobStatus
 
 DEFAULT_OUTPUT = "artifacts/{job_id}/result.{format}"
 
@@ -34,12 +34,12 @@ def _client(args: argparse.Namespace, config=None):
 
 
 class Progress:
-    """A live progress line (rows, tokens/s, ETA) fed by job events."""
+    """A live progress line fed by job events: its phase (queued, loading model, generating, then how
+    the job ended), rows done, generation tokens/s (model loading is not part of it) and the ETA."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         from rich.console import Console
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"),
@@ -52,8 +52,9 @@ class Progress:
             transient=False,
             console=Console(stderr=True),
         )
-        self.task = self.bar.add_task("queued", total=None, tps="")
-        self.started = time.monotonic()
+        self.task = self.bar.add_task(JobStatus.QUEUED, total=None, tps="")
+        self.loading = 0  # engines being loaded for the job right now
+        self.generated = False  # whether a batch has completed
 
     def __enter__(self) -> "Progress":
         self.bar.__enter__()
@@ -62,17 +63,35 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
+    @property
+    def phase(self) -> str:
+        return self.bar.tasks[0].description
+
+    def _generating(self) -> str:
+        return "loading model" if self.loading and not self.generated else "generating"
+
     def __call__(self, event) -> None:
         data = event.data
-        if event.kind == "job.planned":
-            self.bar.update(self.task, total=data["rows_total"], description="generating")
-        elif event.kind == "batch.completed":
+        if event.kind == EventKind.JOB_PLANNED:
+            self.bar.update(self.task, total=data["rows_total"], description=self._generating())
+        elif event.kind == EventKind.MODEL_LOADING:
+            self.loading += 1
+            self.bar.update(self.task, description=self._generating())
+        elif event.kind == EventKind.MODEL_LOADED:
+            self.loading = max(0, self.loading - 1)
+            self.bar.update(self.task, description=self._generating())
+            self.bar.console.print(f"{event.kind}: {event.message}")
+        elif event.kind == EventKind.BATCH_COMPLETED:
+            self.generated = True
             rate = data.get("tokens_per_second_total")
             tps = f"{rate:,.0f} tok/s" if rate else ""
-            self.bar.update(self.task, completed=data["rows_done"], total=data.get("rows_total"), tps=tps)
+            self.bar.update(
+                self.task, completed=data["rows_done"], total=data.get("rows_total"), tps=tps,
+                description=self._generating(),
+            )
         elif event.level in ("warning", "error") or event.kind.startswith("job."):
             self.bar.console.print(f"{event.kind}: {event.message}")
-            if event.kind in ("job.completed", "job.failed", "job.cancelled"):
+            if event.kind in ENDING_KINDS:
                 self.bar.update(self.task, description=event.kind.split(".")[1])
 
 
@@ -110,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 status = client.poll_job(job_id, on_event=progress)
         finally:
             signal.signal(signal.SIGINT, previous)
-        if status["status"] != "completed":
+        if status["status"] != JobStatus.COMPLETED:
             print(f"job {job_id} {status['status']}: {status.get('error') or ''}", file=sys.stderr)
             return 1
         fmt = config.job.output.format

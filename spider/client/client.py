@@ -14,9 +14,8 @@ import httpx
 
 from spider.config import AppConfig, ServerConfig
 from spider.errors import APIError, AuthError, JobNotFoundError, SpiderError
-from spider.types import Event
+from spider.types import ENDED_STATUSES, ENDING_KINDS, Event
 
-TERMINAL = ("completed", "failed", "cancelled")
 EnvSpec = Mapping[str, str] | Iterable[str] | str | None
 
 
@@ -195,11 +194,11 @@ class SpiderClient:
                     for event in parse_sse(response.iter_lines()):
                         last = event.id
                         yield event
-                        if event.kind in ("job.completed", "job.failed", "job.cancelled"):
+                        if event.kind in ENDING_KINDS:
                             return
                 if not follow:
                     return
-                if self.get_job_status(job_id)["status"] in TERMINAL:
+                if self.get_job_status(job_id)["status"] in ENDED_STATUSES:
                     # The stream closed on an ended job: collect whatever came after the last event.
                     yield from self.stream_events(job_id, after=last, follow=False)
                     return

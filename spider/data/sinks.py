@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -78,8 +77,3 @@ def upload_to_hub(result: Path, metadata: Path, hf: HFOutput, token: str | None,
         commit_message=f"Spider job {job_id}: metadata",
     )
     return str(getattr(info, "commit_url", info))
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

@@ -4,45 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import redis
 
-TERMINAL = ("completed", "failed", "cancelled")
-ACTIVE = ("queued", "running", "finalizing")
-COUNTERS = (
-    "batches_done",
-    "rows_done",
-    "records",
-    "row_errors",
-    "dropped",
-    "prompt_tokens",
-    "completion_tokens",
-)
+from spider.keys import DEFAULT_KEYS, Keys, checked_job_id, is_job_id, new_job_id
+from spider.types import ACTIVE_STATUSES, BatchStats, JobStatus
 
-# A job id: 16 lowercase hex digits of a uuid4 (see new_job_id). Anything else never names a key.
-JOB_ID = re.compile(r"[0-9a-f]{16}")
+__all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
 
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def is_job_id(value: object) -> bool:
-    """Whether `value` has the format of a job id; only such strings are ever made into keys or paths."""
-    return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
-
-
-def _checked(job_id: str) -> str:
-    if not is_job_id(job_id):
-        raise ValueError(f"not a job id: {job_id!r:.40}")
-    return job_id
+# The job's progress counters: what its batches add up to, as the API shows them.
+COUNTERS = ("batches_done",) + BatchStats.COUNTERS
 
 
 # Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
@@ -64,7 +40,7 @@ class JobRecord:
 
     id: str
     owner: str
-    status: str
+    status: JobStatus
     created_at: float
     config: dict[str, Any]
     started_at: float | None = None
@@ -75,6 +51,11 @@ class JobRecord:
     has_bundle: bool = False
     secret_names: list[str] = field(default_factory=list)
     progress: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> BatchStats:
+        """What the job's finished batches add up to."""
+        return BatchStats.from_dict(self.progress)
 
     def public(self) -> dict[str, Any]:
         """The API's view of the job (no owner hash, redacted config)."""
@@ -105,9 +86,9 @@ def redact(config: dict[str, Any]) -> dict[str, Any]:
 class JobStore:
     """All job state that must survive any one process: records, counters, secrets, batch completion."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "spider"):
+    def __init__(self, client: redis.Redis, keys: Keys = DEFAULT_KEYS):
         self.r = client
-        self.prefix = prefix
+        self.keys = keys
         self._transition = client.register_script(_TRANSITION)
 
     @classmethod
@@ -115,10 +96,10 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True))
 
     def _key(self, job_id: str, part: str = "") -> str:
-        return f"{self.prefix}:job:{_checked(job_id)}{':' + part if part else ''}"
+        return self.keys.job(job_id, part)
 
     def _owner_index(self, owner: str) -> str:
-        return f"{self.prefix}:jobs:{owner}"
+        return self.keys.owner_jobs(owner)
 
     def create(
         self,
@@ -130,12 +111,12 @@ class JobStore:
     ) -> JobRecord:
         """Store a new queued job (record, secrets, owner index entry) in one transaction.
         `job_id` is one from new_job_id(), when the caller needed it before the record existed."""
-        job_id = _checked(job_id) if job_id is not None else new_job_id()
+        job_id = checked_job_id(job_id) if job_id is not None else new_job_id()
         now = time.time()
         record = {
             "id": job_id,
             "owner": owner,
-            "status": "queued",
+            "status": JobStatus.QUEUED,
             "created_at": now,
             "config": json.dumps(config),
             "has_bundle": int(has_bundle),
@@ -175,7 +156,7 @@ class JobStore:
         return JobRecord(
             id=raw["id"],
             owner=raw["owner"],
-            status=raw["status"],
+            status=JobStatus(raw["status"]),
             created_at=float(raw["created_at"]),
             config=json.loads(raw["config"]),
             started_at=num("started_at"),
@@ -194,19 +175,21 @@ class JobStore:
         ids = self.r.zrevrange(self._owner_index(owner), 0, limit - 1)
         return [job for job in (self.get(i) for i in ids) if job is not None]
 
-    def transition(self, job_id: str, to: str, allowed_from: Iterable[str]) -> bool:
+    def transition(self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus]) -> bool:
         """Atomically move a job to status `to` if its current status is one of `allowed_from`."""
+        to = JobStatus(to)
         changed = bool(self._transition(keys=[self._key(job_id)], args=[to, *allowed_from]))
         if changed:
-            stamp = {"running": "started_at"}.get(to) or ("finished_at" if to in TERMINAL else None)
+            stamp = "started_at" if to == JobStatus.RUNNING else "finished_at" if to.ended else None
             if stamp:
                 self.r.hset(self._key(job_id), stamp, time.time())
         return changed
 
-    def status(self, job_id: str) -> str | None:
+    def status(self, job_id: str) -> JobStatus | None:
         if not is_job_id(job_id):
             return None
-        return self.r.hget(self._key(job_id), "status")
+        status = self.r.hget(self._key(job_id), "status")
+        return JobStatus(status) if status is not None else None
 
     def set_fields(self, job_id: str, **values: Any) -> None:
         self.r.hset(self._key(job_id), mapping={k: v for k, v in values.items() if v is not None})
@@ -218,21 +201,22 @@ class JobStore:
 
     def fail(self, job_id: str, message: str) -> bool:
         """Mark a non-terminal job failed with a message for the user; False if it had already ended."""
-        if self.transition(job_id, "failed", ACTIVE):
+        if self.transition(job_id, JobStatus.FAILED, ACTIVE_STATUSES):
             self.r.hset(self._key(job_id), "error", message)
             self.drop_secrets(job_id)
             return True
         return False
 
-    def add_progress(self, job_id: str, generation_seconds: float = 0.0, **counts: int) -> dict[str, float]:
+    def add_progress(self, job_id: str, stats: BatchStats) -> BatchStats:
+        """Add one finished batch to the job's counters; returns the job's totals."""
         pipe = self.r.pipeline()
         key = self._key(job_id, "progress")
-        for name, value in counts.items():
-            pipe.hincrby(key, name, int(value))
-        pipe.hincrbyfloat(key, "generation_seconds", generation_seconds)
+        for name, value in stats.counters().items():
+            pipe.hincrby(key, name, value)
+        pipe.hincrby(key, "batches_done", 1)
+        pipe.hincrbyfloat(key, "generation_seconds", stats.generation_seconds)
         pipe.hgetall(key)
-        totals = pipe.execute()[-1]
-        return {k: float(v) for k, v in totals.items()}
+        return BatchStats.from_dict(pipe.execute()[-1])
 
     def mark_batch_done(self, job_id: str, batch_index: int) -> tuple[bool, int]:
         """Record a finished batch. Returns (first time this batch finished, batches finished so far)."""
@@ -257,10 +241,14 @@ class JobStore:
 
 
 class JobFiles:
-    """Where a job's artifacts live under the shared data dir."""
+    """Where a job's artifacts live under the shared data dir: every path of a job is named here.
+
+    A dataset job's batch goes `inputs/` (source rows, when a pre-processor shapes them) ->
+    `batches/` (the rows to generate from) -> `generated/` (records, when a post-processor shapes
+    them) -> `shards/` (the batch's final records) -> the merged `result.<format>`."""
 
     def __init__(self, data_dir: Path, job_id: str):
-        self.root = Path(data_dir) / "jobs" / _checked(job_id)
+        self.root = Path(data_dir) / "jobs" / checked_job_id(job_id)
 
     @property
     def source_dir(self) -> Path:
@@ -268,11 +256,38 @@ class JobFiles:
         return self.root / "source"
 
     @property
+    def datasets_cache(self) -> Path:
+        """The job's own `datasets` cache while its source loads (removed once the rows are read)."""
+        return self.root / "datasets-cache"
+
+    @property
     def bundle(self) -> Path:
         return self.root / "bundle.pkl"
 
+    @property
+    def bundle_manifest(self) -> Path:
+        """The bundle's manifest as JSON (BundleManifest.to_dict), written at submit."""
+        return self.root / "bundle.manifest.json"
+
+    def inputs(self, index: int) -> Path:
+        """A batch's source rows with their indices, before the pre-processor."""
+        return self.root / "inputs" / f"{index:06d}.json"
+
     def batch(self, index: int) -> Path:
+        """A batch's rows as the rollout reads them (BatchRow.to_dict each)."""
         return self.root / "batches" / f"{index:06d}.json"
+
+    def dropped(self, index: int) -> Path:
+        """How many of a batch's rows the pre-processor dropped."""
+        return self.root / "batches" / f"{index:06d}.dropped"
+
+    def generated(self, index: int) -> Path:
+        """A batch's records before the post-processor."""
+        return self.root / "generated" / f"{index:06d}.jsonl"
+
+    def generated_stats(self, index: int) -> Path:
+        """The statistics of a generated batch (BatchStats.to_dict), completed after post-processing."""
+        return self.root / "generated" / f"{index:06d}.counts.json"
 
     def shard(self, index: int) -> Path:
         return self.root / "shards" / f"{index:06d}.jsonl"

@@ -1,5 +1,5 @@
-"""The stages of a job that run user code, on sandbox workers only: pre-processing a batch of
-source rows, post-processing a batch of records, and tool calls that rollout loops await.
+"""User code on sandbox workers only: the pre-processor on source rows, the post-processor on
+records, and tool calls that rollout loops await.
 
 Each sandbox worker keeps one `JobSandbox` (warm jailed interpreters) per active job and closes it
 when the job ends or sits idle.
@@ -13,16 +13,17 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
 import redis
 
 from spider.config import JobConfig
+from spider.data.sources import prompt_of
 from spider.errors import SpiderError
-from spider.jobs.dataset import BatchRow, Context, complete_batch, guarded, load_job
-from spider.jobs.store import TERMINAL, write_atomic
+from spider.jobs.stages import Context, load_job
+from spider.keys import DEFAULT_KEYS, Keys
 from spider.sandbox.outcomes import CallError, ToolOutcome
+from spider.types import BatchRow, EventKind, RowError
 
 log = logging.getLogger(__name__)
 IDLE_SECONDS = 600
@@ -49,7 +50,7 @@ class SandboxPool:
                 job_sandbox = self.sandbox.open_job(job_id, bundle, config.runtime, self.ctx.store.secrets(job_id))
                 if self.sandbox.unsafe:
                     self.ctx.bus.publish(
-                        job_id, "sandbox.unsafe", "user code runs WITHOUT firejail on this worker", level="warning"
+                        job_id, EventKind.SANDBOX_UNSAFE, "user code runs WITHOUT firejail on this worker", level="warning"
                     )
             else:
                 job_sandbox = entry[0]
@@ -63,7 +64,7 @@ class SandboxPool:
             ended = [
                 job_id
                 for job_id, (_, used) in self.jobs.items()
-                if now - used > IDLE_SECONDS or self.ctx.store.status(job_id) in TERMINAL
+                if now - used > IDLE_SECONDS or _ended(self.ctx.store.status(job_id))
             ]
             for job_id in ended:
                 self.jobs.pop(job_id, None)
@@ -73,23 +74,19 @@ class SandboxPool:
                     log.exception("closing the sandbox of job %s", job_id)
 
 
-def _error_dict(error: CallError | None) -> dict[str, str]:
+def row_error(error: CallError | None) -> RowError:
+    """The error record of a row or record whose user code failed."""
     error = error or CallError("exception", "Error", "unknown")
-    return {"type": error.type, "message": error.message, "kind": error.kind}
+    return RowError(type=error.type, message=error.message, kind=error.kind)
 
 
-@guarded
-def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxPool) -> None:
-    """Run the user's pre-processor on one batch of source rows, then hand the batch to rollout.
+def pre_process_rows(job_sandbox: Any, config: JobConfig, raw: list[dict[str, Any]]) -> tuple[list[BatchRow], int]:
+    """Run the user's pre-processor on source rows (`{"index", "data"}` each): the rows to
+    generate from, and how many it dropped.
 
     The pre-processor returns the prompt (a string), a new row (a dict: its `source.field` is the
     prompt), or None to drop the row. An exception becomes an error record for that row."""
-    config, record = load_job(ctx, job_id)
-    if record.status != "running":
-        return
-    files = ctx.files(job_id)
-    raw = json.loads((files.root / "inputs" / f"{batch_index:06d}.json").read_text())
-    outcomes = pool.job(job_id, config).pre_process([item["data"] for item in raw], config.processors.pre_kwargs)
+    outcomes = job_sandbox.pre_process([item["data"] for item in raw], config.processors.pre_kwargs)
     prepared: list[BatchRow] = []
     dropped = 0
     for item, outcome in zip(raw, outcomes):
@@ -97,40 +94,29 @@ def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxP
         if outcome.dropped:
             dropped += 1
         elif outcome.status == "error":
-            prepared.append(BatchRow(index, None, data, error=_error_dict(outcome.error)))
+            prepared.append(BatchRow(index, None, data, error=row_error(outcome.error)))
         elif isinstance(outcome.value, str):
             prepared.append(BatchRow(index, outcome.value, data))
         elif isinstance(outcome.value, dict):
-            from spider.data.sources import prompt_of
-
             try:
                 prepared.append(BatchRow(index, prompt_of(outcome.value, config.source.field, index), outcome.value))
             except SpiderError as exc:
-                prepared.append(BatchRow(index, None, outcome.value, error={"type": "PreProcessorError", "message": str(exc)}))
+                prepared.append(BatchRow(index, None, outcome.value, error=RowError("PreProcessorError", str(exc))))
         else:
             message = f"the pre-processor returned {type(outcome.value).__name__}; return a str, a dict or None"
-            prepared.append(BatchRow(index, None, data, error={"type": "PreProcessorError", "message": message}))
-    # The count travels with the batch and is added once, when the batch completes.
-    write_atomic(files.root / "batches" / f"{batch_index:06d}.dropped", str(dropped))
-    write_atomic(files.batch(batch_index), json.dumps([asdict(r) for r in prepared]))
-    ctx.dispatch.rollout(job_id, batch_index)
+            prepared.append(BatchRow(index, None, data, error=RowError("PreProcessorError", message)))
+    return prepared, dropped
 
 
-@guarded
-def postprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxPool) -> None:
-    """Run the user's post-processor on one batch of records and write the batch's shard.
+def post_process_records(
+    job_sandbox: Any, config: JobConfig, records: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """Run the user's post-processor on result records: the records to keep, and how many it dropped.
 
     It returns the record to keep (a dict, possibly reshaped) or None to drop it. An exception
-    keeps the original record with `error` set to the exception."""
-    config, record = load_job(ctx, job_id)
-    if record.status != "running":
-        return
-    files = ctx.files(job_id)
-    generated = files.root / "generated" / f"{batch_index:06d}.jsonl"
-    records = [json.loads(line) for line in generated.read_text().splitlines() if line.strip()]
-    counts = json.loads((files.root / "generated" / f"{batch_index:06d}.counts.json").read_text())
+    keeps the original record with `error` set to the exception. Error records pass untouched."""
     ok = [r for r in records if r.get("error") is None]
-    outcomes = iter(pool.job(job_id, config).post_process(ok, config.processors.post_kwargs)) if ok else iter(())
+    outcomes = iter(job_sandbox.post_process(ok, config.processors.post_kwargs)) if ok else iter(())
     kept: list[dict[str, Any]] = []
     dropped = 0
     for rec in records:
@@ -141,39 +127,37 @@ def postprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: Sandbox
         if outcome.dropped:
             dropped += 1
         elif outcome.status == "error":
-            kept.append({**rec, "error": _error_dict(outcome.error)})
+            kept.append({**rec, "error": row_error(outcome.error).to_dict()})
         elif isinstance(outcome.value, dict):
             kept.append(outcome.value)
         else:
             message = f"the post-processor returned {type(outcome.value).__name__}; return a dict or None"
-            kept.append({**rec, "error": {"type": "PostProcessorError", "message": message}})
-    write_atomic(files.shard(batch_index), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    counts["records"] = len(kept)
-    counts["dropped"] = counts.get("dropped", 0) + dropped
-    complete_batch(ctx, job_id, batch_index, counts, generation_seconds=counts.pop("generation_seconds", 0.0))
+            kept.append({**rec, "error": RowError("PostProcessorError", message).to_dict()})
+    return kept, dropped
 
 
 # -- tool calls ---------------------------------------------------------------------------------
 
 
-def reply_key(call_id: str) -> str:
-    return f"spider:tool-reply:{call_id}"
+def _ended(status: Any) -> bool:
+    return status is not None and status.ended
 
 
 def run_tool_call(ctx: Context, pool: SandboxPool, job_id: str, call_id: str, name: str, arguments: dict[str, Any]) -> None:
     """Run one tool call in the job's sandbox and push its outcome to the caller's reply list."""
     try:
         config, record = load_job(ctx, job_id)
-        if record.status in TERMINAL:
+        if record.status.ended:
             outcome = ToolOutcome(error=CallError("exception", "JobEnded", f"job {job_id} is {record.status}"))
         else:
             outcome = pool.job(job_id, config).call_tool(name, arguments)
     except Exception as exc:
         outcome = ToolOutcome(error=CallError("exception", type(exc).__name__, str(exc)))
     reply = {"content": outcome.content, "error": outcome.error.to_dict() if outcome.error else None}
+    key = ctx.store.keys.tool_reply(call_id)
     pipe = ctx.store.r.pipeline()
-    pipe.rpush(reply_key(call_id), json.dumps(reply))
-    pipe.expire(reply_key(call_id), 3600)
+    pipe.rpush(key, json.dumps(reply))
+    pipe.expire(key, 3600)
     pipe.execute()
 
 
@@ -181,10 +165,11 @@ class ToolCaller:
     """What a rollout loop uses to call the job's tools: each call is a task on the `sandbox`
     queue; the answer comes back on a Redis list the caller waits on (no result backend)."""
 
-    def __init__(self, client: redis.Redis, job_id: str, send: Any):
+    def __init__(self, client: redis.Redis, job_id: str, send: Any, keys: Keys = DEFAULT_KEYS):
         self.r = client
         self.job_id = job_id
         self.send = send  # send(job_id, call_id, name, arguments): enqueue the sandbox task
+        self.keys = keys
 
     def call_many(self, calls: list[tuple[str, dict[str, Any]]], timeout: float) -> list[ToolOutcome]:
         """Run calls concurrently on the sandbox workers; a call with no answer in `timeout`
@@ -196,7 +181,7 @@ class ToolCaller:
         outcomes = []
         for call_id in ids:
             left = max(0.01, deadline - time.monotonic())
-            answer = self.r.blpop([reply_key(call_id)], timeout=left)
+            answer = self.r.blpop([self.keys.tool_reply(call_id)], timeout=left)
             if answer is None:
                 outcomes.append(ToolOutcome(error=CallError("timeout", "TimeoutError", f"no answer from the sandbox in {timeout:.0f}s")))
                 continue

@@ -1,40 +1,40 @@
-"""Celery tasks: each loads what it needs by id and calls a plain function in `spider.jobs`."""
+"""Celery tasks: each loads what it needs by id and calls a plain function in `spider.jobs`; and
+the dispatcher that maps each stage's name to its task and queue."""
 
 from __future__ import annotations
 
 import threading
 from functools import lru_cache
+from typing import Any
 
 import redis
 
+from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset
+from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
 from spider.settings import Settings
 from spider.workers.app import celery_app
 
 
 class CeleryDispatcher:
-    """Hands each stage to its queue."""
+    """Hands each stage to its task on its queue (see STAGES)."""
 
-    def rollout(self, job_id: str, batch_index: int) -> None:
-        run_batch.apply_async((job_id, batch_index), queue="rollout")
-
-    def preprocess(self, job_id: str, batch_index: int) -> None:
-        preprocess_batch.apply_async((job_id, batch_index), queue="sandbox")
-
-    def postprocess(self, job_id: str, batch_index: int) -> None:
-        postprocess_batch.apply_async((job_id, batch_index), queue="sandbox")
-
-    def finalize(self, job_id: str) -> None:
-        finalize_job.apply_async((job_id,), queue="control")
+    def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
+        try:
+            task, queue = STAGES[stage]
+        except KeyError:
+            raise SpiderError(f"no task runs the stage {stage!r}") from None
+        task.apply_async((job_id, *args), queue=queue)
 
 
 @lru_cache(maxsize=1)
-def context() -> dataset.Context:
+def context() -> Context:
     settings = Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    return dataset.Context(settings, JobStore(client), EventBus(client, settings.event_history), CeleryDispatcher())
+    bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s)
+    return Context(settings, JobStore(client), bus, CeleryDispatcher())
 
 
 _pool_lock = threading.Lock()
@@ -61,7 +61,8 @@ def tool_caller(job_id: str):
     """For rollout loops: call the job's tools on the sandbox workers."""
     from spider.jobs.usercode import ToolCaller
 
-    return ToolCaller(context().store.r, job_id, send_tool_call)
+    ctx = context()
+    return ToolCaller(ctx.store.r, job_id, send_tool_call, ctx.store.keys)
 
 
 @celery_app.task(name="spider.plan_job", time_limit=1800, soft_time_limit=1700)
@@ -81,16 +82,12 @@ def finalize_job(job_id: str) -> None:
 
 @celery_app.task(name="spider.preprocess_batch", time_limit=3600, soft_time_limit=3500)
 def preprocess_batch(job_id: str, batch_index: int) -> None:
-    from spider.jobs import usercode
-
-    usercode.preprocess_batch(context(), job_id, batch_index, sandbox_pool())
+    dataset.preprocess_batch(context(), job_id, batch_index, sandbox_pool())
 
 
 @celery_app.task(name="spider.postprocess_batch", time_limit=3600, soft_time_limit=3500)
 def postprocess_batch(job_id: str, batch_index: int) -> None:
-    from spider.jobs import usercode
-
-    usercode.postprocess_batch(context(), job_id, batch_index, sandbox_pool())
+    dataset.postprocess_batch(context(), job_id, batch_index, sandbox_pool())
 
 
 @celery_app.task(name="spider.call_tool", time_limit=900, soft_time_limit=890)
@@ -98,3 +95,13 @@ def call_tool(job_id: str, call_id: str, name: str, arguments: dict) -> None:
     from spider.jobs import usercode
 
     usercode.run_tool_call(context(), sandbox_pool(), job_id, call_id, name, arguments)
+
+
+# Every stage a job can dispatch: its task and the queue of the workers that run it.
+STAGES = {
+    dataset.PLAN: (plan_job, "control"),
+    dataset.PREPROCESS: (preprocess_batch, "sandbox"),
+    dataset.ROLLOUT: (run_batch, "rollout"),
+    dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
+    dataset.FINALIZE: (finalize_job, "control"),
+}

@@ -2,16 +2,21 @@
 
 Usage: python job_script.py URL API_KEY MODEL_DIR OUT_JSON MODE
 MODE `dataset`: a job with a pre- and post-processor, waited for and downloaded.
-MODE `tool`: a long job with a tool; prints the job id and leaves it running.
+MODE `tool`: a job with a tool, which the server refuses at submit (until conversation rollouts
+offer tools to the model); writes the refusal, the job's config and its bundle, so that a test can
+store such a job itself and call its tool through the sandbox queue.
 """
 
+import base64
 import json
 import sys
 
 from formatting import format_question, keep, visible_env
 
 from spider.client import SpiderClient
+from spider.client.bundle import build_bundle
 from spider.config import AppConfig
+from spider.errors import APIError
 
 url, api_key, model, out, mode = sys.argv[1:6]
 
@@ -59,11 +64,19 @@ secret = {"dataset": {"SECRET_A": "alpha-secret"}, "tool": {"SECRET_B": "beta-se
 with SpiderClient(config=config, env=secret, pre_processor=pre if mode == "dataset" else None,
                   post_processor=post if mode == "dataset" else None) as client:
     if mode == "tool":
-        client.add_tool(lookup_capital)
+        spec = client.add_tool(lookup_capital)
+        try:
+            client.submit_job()
+            sys.exit("the server accepted a job with tools")
+        except APIError as exc:
+            bundle = build_bundle(tools=[(lookup_capital, spec)])
+            answer = {"status": exc.status_code, "detail": exc.detail, "job": config.job.model_dump(mode="json"),
+                      "bundle": base64.b64encode(bundle).decode()}
+            json.dump(answer, open(out + ".job.json", "w"))
+            sys.exit(0)
     job_id = client.submit_job()["job_id"]
-    if mode == "dataset":
-        status = client.poll_job(job_id, on_event=lambda e: None)
-        if status["status"] != "completed":
-            sys.exit(f"job {job_id} {status['status']}: {status['error']}")
-        client.download_result(job_id, out)
+    status = client.poll_job(job_id, on_event=lambda e: None)
+    if status["status"] != "completed":
+        sys.exit(f"job {job_id} {status['status']}: {status['error']}")
+    client.download_result(job_id, out)
     json.dump({"job_id": job_id}, open(out + ".job.json", "w"))

@@ -1,0 +1,122 @@
+"""What every kind of job is made of: stages that run on workers, a context they share, and a
+dispatcher that hands the next stage to whoever runs it.
+
+A stage is a plain function of (context, job id, *arguments) that reads its input by id, writes its
+output atomically and dispatches the next stage by name. Recipes (spider.jobs.dataset, ...) are
+made of stages; this module knows none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from spider.config import JobConfig, ModelConfig
+from spider.errors import SpiderError
+from spider.events import EventBus
+from spider.jobs.store import JobFiles, JobRecord, JobStore
+from spider.settings import Settings
+from spider.types import ACTIVE_STATUSES, BundleManifest, EventKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(Protocol):
+    """Hands a stage of a job to whoever runs it (Celery queues in production, a list in tests).
+    Stages are named by their recipe (`dataset.rollout`, ...): a new kind of job adds names, not
+    methods."""
+
+    def dispatch(self, stage: str, job_id: str, *args: Any) -> None: ...
+
+
+@dataclass
+class Context:
+    """What stages share within one process: settings, the job store, the event bus, the dispatcher."""
+
+    settings: Settings
+    store: JobStore
+    bus: EventBus
+    dispatcher: Dispatcher
+
+    def files(self, job_id: str) -> JobFiles:
+        return JobFiles(self.settings.data_dir, job_id)
+
+    def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
+        self.dispatcher.dispatch(stage, job_id, *args)
+
+
+def load_job(ctx: Context, job_id: str) -> tuple[JobConfig, JobRecord]:
+    record = ctx.store.get(job_id)
+    if record is None:
+        raise SpiderError(f"job {job_id} does not exist")
+    return JobConfig.model_validate(record.config), record
+
+
+def bundle_manifest(ctx: Context, job_id: str) -> BundleManifest | None:
+    """The manifest of the job's bundle of user code, or None when it sent none."""
+    path = ctx.files(job_id).bundle_manifest
+    return BundleManifest.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def fail_job(ctx: Context, job_id: str, message: str) -> None:
+    if ctx.store.fail(job_id, message):
+        ctx.bus.publish(job_id, EventKind.JOB_FAILED, message, level="error")
+
+
+def cancel_job(ctx: Context, job_id: str) -> bool:
+    """Stop a job: no further stage of it starts. True if it was active."""
+    if ctx.store.transition(job_id, JobStatus.CANCELLED, ACTIVE_STATUSES):
+        ctx.store.drop_secrets(job_id)
+        ctx.bus.publish(job_id, EventKind.JOB_CANCELLED, "job cancelled", level="warning")
+        return True
+    return False
+
+
+def guarded(stage: Callable[..., None]) -> Callable[..., None]:
+    """Run a stage; a user-caused error fails the job with its message, anything else with its
+    type and message (the traceback goes to the worker's log only)."""
+
+    def run(ctx: Context, job_id: str, *args: Any) -> None:
+        try:
+            stage(ctx, job_id, *args)
+        except SpiderError as exc:
+            fail_job(ctx, job_id, str(exc))
+        except Exception as exc:
+            log.error("job %s: %s failed:\n%s", job_id, stage.__name__, traceback.format_exc())
+            fail_job(ctx, job_id, f"internal error in {stage.__name__}: {type(exc).__name__}: {exc}")
+
+    run.__name__ = stage.__name__
+    run.__doc__ = stage.__doc__
+    return run
+
+
+# Engine keys -> the engine `load_engine` gave for them in this process (weakly: a closed engine
+# is never kept alive by this).
+_engines: "weakref.WeakValueDictionary[tuple[str, str, str], Any]" = weakref.WeakValueDictionary()
+
+
+def job_engine(ctx: Context, job_id: str, model: ModelConfig, secrets: dict[str, str]) -> Any:
+    """The worker's engine for `model`. When it has to be loaded (which can take minutes), the job
+    hears of it through `model.loading` and `model.loaded` events (with the seconds it took); the
+    load is never counted as generation time."""
+    from spider.engines import engine_key, load_engine, loaded_engines
+
+    key = engine_key(model, secrets)
+    known = _engines.get(key)
+    if known is not None and any(engine is known for engine in loaded_engines()):
+        return load_engine(model, secrets)
+    about = {"model": model.name, "provider": model.provider}
+    ctx.bus.publish(job_id, EventKind.MODEL_LOADING, f"loading model {model.name!r} ({model.provider})", data=about)
+    started = time.perf_counter()
+    engine = load_engine(model, secrets)
+    seconds = time.perf_counter() - started
+    _engines[key] = engine
+    ctx.bus.publish(
+        job_id, EventKind.MODEL_LOADED, f"model {model.name!r} loaded in {seconds:.1f}s", data={**about, "seconds": seconds}
+    )
+    return engine
