@@ -461,3 +461,23 @@ def test_admission_refusal_is_422_with_its_message_and_stores_nothing(stack):
     with nothing_stored(stack):
         response = httpx.post(f"{stack.url}/v1/jobs", json=body, headers=AUTH)
     assert response.status_code == 422 and "source.dataset" in response.json()["detail"], response.text
+
+
+def test_a_failed_jobs_error_does_not_show_the_data_dir(stack, tiny_model):
+    """A source the server cannot read fails the job; its error names the file as the user sent it."""
+    body = {"job": job_body(tiny_model, **{"source.dataset": "broken.jsonl"}),
+            "source_files": {"broken.jsonl": b64(b'{"question": "ok"}\n{not json\n')}}
+    response = httpx.post(f"{stack.url}/v1/jobs", json=body, headers=AUTH)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["job_id"]
+    status = wait_ended(stack.url, job_id)
+    assert status["status"] == "failed", status
+    assert "'broken.jsonl'" in status["error"]  # the file by the name it was sent with
+    answers = [
+        httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=AUTH).text,
+        httpx.get(f"{stack.url}/v1/jobs", headers=AUTH).text,
+        httpx.get(f"{stack.url}/v1/jobs/{job_id}/events", headers=AUTH, params={"follow": "false"}).text,
+    ]
+    for root in {str(stack.data_dir), str(Path(stack.data_dir).resolve())}:
+        for answer in answers:
+            assert root not in answer, answer

@@ -15,6 +15,7 @@ import shutil
 import unicodedata
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -137,19 +138,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception:
                 log.error("could not remove part of the failed job %s", job_id, exc_info=True)
 
+    paths = ServerPaths(settings.data_dir)
+
+    def shown(record) -> dict[str, Any]:
+        return paths.hidden(record.public(), record.id)
+
     @app.get("/v1/jobs")
     def list_jobs(limit: int = Query(100, ge=1, le=1000), owner: str = Depends(caller)) -> dict[str, Any]:
-        return {"jobs": [r.public() for r in store.list_for(owner, limit)]}
+        return {"jobs": [shown(r) for r in store.list_for(owner, limit)]}
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
-        return owned(job_id, owner).public()
+        return shown(owned(job_id, owner))
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
         owned(job_id, owner)
         stages.cancel_job(context(), job_id)
-        return owned(job_id, owner).public()
+        return shown(owned(job_id, owner))
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(
@@ -174,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield "retry: 2000\n\n"
             if not follow_live:
                 for event in bus.replay(job_id, after=after):
-                    yield _sse(event)
+                    yield _sse(event, paths)
                 return
             async for event in follow(aredis, job_id, after=after, is_finished=finished, keys=store.keys):
                 if await request.is_disconnected():
@@ -182,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if event is None:
                     yield ": keepalive\n\n"
                     continue
-                yield _sse(event)
+                yield _sse(event, paths)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -204,14 +210,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = JobFiles(settings.data_dir, job_id).metadata
         if not path.exists():
             raise HTTPException(409, f"job {job_id} has no metadata yet")
-        return JSONResponse(json.loads(path.read_text()))
+        return JSONResponse(paths.hidden(json.loads(path.read_text()), job_id))
 
     return app
 
 
-def _sse(event) -> str:
+def _sse(event, paths: "ServerPaths") -> str:
     """One Server-Sent Events message; its id lets a reconnecting client resume (Last-Event-ID)."""
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n"
+    data = json.dumps(paths.hidden(event.to_dict(), event.job_id))
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
+
+
+class ServerPaths:
+    """Takes the server's own paths out of what the API returns. Workers' messages may name the
+    files they read (a source that failed to load); the submitter sees its uploaded files by the
+    names it sent, and never where the server keeps them."""
+
+    def __init__(self, data_dir: Path):
+        self.roots = list(dict.fromkeys([str(data_dir), str(Path(data_dir).resolve())]))
+
+    def hidden(self, value: Any, job_id: str) -> Any:
+        pairs = [(root, "<data dir>") for root in self.roots]
+        for root in self.roots:
+            files = JobFiles(Path(root), job_id)
+            pairs += [(f"{files.source_dir}/", ""), (str(files.source_dir), "<uploaded files>"),
+                      (str(files.root), "<job dir>")]
+        pairs.sort(key=lambda pair: -len(pair[0]))  # the most specific path first
+        return _replaced(value, pairs)
+
+
+def _replaced(value: Any, pairs: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        for old, new in pairs:
+            if old in value:
+                value = value.replace(old, new)
+        return value
+    if isinstance(value, dict):
+        return {_replaced(k, pairs): _replaced(v, pairs) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replaced(v, pairs) for v in value]
+    return value
 
 
 class BodyLimit:
