@@ -1,5 +1,5 @@
 import sys
 
-from spider.client.cli import main
+from spider.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spider.client.cli import build_parser
+from spider.cli import build_parser
 from tests.conftest import API_KEYS
 from tests.helpers import ROOT, make_config, read_jsonl
 
