@@ -25,13 +25,15 @@ class ToolCall:
 
 @dataclass
 class Message:
-    """One chat message. `tool_calls` on assistant messages, `tool_call_id`/`name` on tool results."""
+    """One chat message. `tool_calls` (and the model's `reasoning_content`, when its family's
+    reasoning parser split it off) on assistant messages, `tool_call_id`/`name` on tool results."""
 
     role: Role
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI / HF chat-template shape of this message."""
@@ -45,6 +47,8 @@ class Message:
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             out["name"] = self.name
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
         return out
 
     @classmethod
@@ -59,6 +63,7 @@ class Message:
             tool_calls=calls,
             tool_call_id=data.get("tool_call_id"),
             name=data.get("name"),
+            reasoning_content=data.get("reasoning_content"),
         )
 
 
