@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig
 from spider.sandbox import Sandbox
 from spider.sandbox.interpreter import Interpreter, encode_request

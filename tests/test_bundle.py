@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from spider.client.bundle import (
+from spider.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_MAGIC,
     ToolSpec,
@@ -43,7 +43,7 @@ if sys.argv[3] == "jail":  # as the jail loads it: the shipped source files are 
     from spider.sandbox.jailed import load_bundle
     funcs = load_bundle(sys.argv[1])
 else:  # the pickled payload alone: only what travelled by value is there
-    from spider.client.bundle import split_bundle
+    from spider.bundle import split_bundle
     funcs = pickle.loads(split_bundle(Path(sys.argv[1]).read_bytes())[1])
 calls = json.loads(sys.argv[2])
 out = []
@@ -465,6 +465,15 @@ def test_a_bundle_of_another_format_is_refused_clearly(tmp_path):
     path.write_bytes(with_header(bundle, format=1))
     with pytest.raises(RuntimeError, match=r"format 1, but this sandbox reads only format 2"):
         jailed.load_bundle(path)
+
+
+def test_the_jail_keeps_the_same_format_constants():
+    # jailed.py runs inside the jail with the standard library only, so it keeps its own copies.
+    from spider.bundle import format
+
+    assert jailed.BUNDLE_MAGIC == BUNDLE_MAGIC
+    assert jailed.BUNDLE_FORMAT == BUNDLE_FORMAT
+    assert jailed._LEN.format == format._HEADER_LEN.format
 
 
 def test_tool_spec_round_trips_through_the_manifest():

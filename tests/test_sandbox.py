@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spider.client.bundle import BUNDLE_MAGIC, build_bundle, split_bundle, tool_spec
+from spider.bundle import BUNDLE_MAGIC, build_bundle, split_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.errors import BundleError, SandboxError
 from spider.sandbox import Sandbox

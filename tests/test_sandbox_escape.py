@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.sandbox import Sandbox
 from spider.sandbox.jail import job_uid

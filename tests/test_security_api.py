@@ -25,7 +25,7 @@ import psutil
 import pytest
 import redis
 
-from spider.client.bundle import BUNDLE_FORMAT, BUNDLE_MAGIC
+from spider.bundle import BUNDLE_FORMAT, BUNDLE_MAGIC
 from spider.jobs.store import JobFiles, JobStore
 from spider.local import free_port, terminate, wait_http
 from tests.conftest import API_KEYS

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.errors import SandboxError
 from spider.policy import Policy

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.errors import SandboxError
 from spider.sandbox import Sandbox
@@ -191,7 +191,7 @@ def test_closing_the_job_unmounts_and_removes_its_scratch(sandbox):
 
 DYING_WORKER = """
 import os, signal, sys
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.sandbox import Sandbox
 

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from spider.config import RuntimeConfig, SandboxLimits
 from spider.errors import SandboxError
 from spider.sandbox import Sandbox

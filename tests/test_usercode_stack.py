@@ -75,7 +75,7 @@ def store_job(stack, config: dict, bundle: bytes, secrets: dict[str, str]) -> st
     import redis
 
     from spider.api.app import owner_of
-    from spider.client.bundle import bundle_manifest
+    from spider.bundle import bundle_manifest
     from spider.jobs.store import JobFiles, JobStore, new_job_id, write_atomic
 
     job_id = new_job_id()

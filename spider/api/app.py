@@ -489,7 +489,7 @@ def _decode_bundle(encoded: Any, limit: int) -> _Bundle | None:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(422, "bundle is not valid base64") from None
-    from spider.client.bundle import bundle_manifest
+    from spider.bundle import bundle_manifest
 
     try:
         manifest = bundle_manifest(data)

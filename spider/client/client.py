@@ -132,7 +132,7 @@ class SpiderClient:
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         """Offer `func` to the model as a tool; it runs in the sandbox. Returns its ToolSpec."""
-        from spider.client.bundle import tool_spec
+        from spider.bundle import tool_spec
 
         spec = tool_spec(func, description=description, json_schema=json_schema, name=name, kwargs=kwargs)
         if any(existing.name == spec.name for _, existing in self.tools):
@@ -143,7 +143,7 @@ class SpiderClient:
     def _bundle(self) -> str | None:
         if not (self.pre_processor or self.post_processor or self.tools):
             return None
-        from spider.client.bundle import build_bundle
+        from spider.bundle import build_bundle
 
         data = build_bundle(self.pre_processor, self.post_processor, self.tools)
         return base64.b64encode(data).decode()

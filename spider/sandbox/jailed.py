@@ -58,7 +58,7 @@ NUMBER_COST = 32
 ROW_SLACK = 256
 _DIGIT_OR_NOT = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 BUNDLE_MAGIC = b"SPIDERBUNDLE\x00"
-BUNDLE_FORMAT = 2  # the layout spider.client.bundle writes: header, source files, payload
+BUNDLE_FORMAT = 2  # the layout spider.bundle.format writes: header, source files, payload
 
 
 class CallTimeout(BaseException):

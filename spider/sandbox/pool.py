@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from spider.client.bundle import ToolSpec
+from spider.bundle import ToolSpec
 from spider.errors import BundleError, SandboxError
 from spider.sandbox import jailed
 from spider.sandbox.interpreter import Interpreter, InterpreterFailure, LaunchSpec, encode_request

@@ -26,7 +26,7 @@ from typing import Any
 
 import cloudpickle
 
-from spider.client.bundle import bundle_manifest
+from spider.bundle import bundle_manifest
 from spider.config import RuntimeConfig
 from spider.errors import BundleError, SandboxError
 from spider.policy import Policy

@@ -14,7 +14,7 @@ import sys
 from formatting import format_question, keep, visible_env
 
 from spider.client import SpiderClient
-from spider.client.bundle import build_bundle
+from spider.bundle import build_bundle
 from spider.config import AppConfig
 from spider.errors import APIError
 

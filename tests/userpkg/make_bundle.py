@@ -9,7 +9,7 @@ import functools
 import sys
 from dataclasses import dataclass
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from textutil import format_prompt, judge
 
 

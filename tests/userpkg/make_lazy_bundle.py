@@ -8,7 +8,7 @@ Run it as `python make_lazy_bundle.py OUT` from this directory, like make_bundle
 
 import sys
 
-from spider.client.bundle import build_bundle, tool_spec
+from spider.bundle import build_bundle, tool_spec
 from textutil import judge
 
 
