@@ -21,7 +21,9 @@ import struct
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from spider.sandbox.jail import strip_firejail_noise
@@ -62,16 +64,59 @@ class InterpreterFailure(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(frozen=True)
+class JailConfig:
+    """What a jailed interpreter needs to start serving one job, sent as its first frame.
+
+    spider.sandbox.jailed reads it back as a plain dict (it runs with the standard library only):
+    `to_wire` is the one place where it becomes one, with paths as strings."""
+
+    scratch: Path
+    """The job's private, writable directory: the interpreter's cwd, HOME and TMPDIR."""
+    runtime_dir: Path
+    """The sandbox's copy of the jail program and of cloudpickle, put on sys.path."""
+    bundle: Path
+    """The job's bundle file, which the interpreter loads before it answers ready."""
+    venv: Path
+    """The job's dependency venv, entered (site-packages added) after the switch to the job's user."""
+    env: dict[str, str]
+    """The whole environment of the user's code (the job's variables and secrets included), set
+    only after the switch to the job's user, so that nothing in it affects firejail or the start."""
+    call_timeout_s: float
+    """Wall clock per call (one row of a batch, or one tool call)."""
+    cpu_seconds: int
+    """CPU time per call."""
+    uid: int | None = None
+    """The job's own user to switch to; None when the worker does not run as root (no switch)."""
+    gid: int | None = None
+    """The job's own group, switched to with `uid`."""
+    reap_others: bool = False
+    """Kill every other process the interpreter may signal before each answer: only safe when it
+    is alone in its pid namespace with its own user (jailed, as the job's user)."""
+    egress_socket: Path | None = None
+    """The worker's egress proxy for `runtime.network` jobs; the jail relays its loopback to it."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The frame the jail reads: plain data only (marshal takes nothing else)."""
+        wire = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in wire.items():
+            if isinstance(value, Path):
+                wire[name] = str(value)
+        wire["env"] = dict(self.env)
+        return wire
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
-    """How to start one interpreter: its argv, its environment (built from nothing) and the
-    start-up configuration sent as its first frame."""
+    """How to start one interpreter: its argv, its environment (built from nothing: firejail and
+    the interpreter's first moments see only this), its cwd, the start-up configuration sent as its
+    first frame, and a function run in the child before exec (the limits of an unjailed run)."""
 
     argv: list[str]
     env: dict[str, str]
-    cwd: str
-    config: dict[str, Any]
-    preexec: Any = None
+    cwd: Path
+    config: JailConfig
+    preexec: Callable[[], None] | None = None
 
 
 class Interpreter:
@@ -101,7 +146,7 @@ class Interpreter:
         self._stderr_reader = threading.Thread(target=self._drain_stderr, name="spider-jail-stderr", daemon=True)
         self._stderr_reader.start()
         deadline = time.monotonic() + start_timeout_s
-        self.send(launch.config, deadline)
+        self.send(launch.config.to_wire(), deadline)
         hello, _ = self.receive(deadline, HELLO_COST)
         if isinstance(hello, dict) and "error" in hello:
             self.kill()

@@ -7,8 +7,9 @@ anything but the sandbox worker, and the worker never trusts it: every answer is
 
 Frames are a 4-byte big-endian length and a document: from the worker, in `marshal` format (plain
 data only, and fast: this side trusts the worker), to the worker, UTF-8 JSON (the worker trusts
-nothing from here). The first frame from the worker is the start-up configuration; the jail
-answers with `{"ready": ...}` or `{"error": ...}` and then serves requests until its input closes:
+nothing from here). The first frame from the worker is the start-up configuration (the fields of
+spider.sandbox.interpreter.JailConfig, as a dict: this side cannot import it); the jail answers
+with `{"ready": ...}` or `{"error": ...}` and then serves requests until its input closes:
 
 * `{"op": "process", "which": "pre_processor"|"post_processor", "items": [...], "kwargs": {...}}`
   answered by one or more frames holding a list of outcomes (`["ok", value]`, `["drop"]`,

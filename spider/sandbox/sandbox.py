@@ -32,7 +32,7 @@ from spider.errors import BundleError, SandboxError
 from spider.policy import Policy
 from spider.sandbox import jailed
 from spider.sandbox.egress import EgressProxy, EgressRules
-from spider.sandbox.interpreter import LaunchSpec
+from spider.sandbox.interpreter import JailConfig, LaunchSpec
 from spider.sandbox.pool import JobSandbox
 from spider.sandbox.jail import (
     SYSTEM_TOP_DIRS,
@@ -45,6 +45,7 @@ from spider.sandbox.jail import (
     write_profile,
 )
 from spider.sandbox.venvs import VenvCache
+from spider.types import BundleManifest
 
 log = logging.getLogger("spider.sandbox")
 
@@ -221,9 +222,9 @@ class Sandbox:
             )
         manifest = bundle_manifest(bundle)
         bundle_sha256 = hashlib.sha256(bundle).hexdigest()  # the whole of it: sources and tool specs too
-        if manifest["python_minor"] != self.python_minor:
+        if manifest.python_minor != self.python_minor:
             raise BundleError(
-                f"the user code was serialized with Python {manifest['python']}, but this sandbox runs Python "
+                f"the user code was serialized with Python {manifest.python}, but this sandbox runs Python "
                 f"{self.python_version}; serialized functions only load on the same minor version: run the "
                 f"client with Python {self.python_minor}"
             )
@@ -285,7 +286,7 @@ class Sandbox:
         job_id: str,
         bundle: bytes,
         bundle_sha256: str,
-        manifest: dict[str, Any],
+        manifest: BundleManifest,
         runtime: RuntimeConfig,
         user_env: dict[str, str],
         venv: Path,
@@ -315,7 +316,7 @@ class Sandbox:
         host: "JobHost",
         bundle: bytes,
         bundle_sha256: str,
-        manifest: dict[str, Any],
+        manifest: BundleManifest,
         runtime: RuntimeConfig,
         user_env: dict[str, str],
         venv: Path,
@@ -345,31 +346,31 @@ class Sandbox:
             os.chmod(egress_dir, 0o711)
             rules = EgressRules.for_jobs(self.policy)
             host.proxy = EgressProxy(egress_dir / "proxy.sock", rules, owner=uid, name=f"job-{job_id}").start()
-            egress_socket = str(host.proxy.socket_path)
+            egress_socket = host.proxy.socket_path
             readable.append(egress_dir)
         # firejail and the interpreter start as root, so they get a fixed environment: the job's
         # own variables (which could name LD_PRELOAD & co.) are set by the interpreter only after
         # it has become the job's user.
         basics = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"}
         job_env = {**basics, "PATH": f"{venv}/bin:{basics['PATH']}", **user_env}
-        config = {
-            "uid": uid,
-            "gid": uid,
-            "scratch": str(scratch),
-            "runtime_dir": str(self.runtime_dir),
-            "bundle": str(bundle_path),
-            "call_timeout_s": limits.call_timeout_s,
-            "cpu_seconds": limits.cpu_seconds,
-            # Inside a jail the interpreter is alone in its pid namespace with its own user:
-            # killing "every process it may signal" kills exactly its own leftovers.
-            "reap_others": self.jailed and uid is not None,
-            "env": job_env,
+        config = JailConfig(
+            scratch=scratch,
+            runtime_dir=self.runtime_dir,
+            bundle=bundle_path,
             # The system interpreter, not the venv's `bin/python`: nothing a package build wrote
             # into the venv runs before the switch to the job's user; the venv is entered after.
-            "venv": str(venv),
+            venv=venv,
+            env=job_env,
+            call_timeout_s=limits.call_timeout_s,
+            cpu_seconds=limits.cpu_seconds,
+            uid=uid,
+            gid=uid,
+            # Inside a jail the interpreter is alone in its pid namespace with its own user:
+            # killing "every process it may signal" kills exactly its own leftovers.
+            reap_others=self.jailed and uid is not None,
             # The jail's way out (runtime.network): a relay on its loopback to this socket.
-            "egress_socket": egress_socket,
-        }
+            egress_socket=egress_socket,
+        )
         command = [self.python, "-I", "-S", str(self.runtime_dir / "spider_jail.py")]
         preexec = None
         if self.jailed:
@@ -388,7 +389,7 @@ class Sandbox:
             command = firejail_argv(self.firejail, write_profile(spec, job_dir / "jail.profile"), command)
         else:
             preexec = _unjailed_limits(limits.memory_mb, limits.cpu_seconds * (self.max_calls + 1), limits.file_size_mb)
-        launch = LaunchSpec(argv=command, env=basics, cwd=str(scratch), config=config, preexec=preexec)
+        launch = LaunchSpec(argv=command, env=basics, cwd=scratch, config=config, preexec=preexec)
         return JobSandbox(
             job_id=job_id,
             manifest=manifest,
