@@ -273,7 +273,7 @@ class Event:
 @dataclass(frozen=True)
 class BundleManifest:
     """What a bundle of user code holds, read from its header without running any of it (see
-    spider.client.bundle.bundle_manifest): the client's `python` version and `python_minor`,
+    spider.bundle.bundle_manifest): the client's `python` version and `python_minor`,
     `cloudpickle`'s version, the `tools` (names) and their `tool_specs` (OpenAI-style schemas),
     the processors' qualified names, the `local_modules` pickled by value, the `source_modules`
     whose source files travel, and the bundle's size in `bytes`."""

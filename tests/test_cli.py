@@ -138,3 +138,28 @@ def test_ctrl_c_during_run_cancels_the_job(stack, tiny_model, tmp_path):
     status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {API_KEYS[0]}"}).json()
     assert status["status"] == "cancelled"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_progress_shows_model_loading_then_generation_tokens_per_second():
+    from spider.cli import Progress
+    from spider.types import Event
+
+    def event(kind, level="info", **data):
+        return Event(id="1-0", job_id="0123456789abcdef", ts=0.0, kind=kind, level=level, message=kind, data=data)
+
+    progress = Progress()
+    task = progress.bar.tasks[0]
+    assert progress.phase == "queued"
+    progress(event("job.planned", rows_total=8, batches_total=2, duplications=1))
+    assert progress.phase == "generating" and task.total == 8
+    progress(event("model.loading", model="m", provider="vllm"))
+    assert progress.phase == "loading model"
+    progress(event("model.loaded", model="m", provider="vllm", seconds=70.0))
+    assert progress.phase == "generating"
+    # 96 tokens in 2 s of generation: the 70 s of loading are not in the rate.
+    progress(event("batch.completed", rows_done=4, rows_total=8, tokens_per_second_total=48.0))
+    assert task.completed == 4 and task.fields["tps"] == "48 tok/s"
+    progress(event("model.loading", model="m", provider="vllm"))  # a second worker loads: rows keep going
+    assert progress.phase == "generating"
+    progress(event("job.completed", records=8))
+    assert progress.phase == "completed"

@@ -93,11 +93,24 @@ def test_the_brief_configs_load(tmp_path):
     assert on.job.generation.on_policy_options.loss_fn == "importance_sampling"
 
 
-def test_the_shipped_configs_load():
+# The configs the repository ships, and what each must say.
+SHIPPED_CONFIGS = {
+    "quickstart.yaml": {"provider": "vllm", "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                        "dataset": "examples/data/prompts.jsonl"},
+}
+
+
+def test_the_shipped_configs_exist_and_load():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
-        AppConfig.load(path)
+    folder = Path(__file__).parent.parent / "configs"
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(SHIPPED_CONFIGS)
+    for name, expected in SHIPPED_CONFIGS.items():
+        config = AppConfig.load(folder / name)
+        assert config.job.model.provider == expected["provider"]
+        assert config.job.model.name == expected["model"]
+        assert config.job.source.dataset == expected["dataset"]
+        assert (folder.parent / config.job.source.dataset).exists()
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,22 @@ def test_vllm_job_end_to_end(stack, tiny_model, tmp_path):
     assert metadata["config"]["generation"]["duplications"] == 2
 
 
+def test_greedy_vllm_job_repeats_its_one_answer_for_each_duplication(stack, tiny_model, tmp_path):
+    config = make_config(
+        stack.url, ALICE, tiny_model, "vllm",
+        **{"generation.duplications": 2, "generation.parameters.temperature": 0.0},
+    )
+    job_id, status, _, path = run_job(config, tmp_path)
+    assert status["status"] == "completed", status
+    records = read_jsonl(path)
+    check_rows(job_id, records, rows=6, duplications=2)
+    for row in range(6):
+        first, second = [r for r in records if r["row_index"] == row]
+        assert first["id"] != second["id"]
+        assert first["completion"] == second["completion"] and first["usage"] == second["usage"]
+        assert first["messages"] == second["messages"]
+
+
 def test_seed_makes_vllm_jobs_reproducible_whatever_the_batching(stack, tiny_model, tmp_path):
     first = make_config(stack.url, ALICE, tiny_model, "vllm", **{"generation.max_batch_size": 2})
     second = make_config(stack.url, ALICE, tiny_model, "vllm", **{"generation.max_batch_size": 5})
@@ -197,6 +213,23 @@ def test_secrets_are_never_returned(stack, tiny_model, monkeypatch):
     import redis
 
     assert not redis.Redis.from_url(stack.redis_url).exists(f"spider:job:{job_id}:secrets")
+
+
+def test_ended_jobs_event_histories_expire(stack, tiny_model, tmp_path):
+    import redis
+
+    week = 7 * 24 * 3600  # SPIDER_EVENT_TTL_S's default
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    completed, status, _, _ = run_job(make_config(stack.url, ALICE, tiny_model), tmp_path)
+    assert status["status"] == "completed"
+    assert week - 600 < r.ttl(f"spider:events:{completed}") <= week  # set by the worker that finalized it
+    config = make_config(stack.url, ALICE, tiny_model, **{"source.split": "train", "generation.max_batch_size": 1})
+    with SpiderClient(config=config) as client:
+        cancelled = client.submit_job()["job_id"]
+        assert r.ttl(f"spider:events:{cancelled}") == -1  # a live job's history stays
+        client.cancel_job(cancelled)
+        assert [e.kind for e in client.stream_events(cancelled)][-1] == "job.cancelled"
+    assert week - 600 < r.ttl(f"spider:events:{cancelled}") <= week  # set by the API that cancelled it
 
 
 def test_missing_dataset_fails_the_job_with_its_message(stack, tiny_model, tmp_path):
