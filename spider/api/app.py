@@ -3,8 +3,6 @@ runs user code."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import hashlib
 import json
@@ -12,9 +10,7 @@ import logging
 import re
 import secrets as pysecrets
 import shutil
-import unicodedata
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +21,16 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
-from spider.config import JobConfig
-from spider.errors import BundleError, ConfigError
+from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
-from spider.jobs import admission, dataset, stages
+from spider.jobs import dataset, stages
 from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
-from spider.types import BundleManifest, EventKind, JobStatus
+from spider.types import EventKind, JobStatus
 
 log = logging.getLogger(__name__)
 
-BODY_KEYS = {"job", "env", "bundle", "source_files"}
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
-# Bounds on the names of uploaded source files (bytes of UTF-8).
-MAX_SOURCE_FILES = 1000
-MAX_SOURCE_NAME_PART = 255
-MAX_SOURCE_NAME = 1024
 
 
 def owner_of(key: str) -> str:
@@ -305,64 +294,10 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, d
     await response(scope, receive, send)
 
 
-@dataclass
-class _Bundle:
-    data: bytes
-    manifest: BundleManifest
-
-
-@dataclass
-class Submission:
-    """A submit request that passed every check: nothing of it has been stored yet."""
-
-    job: JobConfig
-    env: dict[str, str]
-    bundle: _Bundle | None
-    source_files: dict[str, bytes]  # normalised relative name -> content
-
-
-def parse_submission(raw: bytes, settings: Settings) -> Submission:
-    """Validate a submit request body completely, without side effects; every fault is a 4xx."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise HTTPException(422, "the request body must be JSON: {job, env, bundle, source_files}") from None
-    if not isinstance(body, dict) or "job" not in body:
-        raise HTTPException(422, "the request body must be a JSON object with a `job` key")
-    unknown = set(body) - BODY_KEYS
-    if unknown:
-        raise HTTPException(422, f"unknown request keys {sorted(unknown)}; expected {sorted(BODY_KEYS)}")
-    try:
-        job = JobConfig.parse(body["job"])
-    except ConfigError as exc:
-        raise HTTPException(422, str(exc)) from None
-    if job.generation.on_policy:
-        raise HTTPException(
-            422, "job.generation.on_policy: on-policy training jobs are not served by this server version"
-        )
-    if job.model.provider == "tinker":
-        raise HTTPException(422, "job.model.provider: 'tinker' serves on-policy jobs only; use vllm, openai or hf")
-    env = _checked_env(body.get("env"))
-    source_files = _decode_source_files(body.get("source_files"), settings.max_bundle_bytes)
-    try:
-        admission.admit(job, settings.policy, source_files=sorted(source_files) or None, secret_names=sorted(env))
-    except ConfigError as exc:
-        raise HTTPException(422, str(exc)) from None
-    bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
-    if bundle is not None and bundle.manifest.has_tools:
-        names = ", ".join(repr(name) for name in bundle.manifest.tools)
-        raise HTTPException(
-            422,
-            f"bundle: the job has tools ({names}), but this server does not offer tools to the model yet: dataset "
-            "jobs generate one answer per row, without tool calls. Submit the job without add_tool",
-        )
-    return Submission(job, env, bundle, source_files)
-
-
 def new_job_dir(settings: Settings) -> tuple[str, JobFiles]:
     """A fresh job id whose directory this call created (so a rollback removes only its own files)."""
     try:
-        (settings.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        JobFiles.folder(settings.data_dir).mkdir(parents=True, exist_ok=True)
         for _ in range(8):
             job_id = new_job_id()
             files = JobFiles(settings.data_dir, job_id)
@@ -386,121 +321,6 @@ def _failure(stage: str, exc: Exception) -> tuple[int, str]:
     else:
         status, why = 503, "the job store or queue is unavailable"
     return status, f"the job could not be submitted: {stage} failed ({why}); nothing was kept, submit it again later"
-
-
-def _checked_env(env: Any) -> dict[str, str]:
-    env = env or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise HTTPException(422, "env must map variable names to string values")
-    for name, value in env.items():
-        if not ENV_NAME.fullmatch(name):
-            raise HTTPException(422, f"env: {name[:60]!r} is not a variable name (letters, digits and '_')")
-        if "\x00" in value:
-            raise HTTPException(422, f"env: the value of {name} contains a NUL character")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise HTTPException(422, f"env: the value of {name} is not valid UTF-8 text") from None
-    return env
-
-
-def source_file_name(name: str) -> str:
-    """The normalised form of an uploaded source file's name: relative, '/'-separated, NFC, without
-    empty or '.' parts. Raises a 422 for anything that could leave the job's source folder."""
-
-    def bad(why: str) -> HTTPException:
-        return HTTPException(422, f"source_files: bad file name {name[:80]!r}: {why}")
-
-    if not isinstance(name, str) or not name:
-        raise bad("empty")
-    try:
-        size = len(name.encode())
-    except UnicodeEncodeError:
-        raise bad("not valid UTF-8 text") from None
-    if size > MAX_SOURCE_NAME:
-        raise bad(f"longer than {MAX_SOURCE_NAME} bytes")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise bad("contains a NUL or control character")
-    if "\\" in name:
-        raise bad("use '/' between folders")
-    if name.startswith("/"):
-        raise bad("must be relative")
-    parts = [part for part in unicodedata.normalize("NFC", name).split("/") if part not in ("", ".")]
-    if not parts:
-        raise bad("names no file")
-    if ".." in parts:
-        raise bad("'..' is not allowed")
-    if any(len(part.encode()) > MAX_SOURCE_NAME_PART for part in parts):
-        raise bad(f"a part is longer than {MAX_SOURCE_NAME_PART} bytes")
-    return "/".join(parts)
-
-
-def source_file_names(names: list[str]) -> dict[str, str]:
-    """{submitted name: normalised name} for a set of uploaded files; refuses too many files, two
-    names for the same file (after normalisation, ignoring case) and a name that is both a file and
-    a folder."""
-    if len(names) > MAX_SOURCE_FILES:
-        raise HTTPException(422, f"source_files: {len(names)} files, more than the limit of {MAX_SOURCE_FILES}")
-    out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for name in names:
-        normal = source_file_name(name)
-        key = normal.casefold()
-        if key in seen:
-            raise HTTPException(422, f"source_files: {seen[key][:80]!r} and {name[:80]!r} name the same file")
-        seen[key] = name
-        out[name] = normal
-    folders = {"/".join(key.split("/")[:i]) for key in seen for i in range(1, key.count("/") + 1)}
-    for key, name in seen.items():
-        if key in folders:
-            raise HTTPException(422, f"source_files: {name[:80]!r} is both a file and a folder")
-    return out
-
-
-def _decode_source_files(encoded: Any, limit: int) -> dict[str, bytes]:
-    if not encoded:
-        return {}
-    if not isinstance(encoded, dict):
-        raise HTTPException(422, "source_files must map file names to base64 strings")
-    names = source_file_names(list(encoded))
-    out, total = {}, 0
-    for name, data in encoded.items():
-        if not isinstance(data, str):
-            raise HTTPException(422, f"source_files: {name[:80]!r} must be a base64 string")
-        try:
-            content = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(422, f"source_files: {name[:80]!r} is not valid base64") from None
-        total += len(content)
-        if total > limit:
-            raise HTTPException(413, f"source files are larger than the server's limit of {limit} bytes")
-        out[names[name]] = content
-    return out
-
-
-def _decode_bundle(encoded: Any, limit: int) -> _Bundle | None:
-    if encoded in (None, ""):
-        return None
-    if not isinstance(encoded, str):
-        raise HTTPException(422, "bundle must be a base64 string")
-    if len(encoded) * 3 // 4 > limit:
-        raise HTTPException(413, f"bundle is larger than the server's limit of {limit} bytes")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(422, "bundle is not valid base64") from None
-    from spider.bundle import bundle_manifest
-
-    try:
-        manifest = bundle_manifest(data)
-    except BundleError as exc:
-        raise HTTPException(422, f"bundle: {exc}") from None
-    except Exception:
-        # bundle_manifest refuses malformed headers with BundleError; anything else is still the
-        # submitter's input, never a server error.
-        log.warning("unexpected error reading a bundle header", exc_info=True)
-        raise HTTPException(422, "bundle: the bundle header is corrupt") from None
-    return _Bundle(data, manifest)
 
 
 app = create_app()

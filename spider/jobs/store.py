@@ -248,7 +248,12 @@ class JobFiles:
     them) -> `shards/` (the batch's final records) -> the merged `result.<format>`."""
 
     def __init__(self, data_dir: Path, job_id: str):
-        self.root = Path(data_dir) / "jobs" / checked_job_id(job_id)
+        self.root = self.folder(data_dir) / checked_job_id(job_id)
+
+    @staticmethod
+    def folder(data_dir: Path) -> Path:
+        """The folder of every job's folder."""
+        return Path(data_dir) / "jobs"
 
     @property
     def source_dir(self) -> Path:
