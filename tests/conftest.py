@@ -86,6 +86,15 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def firejail() -> str:
+    """The firejail executable; every test that runs user code in a jail requests it (see
+    tests.helpers.require_firejail: skipped without firejail, failed when it is required)."""
+    from tests.helpers import require_firejail
+
+    return require_firejail()
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A private Redis server for tests that use Redis without the whole stack."""
     from spider.local import start_redis

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spider.config import AppConfig, apply_override
+from spider.sandbox.jail import find_firejail
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PROMPTS = ROOT / "examples" / "data" / "prompts.jsonl"
+REQUIRE_FIREJAIL = "SPIDER_REQUIRE_FIREJAIL"
 
 
 def make_config(url: str, api_key: str | None, model: str | Path, provider: str = "hf", **overrides: Any) -> AppConfig:
@@ -29,3 +35,18 @@ def make_config(url: str, api_key: str | None, model: str | Path, provider: str 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def require_firejail(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The firejail executable (`path`, or the one the sandbox itself would find), for tests that
+    run user code under it. Without it the test is skipped, or fails when SPIDER_REQUIRE_FIREJAIL=1
+    (as .ci/run sets it): there, a skipped jail test would hide a sandbox that isolates nothing."""
+    found = find_firejail(path)
+    if found is not None:
+        return found
+    environ = os.environ if environ is None else environ
+    where = path if path is not None else "on this machine"
+    if environ.get(REQUIRE_FIREJAIL) == "1":
+        pytest.fail(f"firejail is not installed ({where}) and {REQUIRE_FIREJAIL}=1 requires the jail tests to run; "
+                    "scripts/install-system.sh installs it", pytrace=False)
+    pytest.skip(f"firejail is not installed ({where}); scripts/install-system.sh installs it")

@@ -26,7 +26,7 @@ from spider.sandbox import Sandbox
 from spider.sandbox.jail import job_uid
 
 USERPKG = Path(__file__).parent / "userpkg"
-pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh")
+pytestmark = pytest.mark.usefixtures("firejail")
 
 
 @pytest.fixture(scope="module")

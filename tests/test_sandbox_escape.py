@@ -23,7 +23,7 @@ from spider.config import RuntimeConfig, SandboxLimits
 from spider.sandbox import Sandbox
 from spider.sandbox.jail import job_uid
 
-pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh")
+pytestmark = pytest.mark.usefixtures("firejail")
 
 LIMITS = SandboxLimits(memory_mb=256, call_timeout_s=2.0, cpu_seconds=10, max_processes=32, file_size_mb=8)
 SERVER_SECRET = "server-secret-" + uuid.uuid4().hex

@@ -18,7 +18,7 @@ from spider.errors import SandboxError
 from spider.sandbox import Sandbox
 from spider.sandbox.venvs import READY_MARKER, VenvCache, normalize_requirements
 
-pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh")
+pytestmark = pytest.mark.usefixtures("firejail")
 
 # A small pure-Python package from PyPI with no dependencies of its own.
 PACKAGE = "pyjokes==0.8.3"

@@ -31,7 +31,7 @@ from spider.sandbox import Sandbox
 from spider.sandbox.egress import EgressProxy, EgressRules
 from spider.sandbox.venvs import check_sources
 
-pytestmark = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh")
+pytestmark = pytest.mark.usefixtures("firejail")
 
 LIMITS = SandboxLimits(memory_mb=512, call_timeout_s=15.0, cpu_seconds=20)
 NETWORKED = RuntimeConfig(network=True, limits=LIMITS)

@@ -25,9 +25,7 @@ from spider.errors import SandboxError
 from spider.sandbox import Sandbox
 from spider.sandbox.jail import job_uid
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh"),
-]
+pytestmark = pytest.mark.usefixtures("firejail")
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a tmpfs quota needs a worker running as root")
 
 DISK_MB, MAX_FILES = 16, 200

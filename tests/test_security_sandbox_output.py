@@ -36,7 +36,7 @@ LIMITS = SandboxLimits(memory_mb=1024, call_timeout_s=5.0, cpu_seconds=30, outpu
 # (its bytes and its text); the rest is room for the allocator and the test's own objects.
 WORKER_GROWTH_LIMIT = 4 * OUTPUT_MB * MIB
 
-needs_firejail = pytest.mark.skipif(shutil.which("firejail") is None, reason="firejail is installed by scripts/install-system.sh")
+needs_firejail = pytest.mark.usefixtures("firejail")
 
 
 # -- hostile user code (shipped by value into the jail) ----------------------------------------

@@ -30,7 +30,7 @@ def run_script(stack, tiny_model, out, mode):
     return json.loads(open(f"{out}.job.json").read())
 
 
-def test_processors_from_a_users_project_shape_the_dataset(stack, tiny_model, tmp_path):
+def test_processors_from_a_users_project_shape_the_dataset(firejail, stack, tiny_model, tmp_path):
     out = tmp_path / "result.jsonl"
     job_id = run_script(stack, tiny_model, out, "dataset")["job_id"]
     records = read_jsonl(out)
@@ -87,7 +87,7 @@ def store_job(stack, config: dict, bundle: bytes, secrets: dict[str, str]) -> st
     return job_id
 
 
-def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(stack, refused_tool_job):
+def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(firejail, stack, refused_tool_job):
     import base64
 
     bundle = base64.b64decode(refused_tool_job["bundle"])
