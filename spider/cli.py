@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     server_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("up", help="run the local stack (Redis, API, one worker per queue) in the foreground")
+    p = sub.add_parser("up", help="run the local stack in the foreground: Redis, the API, one worker for each of "
+                                  "control, rollout and sandbox")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--data-dir")
     p.add_argument("--flower-port", type=int, help="also run Flower (monitoring) on this port")

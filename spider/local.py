@@ -1,4 +1,5 @@
-"""The local stack: Redis, the API and one worker per queue on this machine, as child processes.
+"""The local stack: Redis, the API and one worker per queue that has tasks (control, rollout,
+sandbox) on this machine, as child processes.
 
 `spider run` with no `server.base_url`, `spider up`, and the test suite all start Spider this way:
 the same processes as a distributed deployment, on one machine.
@@ -105,11 +106,12 @@ class WorkerSpec:
     concurrency: int = 4
 
 
+# No worker for the `train` queue (spider.workers.app.QUEUES): it has no tasks until on-policy
+# training exists, and then gets a solo worker like rollout.
 DEFAULT_WORKERS = (
     WorkerSpec("control", "threads", 4),
     WorkerSpec("rollout", "solo", 1),
     WorkerSpec("sandbox", "threads", 4),
-    WorkerSpec("train", "solo", 1),
 )
 
 
