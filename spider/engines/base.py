@@ -46,6 +46,8 @@ class GenerationRequest:
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None
     prompt_ids: list[int] | None = None
+    tool_choice: str | None = None  # auto | required | none | a tool's name (with `tools`)
+    regex: str | None = None  # constrain the text to this regular expression (engines that can)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     prompt_ids: list[int] | None = None
+    constrained: bool = False  # the text was decoded under a tool-call schema; `tool_calls` hold the call
 
 
 @dataclass
@@ -86,6 +89,45 @@ class ScoreResult:
     key: str
     logprobs: list[float | None] = field(default_factory=list)
     error: str | None = None
+
+
+def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: str | None) -> dict[str, Any] | None:
+    """The JSON schema that forces one call (`{"name": ..., "arguments": {...}}`) of any tool
+    (`required`) or of the named one, for engines with constrained decoding; None for auto / none."""
+    if not tools or tool_choice in (None, "auto", "none"):
+        return None
+    functions = [t.get("function", t) for t in tools]
+    if tool_choice != "required":
+        functions = [f for f in functions if f["name"] == tool_choice]
+        if not functions:
+            raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools offered")
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def constrained_call(completion: Completion) -> None:
+    """Read the call out of text decoded under `tool_call_schema` (a length cut may leave it unfinished)."""
+    import json
+    import uuid
+
+    completion.constrained = True
+    try:
+        data = json.loads(completion.text)
+        call = ToolCall(id="call_" + uuid.uuid4().hex[:24], name=data["name"], arguments=dict(data["arguments"]))
+    except (ValueError, KeyError, TypeError):
+        return  # not a whole call: the loop reads the text as it is
+    completion.tool_calls = [call]
 
 
 def prompt_ids(renderer: Any, request: GenerationRequest) -> list[int]:

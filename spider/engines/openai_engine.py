@@ -181,6 +181,10 @@ class OpenAIEngine(Engine):
             body["repetition_penalty"] = params.repetition_penalty
         if request.tools:
             body["tools"] = request.tools
+            if request.tool_choice in ("auto", "required", "none"):
+                body["tool_choice"] = request.tool_choice
+            elif request.tool_choice:
+                body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice}}
         if params.logprobs:
             body["logprobs"] = True
             body["return_tokens_as_token_ids"] = True  # vLLM's server: tokens as "token_id:<id>"

@@ -18,7 +18,18 @@ import os
 import uuid
 from typing import Any
 
-from spider.engines.base import Completion, Engine, GenerationRequest, GenerationResult, SamplingParams, ScoreRequest, ScoreResult, prompt_ids
+from spider.engines.base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+    constrained_call,
+    prompt_ids,
+    tool_call_schema,
+)
 from spider.chat import Renderer, TemplateError
 from spider.engines.loop import engine_loop
 from spider.errors import EngineError
@@ -77,6 +88,8 @@ class VLLMEngine(Engine):
                 "model.parameters.trust_remote_code: this server does not run code from model repositories "
                 "(the operator allows it with SPIDER_ALLOW_REMOTE_CODE=1)"
             )
+        # Constrained tool calls as compact JSON: a model may not pad them with whitespace forever.
+        kwargs.setdefault("structured_outputs_config", {"backend": "guidance", "disable_any_whitespace": True})
         if current_platform.is_cpu():
             kwargs.setdefault("enforce_eager", True)
             if "kv_cache_memory_bytes" not in kwargs:
@@ -114,7 +127,7 @@ class VLLMEngine(Engine):
     async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         result = GenerationResult(key=request.key)
         if request.n < 1:
@@ -135,11 +148,20 @@ class VLLMEngine(Engine):
         # is decoded and repeated.
         greedy = params.temperature == 0
         n = 1 if greedy else request.n
+        try:
+            schema = tool_call_schema(request.tools, request.tool_choice)
+        except ValueError as exc:
+            result.error = str(exc)
+            return result
         sampling = VLLMSamplingParams(
             n=n,
             seed=request.seed,
             logprobs=0 if params.logprobs else None,
             output_kind=RequestOutputKind.FINAL_ONLY,  # one answer with every sample, not a stream
+            structured_outputs=(
+                StructuredOutputsParams(json=schema) if schema is not None
+                else StructuredOutputsParams(regex=request.regex) if request.regex is not None else None
+            ),
             **vllm_sampling_kwargs(params),
         )
         final = None
@@ -147,6 +169,9 @@ class VLLMEngine(Engine):
             final = output
         samples = list(final.outputs) if final is not None else []
         result.completions = [self._completion(sample, ids, params.logprobs) for sample in samples]
+        if schema is not None:
+            for completion in result.completions:
+                constrained_call(completion)
         if greedy and result.completions:
             result.completions = [result.completions[0]] + [
                 _copy(result.completions[0]) for _ in range(request.n - 1)
