@@ -34,6 +34,11 @@ def test_quickstart_writes_a_dataset_answered_by_smollm2(tmp_path):
     metadata = json.loads(out.with_name("quickstart.metadata.json").read_text())
     assert metadata["config"]["model"]["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert metadata["usage"]["completion_tokens"] > 0
+    # The progress line shows the model's load as its own phase, and tokens/s of generation alone.
+    assert "model.loaded: model 'HuggingFaceTB/SmolLM2-135M-Instruct' loaded in" in proc.stderr
+    shown = int(re.findall(r"([\d,]+) tok/s", proc.stderr)[-1].replace(",", ""))
+    rate = metadata["usage"]["completion_tokens"] / metadata["timings"]["generation_seconds"]
+    assert abs(shown - rate) <= 1
     # The local stack it started is gone: no spider processes were left behind.
     port = re.search(r"local stack at http://127.0.0.1:(\d+)", proc.stderr).group(1)
     leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})"], capture_output=True)

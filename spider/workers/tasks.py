@@ -33,8 +33,9 @@ class CeleryDispatcher:
 def context() -> Context:
     settings = Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s)
-    return Context(settings, JobStore(client), bus, CeleryDispatcher())
+    store = JobStore(client)
+    bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s, keys=store.keys)
+    return Context(settings, store, bus, CeleryDispatcher())
 
 
 _pool_lock = threading.Lock()
