@@ -134,3 +134,96 @@ def guarded_transport(allowed_hosts: tuple[str, ...], **kwargs: Any):
         network_backend=GuardedBackend(),
     )
     return transport
+
+
+class ResponseTooLarge(SpiderError):
+    """A response body longer than the caller allows, or one sent compressed (which could inflate
+    past any limit once decoded)."""
+
+
+# The async clients whose transports share httpx's design, and their connection layers: the mcp
+# SDK 2 speaks httpx2, the SDK 1 and the engines httpx.
+ASYNC_HTTP_LIBRARIES = {"httpx": "httpcore", "httpx2": "httpcore2"}
+
+
+def guarded_async_transport(
+    allowed_hosts: tuple[str, ...], library: str = "httpx", max_response_bytes: int | None = None, **kwargs: Any
+):
+    """The async twin of `guarded_transport`, for `library` httpx or httpx2: every connection goes
+    through `resolve_allowed` (resolved in a worker thread, so the event loop keeps running) and
+    is made to the checked address; unix sockets are refused. With `max_response_bytes`, a response
+    body longer than that, or one with a Content-Encoding, fails with ResponseTooLarge while it
+    arrives. Give the client `trust_env=False`: proxy variables would route around this transport."""
+    import importlib
+
+    if library not in ASYNC_HTTP_LIBRARIES:
+        raise ValueError(f"no guarded transport for {library!r}; one of {', '.join(ASYNC_HTTP_LIBRARIES)}")
+    http = importlib.import_module(library)
+    core = importlib.import_module(ASYNC_HTTP_LIBRARIES[library])
+
+    class GuardedAsyncBackend(core.AsyncNetworkBackend):
+        def __init__(self) -> None:
+            self.inner = core.AnyIOBackend()
+
+        async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            import anyio.to_thread
+
+            name = host.decode() if isinstance(host, bytes) else host
+            infos = await anyio.to_thread.run_sync(resolve_allowed, name, port, allowed_hosts)
+            return await self.inner.connect_tcp(infos[0][4][0], port, timeout, local_address, socket_options)
+
+        async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            raise EgressDenied("jobs may not connect to unix sockets")
+
+        async def sleep(self, seconds: float) -> None:
+            await self.inner.sleep(seconds)
+
+    transport = http.AsyncHTTPTransport(**kwargs)
+    limits = kwargs.get("limits") or http.Limits()
+    transport._pool = core.AsyncConnectionPool(
+        ssl_context=transport._pool._ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedAsyncBackend(),
+    )
+    if max_response_bytes is None:
+        return transport
+
+    class LimitedBody(http.AsyncByteStream):
+        def __init__(self, inner: Any, url: Any) -> None:
+            self.inner = inner
+            self.url = url
+
+        async def __aiter__(self):
+            received = 0
+            async for chunk in self.inner:
+                received += len(chunk)
+                if received > max_response_bytes:
+                    raise ResponseTooLarge(f"the response of {self.url} is longer than {max_response_bytes} bytes")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    class LimitedTransport(http.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            response = await transport.handle_async_request(request)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                await response.aclose()
+                raise ResponseTooLarge(
+                    f"the response of {request.url} is compressed ({encoding}); only uncompressed answers are read, "
+                    "so that their size is known"
+                )
+            return http.Response(
+                status_code=response.status_code,
+                headers=response.headers,
+                stream=LimitedBody(response.stream, request.url),
+                extensions=response.extensions,
+            )
+
+        async def aclose(self) -> None:
+            await transport.aclose()
+
+    return LimitedTransport()

@@ -25,6 +25,9 @@ a tool's answer into `{"limit": true}`), so that honest code never meets that ki
 Before answering a request, every other process of the job in the jail is killed and reaped, so
 no background process outlives the call that started it.
 
+`spider_jail.py --mcp-server` is another mode: it starts one of the job's stdio MCP servers in the
+jail, as the job's user (see run_mcp_server).
+
 The source files of the user's local modules that travel in the bundle are served from memory by
 an import finder, so that user functions may import those modules by name when they run.
 """
@@ -516,9 +519,55 @@ def run_behind_relay(socket_path, command):
         return 127
 
 
+def run_mcp_server():
+    """`spider_jail.py --mcp-server`: start one of the job's stdio MCP servers.
+
+    Two frames come first on stdin: the start-up configuration (as for an interpreter) and the
+    server's `{"command": [...], "env": {...}}`. As the job's user, in its scratch dir, with its
+    environment and venv (and the relay to the egress proxy for `runtime.network`), the harness
+    answers `{"ready": ...}` or `{"error": ...}` on stdout, then runs the command with stdin and
+    stdout as the MCP transport: newline-delimited JSON-RPC from then on, nothing of the harness's.
+    Without network the command replaces the harness; with it, the relay's threads live here, so
+    the command runs as a child and its exit status is the harness's."""
+    config = read_frame(0)
+    server = read_frame(0) if config is not None else None
+    if server is None:
+        return 2
+    try:
+        if config.get("uid") is not None:
+            drop_privileges(config["uid"], config["gid"])
+        os.chdir(config["scratch"])
+        os.environ.clear()
+        os.environ.update(config["env"])
+        os.environ.update(server["env"])
+        os.environ["VIRTUAL_ENV"] = config["venv"]
+        import shutil
+
+        command = list(server["command"])
+        program = shutil.which(command[0], path=os.environ.get("PATH", ""))
+        if program is None:
+            raise FileNotFoundError(
+                "the MCP server's command %r is not in the job's venv or on the system's PATH; add the package "
+                "that provides it to runtime.packages" % command[0]
+            )
+        if config.get("egress_socket"):
+            use_egress_proxy(config["egress_socket"])
+    except BaseException as exc:
+        write_frame(1, {"error": error_entry(exc, kind="load")})
+        return 1
+    write_frame(1, {"ready": True, "pid": os.getpid(), "uid": os.getuid()})
+    if not config.get("egress_socket"):
+        os.execv(program, [program] + command[1:])
+    import subprocess
+
+    return subprocess.call([program] + command[1:])
+
+
 def main():
     if sys.argv[1:2] == ["--egress-relay"] and sys.argv[3:4] == ["--"]:
         return run_behind_relay(sys.argv[2], sys.argv[4:])
+    if sys.argv[1:] == ["--mcp-server"]:
+        return run_mcp_server()
     # The pipe to the worker gets private descriptors; the user's prints go to stderr instead.
     in_fd = os.dup(0)
     out_fd = os.dup(1)
