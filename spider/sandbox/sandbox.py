@@ -19,6 +19,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cloudpickle
 
@@ -30,6 +31,7 @@ from spider.sandbox import jailed
 from spider.sandbox.egress import EgressProxy, EgressRules
 from spider.sandbox.host import OWNER_LOCK, JobHost, ScratchWatch, mount_scratch, remove_unowned_job_dir
 from spider.sandbox.interpreter import JailConfig, LaunchSpec
+from spider.sandbox.mcp import MCPHub, MCPServerHandle, mcp_launch
 from spider.sandbox.pool import JobSandbox
 from spider.sandbox.jail import (
     SYSTEM_TOP_DIRS,
@@ -43,6 +45,9 @@ from spider.sandbox.jail import (
 )
 from spider.sandbox.venvs import VenvCache
 from spider.types import BundleManifest
+
+if TYPE_CHECKING:
+    from spider.config import MCPServerConfig
 
 log = logging.getLogger("spider.sandbox")
 
@@ -160,6 +165,7 @@ class Sandbox:
         self._hosts: dict[str, JobHost] = {}
         self._lock = threading.Lock()
         self._job_locks: dict[str, threading.Lock] = {}
+        self._mcp_hub: MCPHub | None = None
         if not self.jailed:
             log.warning("sandbox in UNSAFE mode: firejail is unavailable, user code runs without isolation")
         if not self.tmpfs_quota:
@@ -249,11 +255,12 @@ class Sandbox:
         return job
 
     def close_job(self, job_id: str) -> None:
-        """Kill the job's interpreters and delete its directory (scratch included). Idempotent."""
+        """Kill the job's interpreters and MCP servers and delete its directory (scratch included). Idempotent."""
         with self._lock:
             job = self._jobs.pop(job_id, None)
             self._job_locks.pop(job_id, None)
             host = self._hosts.pop(job_id, None)
+        self.close_mcp_servers(job_id)
         if job is not None:
             job.close()
         if host is not None:
@@ -268,6 +275,31 @@ class Sandbox:
             ids = list(self._jobs)
         for job_id in ids:
             self.close_job(job_id)
+        with self._lock:
+            hub, self._mcp_hub = self._mcp_hub, None
+        if hub is not None:
+            hub.close()
+
+    # -- MCP servers ------------------------------------------------------------------------------
+
+    def mcp_server(self, job_id: str, server: MCPServerConfig) -> MCPServerHandle:
+        """The open job's stdio MCP server `server`: started on first use in a jail of the job's own
+        profile (the one its interpreters start in: its user, scratch, venv, network and limits),
+        kept while it is used, stopped with the job (close_job) or when idle."""
+        job = self.job(job_id)
+        with self._lock:
+            if self._mcp_hub is None:
+                self._mcp_hub = MCPHub(lambda open_id: open_id in self._jobs, start_timeout_s=self.start_timeout_s)
+            hub = self._mcp_hub
+        # The job's interpreters' launch and output limit, which this sandbox gave its JobSandbox.
+        return MCPServerHandle(hub, job_id, server, mcp_launch(job._launch, server, job._output_mb))
+
+    def close_mcp_servers(self, job_id: str) -> None:
+        """Stop the job's MCP servers (their jails' process groups are killed)."""
+        with self._lock:
+            hub = self._mcp_hub
+        if hub is not None:
+            hub.close_job(job_id)
 
     def _job_env(self, runtime: RuntimeConfig, secrets: dict[str, str]) -> dict[str, str]:
         for origin, mapping in (("runtime.env", runtime.env), ("secrets", secrets)):
