@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from spider.errors import SpiderError
@@ -147,14 +148,25 @@ ASYNC_HTTP_LIBRARIES = {"httpx": "httpcore", "httpx2": "httpcore2"}
 
 
 def guarded_async_transport(
-    allowed_hosts: tuple[str, ...], library: str = "httpx", max_response_bytes: int | None = None, **kwargs: Any
+    allowed_hosts: tuple[str, ...],
+    library: str = "httpx",
+    max_response_bytes: int | None = None,
+    on_refusal: Callable[[SpiderError], None] | None = None,
+    **kwargs: Any,
 ):
     """The async twin of `guarded_transport`, for `library` httpx or httpx2: every connection goes
     through `resolve_allowed` (resolved in a worker thread, so the event loop keeps running) and
     is made to the checked address; unix sockets are refused. With `max_response_bytes`, a response
     body longer than that, or one with a Content-Encoding, fails with ResponseTooLarge while it
-    arrives. Give the client `trust_env=False`: proxy variables would route around this transport."""
+    arrives. `on_refusal` hears of each refusal before it is raised (a client that catches it can
+    still say why it failed). Give the client `trust_env=False`: proxy variables would route
+    around this transport."""
     import importlib
+
+    def refuse(error: SpiderError) -> SpiderError:
+        if on_refusal is not None:
+            on_refusal(error)
+        return error
 
     if library not in ASYNC_HTTP_LIBRARIES:
         raise ValueError(f"no guarded transport for {library!r}; one of {', '.join(ASYNC_HTTP_LIBRARIES)}")
@@ -169,11 +181,14 @@ def guarded_async_transport(
             import anyio.to_thread
 
             name = host.decode() if isinstance(host, bytes) else host
-            infos = await anyio.to_thread.run_sync(resolve_allowed, name, port, allowed_hosts)
+            try:
+                infos = await anyio.to_thread.run_sync(resolve_allowed, name, port, allowed_hosts)
+            except EgressDenied as exc:
+                raise refuse(exc) from None
             return await self.inner.connect_tcp(infos[0][4][0], port, timeout, local_address, socket_options)
 
         async def connect_unix_socket(self, path, timeout=None, socket_options=None):
-            raise EgressDenied("jobs may not connect to unix sockets")
+            raise refuse(EgressDenied("jobs may not connect to unix sockets"))
 
         async def sleep(self, seconds: float) -> None:
             await self.inner.sleep(seconds)
@@ -200,7 +215,7 @@ def guarded_async_transport(
             async for chunk in self.inner:
                 received += len(chunk)
                 if received > max_response_bytes:
-                    raise ResponseTooLarge(f"the response of {self.url} is longer than {max_response_bytes} bytes")
+                    raise refuse(ResponseTooLarge(f"the response of {self.url} is longer than {max_response_bytes} bytes"))
                 yield chunk
 
         async def aclose(self) -> None:
@@ -212,9 +227,11 @@ def guarded_async_transport(
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 await response.aclose()
-                raise ResponseTooLarge(
-                    f"the response of {request.url} is compressed ({encoding}); only uncompressed answers are read, "
-                    "so that their size is known"
+                raise refuse(
+                    ResponseTooLarge(
+                        f"the response of {request.url} is compressed ({encoding}); only uncompressed answers are read, "
+                        "so that their size is known"
+                    )
                 )
             return http.Response(
                 status_code=response.status_code,

@@ -8,8 +8,8 @@ streamable HTTP client over `spider.netpolicy.guarded_async_transport`: `RemoteM
 job's own tools. A tool name belongs to one source only: a clash is a `ToolNameClash`.
 
 Every failure of a call is an answer for the model; a server whose tools cannot be listed is an
-`MCPServerError` from `MCPTools.open`, which fails the batch. `MCPConnection` is one SDK session,
-kept open in a task of its own; the sandbox worker keeps its stdio sessions with it too.
+`MCPServerError` from `MCPTools.open`, which fails the batch. One SDK session is an
+`MCPConnection` (spider.rollouts.mcp_session), here and on the sandbox worker alike.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from spider.errors import SpiderError
+from spider.netpolicy import ResponseTooLarge
+from spider.rollouts.mcp_session import MCPConnection, MCPServerError, describe, outcome_of
 from spider.rollouts.tools import CheckedTools, ToolAnswer
 from spider.sandbox.outcomes import CallError, ToolOutcome
 from spider.types import ToolCall
@@ -31,196 +33,17 @@ from spider.types import ToolCall
 if TYPE_CHECKING:
     from spider.config import MCPServerConfig
 
-MAX_LIST_PAGES = 100
-PING_TIMEOUT_S = 10.0
+__all__ = [
+    "CombinedTools", "MCPConnection", "MCPServer", "MCPServerError", "MCPTools", "QueuedMCPServer", "RemoteMCPServer",
+    "SandboxRoute", "ToolNameClash", "combine_tools", "function_schema", "mcp_servers", "outcome_of",
+]  # fmt: skip
+
 REMOTE_MAX_RESPONSE_MB = 64
 REPLY_POLL_S = 2.0
 
 
-class MCPServerError(SpiderError):
-    """An MCP server could not be started or reached, or its tools could not be listed."""
-
-
 class ToolNameClash(SpiderError):
     """Two tool sources (the job's own tools, MCP servers) offer a tool of the same name."""
-
-
-# -- one session --------------------------------------------------------------------------------
-
-
-class MCPConnection:
-    """One MCP `ClientSession`, kept open in a task of its own (the SDK's sessions and transports
-    must be entered and left by one task) over the streams that `open_transport(self)` yields.
-    Calls come from any task of the same event loop. A transport that sees its server go calls
-    `fail`; a connection that is not `alive` is closed, and its owner starts a new one."""
-
-    def __init__(
-        self, label: str, open_transport: Callable[["MCPConnection"], AbstractAsyncContextManager[Any]], start_timeout_s: float
-    ):
-        self.label = label
-        self.start_timeout_s = start_timeout_s
-        self.failure: CallError | None = None
-        self.last_used = time.monotonic()
-        self._open_transport = open_transport
-        self._session: Any = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self._session is not None and not self._stop.is_set()
-
-    async def start(self) -> None:
-        """Start the transport and initialize the session; MCPServerError when it cannot."""
-        self._task = asyncio.create_task(self._run(), name=f"mcp-{self.label}")
-        try:
-            await asyncio.wait_for(self._ready.wait(), self.start_timeout_s)
-        except asyncio.TimeoutError:
-            self.fail(CallError("timeout", "StartTimeout", f"it did not start within {self.start_timeout_s:g} s"))
-        if self._session is None:
-            await self.close()
-            why = self.failure.describe() if self.failure else "it stopped"
-            raise MCPServerError(f"MCP server {self.label} could not be started: {why}")
-
-    async def _run(self) -> None:
-        from mcp import ClientSession
-
-        try:
-            async with self._open_transport(self) as streams:
-                async with ClientSession(streams[0], streams[1]) as session:
-                    await session.initialize()
-                    self._session = session
-                    self._ready.set()
-                    await self._stop.wait()
-        except BaseException as exc:  # noqa: BLE001 (what ends a session is the failure's reason)
-            if self.failure is None and not self._stop.is_set():
-                self.failure = CallError("crash", type(exc).__name__, _describe(exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self._session = None
-            self._stop.set()
-            self._ready.set()
-
-    def fail(self, error: CallError) -> None:
-        """The server is gone (or unusable): record why and end the session."""
-        if self.failure is None:
-            self.failure = error
-        self._stop.set()
-        self._ready.set()
-
-    async def close(self) -> None:
-        """End the session and its transport (which stops a stdio server). Idempotent."""
-        self._stop.set()
-        if self._task is not None and not self._task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 15)
-            except (asyncio.TimeoutError, Exception):
-                self._task.cancel()
-
-    def _live_session(self) -> Any:
-        self.last_used = time.monotonic()
-        if not self.alive:
-            why = self.failure.describe() if self.failure else "it was closed"
-            raise MCPServerError(f"MCP server {self.label} is not running: {why}")
-        return self._session
-
-    async def list_tools(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Every tool of the server (all pages), as MCP `Tool` objects in their wire form."""
-        import mcp.types
-
-        session = self._live_session()
-        tools: list[dict[str, Any]] = []
-        cursor = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                for _ in range(MAX_LIST_PAGES):
-                    if cursor is None:
-                        result = await session.list_tools()
-                    else:
-                        result = await session.list_tools(params=mcp.types.PaginatedRequestParams(cursor=cursor))
-                    tools += [tool.model_dump(by_alias=True, exclude_none=True, mode="json") for tool in result.tools]
-                    cursor = getattr(result, "next_cursor", None) or getattr(result, "nextCursor", None)
-                    if not cursor:
-                        break
-        except TimeoutError:
-            raise MCPServerError(f"MCP server {self.label} did not list its tools within {timeout_s:g} s") from None
-        except Exception as exc:
-            raise MCPServerError(f"MCP server {self.label} could not list its tools: {self._reason(exc)}") from None
-        return tools
-
-    async def call(self, tool: str, arguments: dict[str, Any], timeout_s: float) -> ToolOutcome:
-        """Call one tool; every failure is a ToolOutcome error. A call past `timeout_s` is
-        abandoned; a server that then does not answer a ping either is closed."""
-        try:
-            session = self._live_session()
-        except MCPServerError as exc:
-            return ToolOutcome(error=CallError("crash", "MCPServerGone", str(exc)))
-        try:
-            async with asyncio.timeout(timeout_s):
-                result = await session.call_tool(tool, arguments)
-        except TimeoutError:
-            await self._check_responsive()
-            message = f"the tool {tool!r} of MCP server {self.label} did not answer within {timeout_s:g} s"
-            return ToolOutcome(error=CallError("timeout", "Timeout", message))
-        except Exception as exc:
-            if self.failure is not None:  # the server went during the call
-                failure = self.failure
-                return ToolOutcome(error=CallError(failure.kind, failure.type, f"the server stopped: {failure.message}"))
-            return ToolOutcome(error=CallError("exception", type(exc).__name__, _describe(exc)))
-        finally:
-            self.last_used = time.monotonic()
-        return outcome_of(result)
-
-    async def _check_responsive(self) -> None:
-        session = self._session
-        if session is None:
-            return
-        try:
-            async with asyncio.timeout(PING_TIMEOUT_S):
-                await session.send_ping()
-        except Exception:
-            self.fail(CallError("timeout", "Unresponsive", "it stopped answering (a call timed out, then a ping)"))
-
-    def _reason(self, exc: BaseException) -> str:
-        if self.failure is not None:
-            return f"the server stopped: {self.failure.describe()}"
-        return _describe(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line about an exception, looking inside the exception groups of task groups."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    text = str(exc) or type(exc).__name__
-    return text[:2000]
-
-
-def outcome_of(result: Any) -> ToolOutcome:
-    """What the model reads of a `CallToolResult`: its text blocks (other blocks named), else its
-    structured content as JSON; `isError` makes it an error."""
-    data = result.model_dump(by_alias=True, exclude_none=True, mode="json")
-    parts = []
-    for block in data.get("content") or []:
-        kind = block.get("type")
-        if kind == "text":
-            parts.append(str(block.get("text", "")))
-        elif kind in ("image", "audio"):
-            parts.append(f"[{kind} {block.get('mimeType', '')}, {len(block.get('data', '')) * 3 // 4} bytes]")
-        elif kind == "resource":
-            resource = block.get("resource") or {}
-            parts.append(str(resource["text"]) if "text" in resource else f"[resource {resource.get('uri', '')}]")
-        elif kind == "resource_link":
-            parts.append(f"[resource link {block.get('uri', '')}]")
-        else:
-            parts.append(json.dumps(block))
-    text = "\n".join(parts)
-    if not parts and data.get("structuredContent") is not None:
-        text = json.dumps(data["structuredContent"])
-    if data.get("isError"):
-        return ToolOutcome(error=CallError("exception", "ToolError", text or "the tool reported an error"))
-    return ToolOutcome(content=text)
 
 
 def function_schema(tool: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +158,8 @@ class RemoteMCPServer:
         self.max_response_bytes = max_response_bytes
         self.connection: MCPConnection | None = None
         self._lock = asyncio.Lock()
+        # What the guarded transport last refused (the SDK turns it into a vaguer error of its own).
+        self._refusal: SpiderError | None = None
 
     async def _connected(self) -> MCPConnection:
         async with self._lock:
@@ -360,7 +185,9 @@ class RemoteMCPServer:
 
         library = "httpx2" if hasattr(streamable_http, "httpx2") else "httpx"
         http = __import__(library)
-        transport = guarded_async_transport(self.allowed_hosts, library, max_response_bytes=self.max_response_bytes)
+        transport = guarded_async_transport(
+            self.allowed_hosts, library, max_response_bytes=self.max_response_bytes, on_refusal=self._refused
+        )
         client = http.AsyncClient(
             transport=transport,
             trust_env=False,
@@ -372,6 +199,9 @@ class RemoteMCPServer:
             async with streamable_http.streamable_http_client(self.config.url, http_client=client) as streams:
                 yield streams
 
+    def _refused(self, error: SpiderError) -> None:
+        self._refusal = error
+
     async def list_tools(self) -> list[dict[str, Any]]:
         connection = await self._connected()
         return await connection.list_tools(self.config.timeout_s)
@@ -381,7 +211,13 @@ class RemoteMCPServer:
             connection = await self._connected()
         except MCPServerError as exc:
             return ToolOutcome(error=CallError("load", "MCPServerError", str(exc)))
-        return await connection.call(tool, arguments, self.config.timeout_s)
+        self._refusal = None
+        outcome = await connection.call(tool, arguments, self.config.timeout_s)
+        refusal, self._refusal = self._refusal, None
+        if outcome.error is not None and refusal is not None:  # (with calls at once, maybe another's)
+            kind = "limit" if isinstance(refusal, ResponseTooLarge) else "exception"
+            return ToolOutcome(error=CallError(kind, type(refusal).__name__, str(refusal)))
+        return outcome
 
     async def aclose(self) -> None:
         if self.connection is not None:
@@ -441,7 +277,7 @@ class MCPTools(CheckedTools):
         try:
             if failures:
                 raise MCPServerError(
-                    "; ".join(f"the tools of MCP server {s.config.name!r} could not be listed: {_describe(r)}" for s, r in failures)
+                    "; ".join(f"the tools of MCP server {s.config.name!r} could not be listed: {describe(r)}" for s, r in failures)
                 )
             return cls(list(zip(servers, listings)), max_output_chars)  # type: ignore[arg-type]
         except BaseException:
@@ -456,7 +292,7 @@ class MCPTools(CheckedTools):
     async def run(self, calls: list[ToolCall]) -> list[ToolAnswer]:
         outcomes = await asyncio.gather(*(self._owner[c.name].call(c.name, c.arguments) for c in calls), return_exceptions=True)
         return [
-            answer_of(o) if isinstance(o, ToolOutcome) else ToolAnswer(f"error: the MCP call failed: {_describe(o)}", error="exception")
+            answer_of(o) if isinstance(o, ToolOutcome) else ToolAnswer(f"error: the MCP call failed: {describe(o)}", error="exception")
             for o in outcomes
         ]
 
@@ -497,7 +333,7 @@ class CombinedTools(CheckedTools):
             try:
                 done = await source.run([calls[i] for i in indices])
             except Exception as exc:
-                done = [ToolAnswer(f"error: the tool could not run ({_describe(exc)})", error="exception")] * len(indices)
+                done = [ToolAnswer(f"error: the tool could not run ({describe(exc)})", error="exception")] * len(indices)
             for i, answer in zip(indices, done):
                 answers[i] = answer
 

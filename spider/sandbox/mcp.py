@@ -7,7 +7,7 @@ MCP transport. Nothing of the server runs as the worker's user, nor outside the 
 
 What the server sends is untrusted: a message longer than the job's `runtime.limits.output_mb` stops
 the server, its stderr is kept as a bounded tail, and every read has a deadline. The worker keeps
-one `MCPConnection` (spider.rollouts.mcp) per (job, server) on an event loop of its own (`MCPHub`),
+one `MCPConnection` (spider.rollouts.mcp_session) per (job, server) on an event loop of its own (`MCPHub`),
 closes it with the job (Sandbox.close_job) or after `idle_s` unused, and kills the jail's whole
 process group when it does.
 """
@@ -280,7 +280,7 @@ class MCPHub:
     # -- sessions, on the loop ------------------------------------------------------------------------
 
     async def _connection(self, job_id: str, server: MCPServerConfig, launch: MCPLaunch) -> Any:
-        from spider.rollouts.mcp import MCPConnection, MCPServerError
+        from spider.rollouts.mcp_session import MCPConnection, MCPServerError
 
         key = (job_id, server.name)
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -321,7 +321,7 @@ class MCPHub:
             await jailed.kill()
 
     async def _list(self, job_id: str, server: MCPServerConfig, launch: MCPLaunch) -> list[dict[str, Any]]:
-        from spider.rollouts.mcp import MCPServerError
+        from spider.rollouts.mcp_session import MCPServerError
 
         connection = await self._connection(job_id, server, launch)
         try:
@@ -362,7 +362,11 @@ class MCPHub:
     def list_tools(self, job_id: str, server: MCPServerConfig, launch: MCPLaunch) -> list[dict[str, Any]]:
         """The server's tools (MCP wire form), starting it first if it is not running; SandboxError
         when it cannot start or list them."""
-        return self._wait(self._list(job_id, server, launch), self.start_timeout_s + server.timeout_s + 30)
+        wait_s = self.start_timeout_s + server.timeout_s + 30
+        try:
+            return self._wait(self._list(job_id, server, launch), wait_s)
+        except TimeoutError:
+            raise SandboxError(f"MCP server {server.name!r} did not list its tools within {wait_s:g} s") from None
 
     def call_tool(self, job_id: str, server: MCPServerConfig, launch: MCPLaunch, tool: str, arguments: dict[str, Any]) -> ToolOutcome:
         """One call; every failure is a ToolOutcome error."""

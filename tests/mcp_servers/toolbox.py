@@ -9,7 +9,6 @@ never returns; `shout` answers as long as asked.
 import os
 import socket
 import sys
-import time
 
 try:
     from mcp.server.mcpserver import MCPServer as FastMCP
@@ -68,9 +67,11 @@ def fail(message: str) -> str:
 
 
 @server.tool()
-def hang() -> str:
-    """Never answer."""
-    time.sleep(3600)
+async def hang() -> str:
+    """Never answer (asleep without blocking the server, which keeps serving other calls)."""
+    import asyncio
+
+    await asyncio.sleep(3600)
     return "woke up"
 
 
