@@ -209,7 +209,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = set(queues) - set(QUEUES)
     if unknown:
         raise SpiderError(f"unknown queues {sorted(unknown)}; choose from {', '.join(QUEUES)}")
-    pool = args.pool or ("solo" if set(queues) & {"rollout", "train"} else "threads")
+    # Rollout tasks run on threads that share the process's engines through its engine loop: several
+    # batches are in flight on one engine, which never drains between them. Training stays solo.
+    pool = args.pool or ("solo" if "train" in queues else "threads")
     argv = ["worker", "-Q", ",".join(queues), "--pool", pool, "--loglevel", args.loglevel, "-E"]
     if pool != "solo":
         argv += ["--concurrency", str(args.concurrency)]

@@ -192,6 +192,48 @@ class OnPolicyOptions(Strict):
     save_every: int = Field(0, ge=0)
 
 
+class SimulatedUserConfig(Strict):
+    """A model that plays the user: it sees the conversation with roles flipped and its own
+    `prompt` as system prompt, and writes up to `max_turns` follow-up messages; a message with
+    `stop_phrase` in it ends the conversation."""
+
+    model: ModelConfig
+    prompt: str = Field(
+        "You are a user talking to an AI assistant. Reply as the user would: ask a natural follow-up question, "
+        "or say what you still need. Write only the user's next message.",
+        min_length=1,
+        max_length=100_000,
+    )
+    max_turns: int = Field(1, ge=1, le=100)
+    stop_phrase: str | None = Field(None, min_length=1, max_length=200)
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class MCPServerConfig(Strict):
+    """An MCP server whose tools are offered to the model: a stdio `command` (run inside the job's
+    sandbox, from its `runtime.packages`) or a remote `url` (needs `runtime.network: true`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    command: list[str] | None = Field(None, min_length=1, max_length=64)
+    url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$", max_length=2000)
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "MCPServerConfig":
+        if (self.command is None) == (self.url is None):
+            raise ValueError("an MCP server needs exactly one of `command` (stdio, in the sandbox) or `url`")
+        return self
+
+
+TOOL_CHOICES = ("auto", "required", "none")
+
+
 class GenerationConfig(Strict):
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     duplications: int = Field(1, ge=1, description="samples per prompt")
@@ -204,6 +246,28 @@ class GenerationConfig(Strict):
         ge=0,
         description="the job fails when more rows than this fail; None: fail only if every row fails",
     )
+    tool_choice: str = Field(
+        "auto",
+        min_length=1,
+        max_length=64,
+        description="auto | required | none | a tool's name: what the model's first turn after each user message "
+        "must do (required and named tools are enforced by constrained decoding on vllm)",
+    )
+    tool_parser: str | None = Field(
+        None, pattern=r"^[a-z0-9_\-]{1,40}$", description="the tool-call format of the model's family (default: from its template)"
+    )
+    reasoning_parser: str | None = Field(
+        None, pattern=r"^[a-z0-9_\-]{1,40}$", description="split <think> reasoning into reasoning_content (e.g. qwen3, deepseek_r1)"
+    )
+    max_tool_turns: int = Field(8, ge=1, le=100, description="model turns with tool calls per user turn")
+    max_tool_output_chars: int = Field(8192, ge=16, le=1_000_000, description="longer tool answers are truncated")
+    tool_timeout_s: float = Field(120.0, gt=0, le=3600, description="wait for one tool answer at most this long")
+    user: SimulatedUserConfig | None = None
+    mcp_servers: list[MCPServerConfig] = Field(default_factory=list, max_length=16)
+    max_concurrent_conversations: int = Field(
+        64, ge=1, le=4096, description="conversations of one rollout task in the engine at once"
+    )
+    return_tokens: bool = Field(False, description="keep token ids and log-probs of every assistant turn")
     on_policy: bool = False
     on_policy_options: OnPolicyOptions | None = None
 

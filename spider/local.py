@@ -110,7 +110,7 @@ class WorkerSpec:
 # training exists, and then gets a solo worker like rollout.
 DEFAULT_WORKERS = (
     WorkerSpec("control", "threads", 4),
-    WorkerSpec("rollout", "solo", 1),
+    WorkerSpec("rollout", "threads", 2),  # two batches in flight on one engine
     WorkerSpec("sandbox", "threads", 4),
 )
 

@@ -158,9 +158,24 @@ class Record:
     usage: Usage = field(default_factory=Usage)
     source: dict[str, Any] = field(default_factory=dict)
     error: RowError | None = None
+    # Multi-turn rollouts only (absent from single-turn records): the tool schemas offered, one
+    # entry per model turn (finish reason, tokens, latency, tool calls, and token ids / log-probs
+    # with `generation.return_tokens`), why the conversation ended, tool calls and failed ones.
+    tools: list[dict[str, Any]] | None = None
+    turns: list[dict[str, Any]] | None = None
+    stop_reason: str | None = None
+    tool_calls: int = 0
+    tool_errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the result file holds it (messages in the OpenAI shape)."""
+        out = self._base_dict()
+        if self.stop_reason is not None:
+            out.update(tools=self.tools, turns=self.turns, stop_reason=self.stop_reason,
+                       tool_calls=self.tool_calls, tool_errors=self.tool_errors)
+        return out
+
+    def _base_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "row_index": self.row_index,

@@ -37,34 +37,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model, tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on the tiny model, served as `spider-tiny`;
-    yields its /v1 base URL. Started once per session, for the engine and the stack tests."""
-    import subprocess
-    import sys
+    """vLLM's OpenAI-compatible server on the tiny model, served as `spider-tiny`; yields its /v1
+    base URL. Started once per session, for the engine and the stack tests."""
+    from tests.helpers import vllm_server_process
 
-    from spider.local import free_port, terminate, wait_http
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-        "--served-model-name", "spider-tiny", "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def alive() -> None:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-
-    try:
-        wait_http(f"{base}/health", alive, 240, "the vLLM server", interval=1)
-        yield f"{base}/v1"
-    finally:
-        terminate([process], grace=20)
+    with vllm_server_process(tiny_model, tmp_path_factory.mktemp("vllm-server"), dtype="float32", max_model_len=512) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -50,3 +51,39 @@ def require_firejail(path: str | Path | None = None, environ: Mapping[str, str] 
         pytest.fail(f"firejail is not installed ({where}) and {REQUIRE_FIREJAIL}=1 requires the jail tests to run; "
                     "scripts/install-system.sh installs it", pytrace=False)
     pytest.skip(f"firejail is not installed ({where}); scripts/install-system.sh installs it")
+
+
+@contextlib.contextmanager
+def vllm_server_process(model: Path, log_dir: Path, dtype: str, max_model_len: int, name: str = "spider-tiny"):
+    """`python -m vllm.entrypoints.openai.api_server` on `model`, served as `name`, with tool calls
+    as a deployment serves them (Hermes parsing, tool_choice enforced); yields its /v1 URL."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from spider.local import free_port, terminate, wait_http
+
+    port = free_port()
+    log = Path(log_dir) / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", dtype, "--max-model-len", str(max_model_len),
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def alive() -> None:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+
+    try:
+        wait_http(f"{base}/health", alive, 240, "the vLLM server", interval=1)
+        yield f"{base}/v1"
+    finally:
+        terminate([process], grace=20)

@@ -74,14 +74,23 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
     bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
-    if bundle is not None and bundle.manifest.has_tools:
-        names = ", ".join(repr(name) for name in bundle.manifest.tools)
-        raise HTTPException(
-            422,
-            f"bundle: the job has tools ({names}), but this server does not offer tools to the model yet: dataset "
-            "jobs generate one answer per row, without tool calls. Submit the job without add_tool",
-        )
+    _check_tool_choice(job, bundle.manifest.tools if bundle is not None else [])
     return Submission(job, env, bundle, source_files)
+
+
+def _check_tool_choice(job: JobConfig, tools: list[str]) -> None:
+    """`tool_choice` must have tools to choose from, and a named tool must be one of them (MCP
+    servers' tools are known only once listed, so a name may then be one of theirs)."""
+    choice = job.generation.tool_choice
+    if choice in ("auto", "none"):
+        return
+    servers = job.generation.mcp_servers
+    if not tools and not servers:
+        raise HTTPException(422, f"job.generation.tool_choice: {choice!r} needs tools: add them with add_tool or "
+                                 "generation.mcp_servers")
+    if choice != "required" and choice not in tools and not servers:
+        raise HTTPException(422, f"job.generation.tool_choice: no tool named {choice!r}; the job's tools are: "
+                                 f"{', '.join(tools)}")
 
 
 def _checked_env(env: Any) -> dict[str, str]:

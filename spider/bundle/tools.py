@@ -124,6 +124,10 @@ def infer_parameters(func: Callable[..., Any], arg_docs: dict[str, str], exclude
     out: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
         out["required"] = required
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        # The function takes no other keyword: a model that adds one learns it from the schema
+        # (and constrained decoding never writes one).
+        out["additionalProperties"] = False
     return out
 
 

@@ -13,6 +13,9 @@ from typing import Any
 from spider.config import SourceConfig
 from spider.errors import SourceError
 from spider.policy import Policy, within
+from spider.types import Message
+
+ROLES = ("system", "user", "assistant", "tool")
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 # Builders a job may name with its own data_files: plain-data formats only (no pickles, no SQL).
@@ -236,17 +239,43 @@ def load_source_rows(source: SourceConfig, token: str | None = None, access: Sou
     return rows
 
 
-def prompt_of(row: dict[str, Any], field: str, index: int) -> str:
-    """The prompt text of a row (a dotted `field` reaches into nested columns)."""
+def field_value(row: dict[str, Any], field: str, index: int) -> Any:
+    """The value of a (dotted) `field` of a source row."""
     value: Any = row
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
             available = ", ".join(sorted(row)) or "(none)"
             raise SourceError(f"field {field!r} is missing from source row {index}; the rows have: {available}")
         value = value[part]
+    return value
+
+
+def prompt_of(row: dict[str, Any], field: str, index: int) -> str:
+    """The prompt text of a row (a dotted `field` reaches into nested columns)."""
+    value = field_value(row, field, index)
     if not isinstance(value, str):
         raise SourceError(f"field {field!r} of source row {index} is a {type(value).__name__}, not text")
     return value
+
+
+def start_of(row: dict[str, Any], field: str, index: int) -> tuple[str, list[Message] | None]:
+    """What a row's rollout starts from: a prompt (text), or a conversation (a list of
+    `{role, content}` messages, e.g. a chat dataset's `messages` column), with its last user
+    message as the prompt the records show."""
+    value = field_value(row, field, index)
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") in ROLES for m in value):
+        try:
+            messages = [Message.from_openai({**m, "content": m.get("content") or ""}) for m in value]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise SourceError(f"field {field!r} of source row {index} is not a list of chat messages ({exc})") from None
+        users = [m.content for m in messages if m.role == "user"]
+        return (users[-1] if users else ""), messages
+    raise SourceError(
+        f"field {field!r} of source row {index} is a {type(value).__name__}: give text, or a list of "
+        "{role, content} messages"
+    )
 
 
 def choose_system_prompt(prompts: str | list[str] | None, seed: int | None, row_index: int) -> str | None:

@@ -63,6 +63,7 @@ class Completion:
     logprobs: list[float] | None = None
     prompt_ids: list[int] | None = None
     constrained: bool = False  # the text was decoded under a tool-call schema; `tool_calls` hold the call
+    malformed_calls: list[tuple[ToolCall, str]] = field(default_factory=list)  # parsed calls that cannot run, and why
 
 
 @dataclass

@@ -268,12 +268,14 @@ def _parse(request: GenerationRequest, response: httpx.Response) -> GenerationRe
         for i, choice in enumerate(choices):
             message = choice.get("message") or {}
             token_ids, logprobs = _sampled_tokens(choice.get("logprobs"))
+            calls, malformed = _tool_calls(message.get("tool_calls") or [])
             completions.append(
                 Completion(
                     text=message.get("content") or "",
                     finish_reason=choice.get("finish_reason"),
                     usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=share + (1 if i < extra else 0)),
-                    tool_calls=[_tool_call(c) for c in message.get("tool_calls") or []],
+                    tool_calls=calls,
+                    malformed_calls=malformed,
                     token_ids=token_ids,
                     logprobs=logprobs,
                 )
@@ -294,17 +296,26 @@ def _sampled_tokens(data: dict[str, Any] | None) -> tuple[list[int], list[float]
     return (ids if len(ids) == len(tokens) else []), logprobs
 
 
-def _tool_call(data: dict[str, Any]) -> ToolCall:
-    function = data["function"]
-    arguments = function.get("arguments") or "{}"
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"tool call {function.get('name')!r} has arguments that are not JSON: {arguments!r}") from exc
-    if not isinstance(arguments, dict):
-        raise ValueError(f"tool call {function.get('name')!r} has arguments that are not a JSON object: {arguments!r}")
-    return ToolCall(id=data.get("id") or "", name=function["name"], arguments=arguments)
+def _tool_calls(entries: list[dict[str, Any]]) -> tuple[list[ToolCall], list[tuple[ToolCall, str]]]:
+    """The calls an endpoint parsed, and those whose arguments are not a JSON object (kept, with
+    why, so the model is told instead of the call vanishing)."""
+    calls, malformed = [], []
+    for data in entries:
+        function = data["function"]
+        call = ToolCall(id=data.get("id") or "", name=function["name"], arguments={})
+        arguments = function.get("arguments") or "{}"
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                malformed.append((call, f"the arguments are not JSON ({exc.msg}): {arguments[:200]!r}"))
+                continue
+        if not isinstance(arguments, dict):
+            malformed.append((call, f"the arguments are not a JSON object: {json.dumps(arguments)[:200]}"))
+            continue
+        call.arguments = arguments
+        calls.append(call)
+    return calls, malformed
 
 
 def _wire_message(message: Message) -> dict[str, Any]:

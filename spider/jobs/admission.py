@@ -30,6 +30,7 @@ def admit(
         model_problems(job.model, policy, "job.model", secret_names)
         + source_problems(job.source, policy, uploaded=bool(source_files))
         + runtime_problems(job, policy)
+        + conversation_problems(job, policy, secret_names)
     )
     if problems:
         raise ConfigError("this server does not accept the job:\n  " + "\n  ".join(problems))
@@ -66,6 +67,31 @@ def model_problems(model: ModelConfig, policy: Policy, path: str, secret_names: 
                 f"{path}.parameters.api_key_env: names {key_env!r}, which the job was not sent; pass it in the "
                 "client's env (workers never lend their own keys)"
             )
+    return problems
+
+
+def conversation_problems(job: JobConfig, policy: Policy, secret_names: list[str] | None) -> list[str]:
+    """The simulated user's model, and MCP servers: a remote one needs the job's network opt-in
+    and a public address (or a host the operator allows)."""
+    generation = job.generation
+    problems = []
+    if generation.user is not None:
+        problems += model_problems(generation.user.model, policy, "job.generation.user.model", secret_names)
+        if generation.user.model.provider == "tinker":
+            problems.append("job.generation.user.model.provider: a simulated user runs on vllm, hf or openai")
+    for i, server in enumerate(generation.mcp_servers):
+        where = f"job.generation.mcp_servers[{i}]"
+        if server.url is not None:
+            if not job.runtime.network:
+                problems.append(f"{where}.url: a remote MCP server needs the job's network opt-in (runtime.network: true)")
+            elif not policy.sandbox_network:
+                problems.append(f"{where}.url: this server gives jobs no network (SPIDER_SANDBOX_NETWORK=0)")
+            try:
+                check_url(server.url, policy.allowed_hosts)
+            except UnresolvableHost:
+                pass
+            except EgressDenied as exc:
+                problems.append(f"{where}.url: {exc}")
     return problems
 
 

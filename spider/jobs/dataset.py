@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from spider.config import JobConfig
 from spider.data.sinks import read_jsonl, upload_to_hub, write_result
-from spider.data.sources import SourceAccess, load_source_rows, prompt_of
+from spider.data.sources import SourceAccess, load_source_rows, start_of
 from spider.engines.base import GenerationResult
 from spider.errors import SpiderError
 from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
 from spider.rollouts.single_turn import build_requests, records_for
-from spider.types import BatchRow, BatchStats, EventKind, JobStatus, Record, RowError, Usage
+from spider.types import BatchRow, BatchStats, BundleManifest, EventKind, JobStatus, Record, RowError, Usage
 
 if TYPE_CHECKING:
     from spider.jobs.usercode import SandboxPool
@@ -57,7 +57,7 @@ def plan_job(ctx: Context, job_id: str) -> None:
     manifest = bundle_manifest(ctx, job_id) if record.has_bundle else None
     has_pre = manifest is not None and manifest.has_pre_processor
     if not has_pre:
-        prompt_of(rows[0], config.source.field, 0)  # a field missing from the rows fails the job here
+        start_of(rows[0], config.source.field, 0)  # a field missing from the rows fails the job here
 
     files = ctx.files(job_id)
     size = config.generation.max_batch_size
@@ -118,7 +118,8 @@ def resume_job(ctx: Context, job_id: str) -> None:
 
 def _prepare(config: JobConfig, index: int, data: dict[str, Any]) -> BatchRow:
     try:
-        return BatchRow(index=index, prompt=prompt_of(data, config.source.field, index), data=data)
+        prompt, conversation = start_of(data, config.source.field, index)
+        return BatchRow(index=index, prompt=prompt, data=data, conversation=conversation)
     except SpiderError as exc:
         return BatchRow(index=index, prompt=None, data=data, error=RowError("SourceError", str(exc)))
 
@@ -150,35 +151,18 @@ def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxP
 def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     """Generate one batch with the job's engine and write its shard (or, with a post-processor,
     its generated records)."""
-    from spider.engines import sampling_params
-
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return  # cancelled or failed: generate nothing more
     files = ctx.files(job_id)
     rows = [BatchRow.from_dict(r) for r in json.loads(files.batch(batch_index).read_text())]
-    requests = build_requests(config, rows)
-    results: dict[str, GenerationResult] = {}
-    elapsed = 0.0
-    if requests:
-        engine = job_engine(ctx, job_id, config.model, ctx.store.secrets(job_id))
-        ctx.bus.publish(
-            job_id, EventKind.BATCH_STARTED, f"batch {batch_index}: generating {len(requests)} rows",
-            data={"batch": batch_index, "rows": len(requests)},
-        )
-        started = time.perf_counter()  # generation only: the model is loaded by now
-        try:
-            results = {r.key: r for r in engine.generate(requests, sampling_params(config.generation.parameters))}
-        except SpiderError:
-            raise
-        except Exception as exc:  # the engine failed for the whole batch: its rows become error records
-            log.error("job %s batch %d: engine failed:\n%s", job_id, batch_index, traceback.format_exc())
-            results = {r.key: GenerationResult(key=r.key, error=f"{type(exc).__name__}: {exc}") for r in requests}
-        elapsed = time.perf_counter() - started
-    records = records_for(job_id, config, rows, results, {r.key: r for r in requests})
+    manifest = bundle_manifest(ctx, job_id) if record.has_bundle else None
+    if is_conversational(config, manifest):
+        records, elapsed = _conversation_batch(ctx, job_id, batch_index, config, rows, manifest)
+    else:
+        records, elapsed = _single_turn_batch(ctx, job_id, batch_index, config, rows)
     dropped = int(files.dropped(batch_index).read_text()) if files.dropped(batch_index).exists() else 0
     stats = _batch_stats(rows, records, dropped, elapsed)
-    manifest = bundle_manifest(ctx, job_id) if record.has_bundle else None
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
     if manifest is not None and manifest.has_post_processor:
         write_atomic(files.generated(batch_index), lines)
@@ -193,6 +177,60 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
         return
     write_atomic(files.shard(batch_index), lines)
     complete_batch(ctx, job_id, batch_index, stats)
+
+
+def _single_turn_batch(
+    ctx: Context, job_id: str, batch_index: int, config: JobConfig, rows: list[BatchRow]
+) -> tuple[list[Record], float]:
+    """One answer per (row, sample): the whole batch in one engine call."""
+    from spider.engines import sampling_params
+
+    requests = build_requests(config, rows)
+    results: dict[str, GenerationResult] = {}
+    elapsed = 0.0
+    if requests:
+        engine = job_engine(ctx, job_id, config.model, ctx.store.secrets(job_id))
+        _report_start(ctx, job_id, batch_index, len(requests))
+        started = time.perf_counter()  # generation only: the model is loaded by now
+        try:
+            results = {r.key: r for r in engine.generate(requests, sampling_params(config.generation.parameters))}
+        except SpiderError:
+            raise
+        except Exception as exc:  # the engine failed for the whole batch: its rows become error records
+            log.error("job %s batch %d: engine failed:\n%s", job_id, batch_index, traceback.format_exc())
+            results = {r.key: GenerationResult(key=r.key, error=f"{type(exc).__name__}: {exc}") for r in requests}
+        elapsed = time.perf_counter() - started
+    return records_for(job_id, config, rows, results, {r.key: r for r in requests}), elapsed
+
+
+def _report_start(ctx: Context, job_id: str, batch_index: int, rows: int) -> None:
+    ctx.bus.publish(
+        job_id, EventKind.BATCH_STARTED, f"batch {batch_index}: generating {rows} rows",
+        data={"batch": batch_index, "rows": rows},
+    )
+
+
+def is_conversational(config: JobConfig, manifest: BundleManifest | None) -> bool:
+    """Whether rows become conversations (tools to call, or a simulated user) rather than one answer."""
+    generation = config.generation
+    return bool((manifest is not None and manifest.has_tools) or generation.mcp_servers or generation.user)
+
+
+def _conversation_batch(
+    ctx: Context, job_id: str, batch_index: int, config: JobConfig, rows: list[BatchRow], manifest: BundleManifest | None
+) -> tuple[list[Record], float]:
+    """One conversation per (row, sample), all on the worker's engine loop at once."""
+    from spider.engines.loop import engine_loop
+    from spider.jobs import conversations
+
+    secrets = ctx.store.secrets(job_id)
+    engine = job_engine(ctx, job_id, config.model, secrets)
+    user_engine = job_engine(ctx, job_id, config.generation.user.model, secrets) if config.generation.user else None
+    runnable = sum(1 for r in rows if r.error is None)
+    _report_start(ctx, job_id, batch_index, runnable)
+    started = time.perf_counter()
+    records = engine_loop().run(conversations.batch_records(ctx, job_id, config, rows, manifest, engine, user_engine))
+    return records, time.perf_counter() - started
 
 
 def _batch_stats(rows: list[BatchRow], records: list[Record], dropped: int, seconds: float) -> BatchStats:

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from spider.config import JobConfig
-from spider.data.sources import prompt_of
+from spider.data.sources import start_of
 from spider.errors import SpiderError
 from spider.jobs.stages import Context, load_job
 from spider.keys import DEFAULT_KEYS, Keys
@@ -99,7 +99,8 @@ def pre_process_rows(job_sandbox: Any, config: JobConfig, raw: list[dict[str, An
             prepared.append(BatchRow(index, outcome.value, data))
         elif isinstance(outcome.value, dict):
             try:
-                prepared.append(BatchRow(index, prompt_of(outcome.value, config.source.field, index), outcome.value))
+                prompt, conversation = start_of(outcome.value, config.source.field, index)
+                prepared.append(BatchRow(index, prompt, outcome.value, conversation=conversation))
             except SpiderError as exc:
                 prepared.append(BatchRow(index, None, outcome.value, error=RowError("PreProcessorError", str(exc))))
         else:

@@ -179,8 +179,9 @@ def _read(completion: Completion, policy: Policy, tools_offered: bool) -> Parsed
     reasoning = None
     if policy.reasoning is not None:
         reasoning, text = policy.reasoning.split(text)
-    if completion.tool_calls:
-        parsed = ParsedTurn(content=text if not completion.constrained else "", tool_calls=list(completion.tool_calls))
+    if completion.tool_calls or completion.malformed_calls:
+        parsed = ParsedTurn(content=text if not completion.constrained else "", tool_calls=list(completion.tool_calls),
+                            malformed=list(completion.malformed_calls))
     elif tools_offered and policy.parser is not None:
         parsed = policy.parser.parse(text)
     else:

@@ -12,6 +12,7 @@ import redis
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset
+from spider.jobs.conversations import TOOL_CALL
 from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
 from spider.settings import Settings
@@ -105,4 +106,5 @@ STAGES = {
     dataset.ROLLOUT: (run_batch, "rollout"),
     dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
     dataset.FINALIZE: (finalize_job, "control"),
+    TOOL_CALL: (call_tool, "sandbox"),
 }
