@@ -95,8 +95,8 @@ def test_the_brief_configs_load(tmp_path):
 
 # The configs the repository ships, and what each must say.
 SHIPPED_CONFIGS = {
-    "quickstart.yaml": {"provider": "vllm", "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                        "dataset": "examples/data/prompts.jsonl"},
+    name: {"provider": "vllm", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset": "examples/data/prompts.jsonl"}
+    for name in ("quickstart.yaml", "tool_calling.yaml", "simulated_user.yaml", "prompt_variations.yaml")
 }
 
 
