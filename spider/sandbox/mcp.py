@@ -98,6 +98,7 @@ class JailedServer:
         self.hello: dict[str, Any] = {}
         self._stderr: collections.deque[bytes] = collections.deque()
         self._stderr_size = 0
+        self._stderr_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the jail and read its hello; SandboxError (after killing it) when it does not come."""
@@ -113,7 +114,7 @@ class JailedServer:
             preexec_fn=launch.preexec,
             limit=launch.max_message_bytes + 1,
         )
-        asyncio.get_running_loop().create_task(self._drain_stderr())
+        self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
         assert self.process.stdin is not None and self.process.stdout is not None
         for frame in (launch.config.to_wire(), {"command": launch.command, "env": launch.server_env}):
             data = encode_request(frame)
@@ -272,7 +273,7 @@ class MCPHub:
         self._servers: dict[tuple[str, str], JailedServer] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._closed = False
-        asyncio.run_coroutine_threadsafe(self._sweep_forever(), self._loop)
+        self._sweeper = asyncio.run_coroutine_threadsafe(self._sweep_forever(), self._loop)
 
     def _wait(self, coroutine: Any, timeout_s: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
@@ -390,6 +391,7 @@ class MCPHub:
         jobs = {key[0] for key in list(self._connections)}
         for job_id in jobs:
             self.close_job(job_id)
+        self._sweeper.cancel()
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
