@@ -140,23 +140,13 @@ def _apply_steps(token: str, steps: list[tuple[str, Any]]) -> bytes:
     return piece
 
 
-def _template_end_of_turn(tokenizer: Any, backend: Any, special_ids: set[int]) -> int | None:
-    """The control token the chat template writes right after an assistant message, if any."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    sentinel = "SpiderSentinelReply"
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that cannot render a plain exchange has no end-of-turn to learn
-        return None
-    if not isinstance(text, str) or sentinel not in text:
-        return None
-    tail = text[text.rindex(sentinel) + len(sentinel):]
-    for token_id in backend.encode(tail, add_special_tokens=False).ids:
-        if token_id in special_ids:
-            return token_id
-    return None
+def _template_end_of_turn(tokenizer: Any, special_ids: set[int]) -> int | None:
+    """The control token the chat template writes right after an assistant message (as the shared
+    renderer finds it), if it is one of this vocabulary's control tokens."""
+    from spider.chat import Renderer
+
+    end = Renderer(tokenizer).end_of_turn_id
+    return end if end in special_ids else None
 
 
 @dataclass(eq=False)
@@ -310,7 +300,7 @@ def _build(tokenizer: Any) -> ByteVocab:
 
     bos_id = special_id("bos_token_id")
     eos_id = special_id("eos_token_id")
-    end_of_turn = _template_end_of_turn(tokenizer, backend, set(contents))
+    end_of_turn = _template_end_of_turn(tokenizer, set(contents))
     end_ids = tuple(dict.fromkeys(i for i in (eos_id, end_of_turn) if i is not None))
     for attr, role in (("unk_token_id", Role.UNK), ("pad_token_id", Role.PAD)):
         token_id = special_id(attr)
