@@ -220,6 +220,42 @@ def test_an_idle_server_is_stopped_and_started_again_when_used(sandbox):
     sandbox.close_job(job_id)
 
 
+# A sandbox worker that opens a job, starts a server that ignores the end of its input, prints
+# the job's id and dies.
+DYING_WORKER = """
+import signal, sys
+from pathlib import Path
+from spider.bundle import build_bundle
+from spider.config import MCPServerConfig, RuntimeConfig
+from spider.sandbox import Sandbox
+
+box = Sandbox(Path(sys.argv[1]))
+box.open_job(sys.argv[2], build_bundle(), RuntimeConfig(packages=sys.argv[3:]), {})
+source = Path("tests/mcp_servers/toolbox.py").read_text()
+stubborn = source.replace("server.run()", "server.run(); import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)")
+box.mcp_server(sys.argv[2], MCPServerConfig(name="stubborn", command=["python", "-c", stubborn])).list_tools()
+print("ready", flush=True)
+signal.pthread_kill(__import__("threading").main_thread().ident, signal.SIGKILL)
+"""
+
+
+def test_a_worker_that_dies_takes_its_servers_jails_with_it(sandbox):
+    from tests.helpers import ROOT
+
+    job_id = f"m-{uuid.uuid4().hex[:10]}"
+    worker = subprocess.run(
+        [sys.executable, "-c", DYING_WORKER, str(sandbox.root), job_id, *MCP_PACKAGES],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert worker.returncode == -9 and "ready" in worker.stdout, worker.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while jail_processes(job_uid(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jail_processes(job_uid(job_id)) == []
+    Sandbox(sandbox.root)  # a worker starting on the same root removes what the dead one left
+    assert not (sandbox.root / "jobs" / job_id).exists()
+
+
 # -- the rollout side: sandbox-queue stages, real Redis ---------------------------------------------
 
 
@@ -511,3 +547,56 @@ def test_results_and_schemas_in_the_models_terms():
         "type": "function",
         "function": {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}, "required": ["a"]}},
     }
+
+
+# -- through the real stack: Celery tasks on the sandbox queue ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_sandbox_workers_tasks_list_and_call_a_jobs_stdio_server(firejail, stack):
+    import redis
+    import redis.asyncio as aioredis
+
+    from spider.api.app import owner_of
+    from spider.jobs.store import JobFiles, JobStore, new_job_id, write_atomic
+    from spider.keys import DEFAULT_KEYS
+    from spider.rollouts.mcp import SandboxRoute
+    from spider.settings import Settings
+    from spider.workers.app import make_celery
+    from tests.conftest import API_KEYS
+    from tests.helpers import make_config
+
+    overrides = {"generation.mcp_servers": [toolbox(timeout_s=5).model_dump(exclude_none=True)], "runtime.packages": MCP_PACKAGES}
+    config = make_config(stack.url, API_KEYS[0], "spider-tiny", provider="openai", **overrides).job
+    job_id = new_job_id()
+    write_atomic(JobFiles(stack.data_dir, job_id).bundle, build_bundle())
+    store = JobStore(redis.Redis.from_url(stack.redis_url, decode_responses=True))
+    store.create(owner_of(API_KEYS[0]), config.model_dump(mode="json", exclude_none=True), {}, has_bundle=True, job_id=job_id)
+    app = make_celery(Settings(redis_url=stack.redis_url))
+
+    async def scenario():
+        aredis = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        route = SandboxRoute(
+            send_list=lambda server, reply: app.send_task("spider.mcp_list", (job_id, server, reply), queue="sandbox"),
+            send_call=lambda server, reply, tool, arguments: app.send_task(
+                "spider.mcp_call", (job_id, server, reply, tool, arguments), queue="sandbox"
+            ),
+            aredis=aredis,
+            reply_key=DEFAULT_KEYS.tool_reply,
+        )
+        tools = await MCPTools.open(mcp_servers(config.generation.mcp_servers, route, (), network=False), 1000)
+        try:
+            return await tools.call_many([ToolCall("1", "add", {"a": 40, "b": 2}), ToolCall("2", "whoami", {})])
+        finally:
+            await tools.aclose()
+            await aredis.aclose()
+
+    try:
+        add, whoami = run(scenario())
+    finally:
+        import httpx
+
+        httpx.post(f"{stack.url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {API_KEYS[0]}"})
+    assert add.content == "42"
+    seen = json.loads(whoami.content)
+    assert seen["uid"] == job_uid(job_id) and seen["hostname"] == "spider-sandbox"

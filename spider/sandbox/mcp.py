@@ -9,13 +9,14 @@ What the server sends is untrusted: a message longer than the job's `runtime.lim
 the server, its stderr is kept as a bounded tail, and every read has a deadline. The worker keeps
 one `MCPConnection` (spider.rollouts.mcp_session) per (job, server) on an event loop of its own (`MCPHub`),
 closes it with the job (Sandbox.close_job) or after `idle_s` unused, and kills the jail's whole
-process group when it does.
+process group when it does; a worker that dies takes its jails with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import json
 import logging
 import os
@@ -83,8 +84,28 @@ def mcp_launch(job_launch: LaunchSpec, server: MCPServerConfig, output_mb: int) 
         command=list(server.command),
         server_env=dict(server.env),
         max_message_bytes=output_mb * MIB,
-        preexec=job_launch.preexec,
+        preexec=_dies_with_worker(job_launch.preexec),
     )
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_worker(then: Callable[[], None] | None) -> Callable[[], None]:
+    """A preexec function that has the kernel kill the jail (firejail, whose death takes the jail
+    with it) when the worker dies: a server that ignores the end of its input must not outlive
+    the worker that would have stopped it. Then `then` (an unjailed run's limits)."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls into it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the worker died before the line above
+            os._exit(1)
+        if then is not None:
+            then()
+
+    return preexec
 
 
 class JailedServer:

@@ -13,6 +13,7 @@ from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset
 from spider.jobs.conversations import TOOL_CALL
+from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
 from spider.settings import Settings
@@ -99,6 +100,22 @@ def call_tool(job_id: str, call_id: str, name: str, arguments: dict) -> None:
     usercode.run_tool_call(context(), sandbox_pool(), job_id, call_id, name, arguments)
 
 
+# An MCP stage may first build the job's venv (up to 600 s), start its server (60 s), then wait
+# for the server (MCPServerConfig.timeout_s, at most 3600 s).
+@celery_app.task(name="spider.mcp_list", time_limit=4500, soft_time_limit=4450)
+def mcp_list(job_id: str, server: str, reply_id: str) -> None:
+    from spider.jobs import mcp
+
+    mcp.list_tools(context(), sandbox_pool(), job_id, server, reply_id)
+
+
+@celery_app.task(name="spider.mcp_call", time_limit=4500, soft_time_limit=4450)
+def mcp_call(job_id: str, server: str, reply_id: str, tool: str, arguments: dict) -> None:
+    from spider.jobs import mcp
+
+    mcp.call_tool(context(), sandbox_pool(), job_id, server, reply_id, tool, arguments)
+
+
 # Every stage a job can dispatch: its task and the queue of the workers that run it.
 STAGES = {
     dataset.PLAN: (plan_job, "control"),
@@ -107,4 +124,6 @@ STAGES = {
     dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
     dataset.FINALIZE: (finalize_job, "control"),
     TOOL_CALL: (call_tool, "sandbox"),
+    MCP_LIST: (mcp_list, "sandbox"),
+    MCP_CALL: (mcp_call, "sandbox"),
 }
