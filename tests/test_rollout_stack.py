@@ -133,3 +133,35 @@ def test_simulated_user_on_another_provider(stack, tiny_model, tmp_path):
         roles = [m["role"] for m in record["messages"] if m["role"] != "system"]
         assert roles == ["user", "assistant"] * 3, roles
         assert record["stop_reason"] == "max_user_turns" and record["tools"] is None
+
+
+def test_an_mcp_servers_tools_are_called_in_the_jail(stack, tmp_path):
+    from tests.test_mcp import MCP_PACKAGES, toolbox
+
+    config = make_config(
+        stack.url, ALICE, SMOLLM2_135M_INSTRUCT, "vllm",
+        **{"source.split": "train[0:2]", "model.parameters": {"max_model_len": 2048, "dtype": "bfloat16"},
+           "generation.mcp_servers": [toolbox(timeout_s=30).model_dump(exclude_none=True)],
+           "generation.tool_choice": "whoami", "generation.max_tool_turns": 1,
+           "generation.parameters": {"temperature": 0.0, "max_tokens": 48},
+           "runtime.packages": MCP_PACKAGES},
+    )
+    records = run(config, [], tmp_path)
+    assert len(records) == 2
+    for record in records:
+        assert "whoami" in [t["function"]["name"] for t in record["tools"]] and "add" in [t["function"]["name"] for t in record["tools"]]
+        result = next(m for m in record["messages"] if m["role"] == "tool")
+        seen = json.loads(result["content"])
+        assert seen["hostname"] == "spider-sandbox" and seen["uid"] != 0
+        assert record["tool_errors"] == 0
+
+
+def test_a_remote_mcp_server_needs_the_network_opt_in(stack):
+    import httpx
+
+    config = make_config(stack.url, ALICE, SMOLLM2_135M_INSTRUCT, "vllm",
+                         **{"generation.mcp_servers": [{"name": "remote", "url": "https://mcp.example.com/mcp"}]})
+    body = config.job.model_dump(mode="json", exclude_unset=True)
+    body["source"]["dataset"] = "org/data"
+    response = httpx.post(f"{stack.url}/v1/jobs", json={"job": body}, headers={"Authorization": f"Bearer {ALICE}"})
+    assert response.status_code == 422 and "runtime.network" in response.json()["detail"]

@@ -141,7 +141,10 @@ class SpiderClient:
         return spec
 
     def _bundle(self) -> str | None:
-        if not (self.pre_processor or self.post_processor or self.tools):
+        # A job with stdio MCP servers runs them in its sandbox, which opens from a bundle (even an
+        # empty one): it carries the Python version the sandbox checks.
+        stdio_mcp = self.config is not None and any(s.command for s in self.config.job.generation.mcp_servers)
+        if not (self.pre_processor or self.post_processor or self.tools or stdio_mcp):
             return None
         from spider.bundle import build_bundle
 

@@ -107,7 +107,7 @@ def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: str | None
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
+                "arguments": _closed(f.get("parameters") or {"type": "object"}),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -115,6 +115,14 @@ def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: str | None
         for f in functions
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The arguments' schema with no keys beyond the declared ones (unless it says otherwise): a
+    constrained model writes the call and stops, instead of inventing keys."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 def constrained_call(completion: Completion) -> None:

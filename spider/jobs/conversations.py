@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from spider.config import JobConfig
+from spider.jobs.mcp import job_mcp_tools
 from spider.jobs.stages import Context
 from spider.rollouts.conversation import Policy
+from spider.rollouts.mcp import combine_tools
 from spider.rollouts.multi_turn import conversation_records
 from spider.rollouts.parsers import ReasoningParser, ToolCallParser, default_tool_parser
 from spider.rollouts.tools import SandboxTools
@@ -65,10 +67,11 @@ async def batch_records(
         spec = generation.user
         user = SimulatedUser(user_engine, sampling_params(spec.parameters), spec.prompt, spec.max_turns, spec.stop_phrase)
     aredis = aioredis.Redis.from_url(ctx.settings.redis_url, decode_responses=True)
+    mcp_tools = None
     try:
-        tools = None
+        own = None
         if schemas:
-            tools = SandboxTools(
+            own = SandboxTools(
                 schemas,
                 send=lambda call_id, name, arguments: ctx.dispatch(TOOL_CALL, job_id, call_id, name, arguments),
                 aredis=aredis,
@@ -76,6 +79,11 @@ async def batch_records(
                 timeout_s=generation.tool_timeout_s,
                 max_output_chars=generation.max_tool_output_chars,
             )
-        return await conversation_records(job_id, config, rows, make_policy(config, engine, schemas), tools, user)
+        mcp_tools = await job_mcp_tools(ctx, job_id, config, aredis)  # None without mcp_servers
+        tools = combine_tools({"the job's own tools (add_tool)": own, "MCP": mcp_tools}, generation.max_tool_output_chars)
+        policy = make_policy(config, engine, tools.schemas if tools is not None else [])
+        return await conversation_records(job_id, config, rows, policy, tools, user)
     finally:
+        if mcp_tools is not None:
+            await mcp_tools.aclose()
         await aredis.aclose()

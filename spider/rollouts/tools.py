@@ -125,9 +125,15 @@ class SandboxTools(CheckedTools):
         return list(await asyncio.gather(*(self._answer(reply) for reply in ids)))
 
     async def _answer(self, reply: str) -> ToolAnswer:
-        got = await self.aredis.blpop([self.reply_key(reply)], timeout=self.timeout_s)
-        if got is None:
-            return ToolAnswer(f"error: the tool did not answer within {self.timeout_s:g} s", error="timeout")
+        # Waited for in short slices: a client's socket timeout (5 s by default in redis-py) must
+        # never end a long tool call.
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        got = None
+        while got is None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return ToolAnswer(f"error: the tool did not answer within {self.timeout_s:g} s", error="timeout")
+            got = await self.aredis.blpop([self.reply_key(reply)], timeout=max(0.1, min(2.0, left)))
         data = json.loads(got[1])
         error = data.get("error")
         if error:
