@@ -635,3 +635,15 @@ def test_backoff_is_jittered_exponential_and_respects_retry_after():
 def test_openai_refuses_unknown_parameters():
     with pytest.raises(EngineError, match="max_concurency"):
         OpenAIEngine("m", {"max_concurency": 2})
+
+
+def test_greedy_samples_are_asked_once_and_repeated(scripted):
+    """Endpoints such as vLLM's refuse n > 1 without sampling: greedy duplications still work."""
+    engine = OpenAIEngine("m", {"base_url": scripted.url})
+    result = engine.generate([ask("greedy", n=3)], GREEDY)[0]
+    assert scripted.bodies[-1]["n"] == 1
+    assert result.error is None and len(result.completions) == 3
+    assert len({c.text for c in result.completions}) == 1
+    sampled = engine.generate([ask("sampled", n=3)], SAMPLED)[0]
+    assert scripted.bodies[-1]["n"] == 3 and len(sampled.completions) == 3
+    engine.close()

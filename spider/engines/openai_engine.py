@@ -13,6 +13,7 @@ the request and says so on each result; they are never dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import logging
@@ -160,7 +161,9 @@ class OpenAIEngine(Engine):
         body: dict[str, Any] = {
             "model": self.name,
             "messages": [_wire_message(m) for m in request.messages],
-            "n": request.n,
+            # Greedy samples of one prompt are all the same (and servers such as vLLM's refuse n > 1
+            # without sampling): one is asked for and repeated.
+            "n": 1 if params.temperature == 0 else request.n,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -205,7 +208,7 @@ class OpenAIEngine(Engine):
                 problem, wait = f"{type(exc).__name__}: {exc}", None
             else:
                 if response.status_code == 200:
-                    return _parse(request, response)
+                    return _repeat_greedy(_parse(request, response), request.n if params.temperature == 0 else 1)
                 detail = _detail(response)
                 if response.status_code in FATAL_STATUSES:
                     refused.set()
@@ -283,6 +286,15 @@ def _parse(request: GenerationRequest, response: httpx.Response) -> GenerationRe
     except (ValueError, KeyError, TypeError) as exc:
         return GenerationResult(request.key, error=f"unreadable response ({exc}): {response.text[:500]}")
     return GenerationResult(request.key, completions=completions)
+
+
+def _repeat_greedy(result: GenerationResult, n: int) -> GenerationResult:
+    if n > 1 and len(result.completions) == 1:
+        one = result.completions[0]
+        result.completions = [one] + [
+            dataclasses.replace(one, token_ids=list(one.token_ids), tool_calls=list(one.tool_calls)) for _ in range(n - 1)
+        ]
+    return result
 
 
 def _sampled_tokens(data: dict[str, Any] | None) -> tuple[list[int], list[float] | None]:
