@@ -220,3 +220,21 @@ def test_conversations_waiting_on_tools_do_not_hold_the_engine(vllm):
     assert all(r.tool_calls == 1 for r in results)
     # Twelve conversations with a 0.5 s tool each: far less than twelve tool waits end to end.
     assert elapsed < 12 * 0.5, elapsed
+
+
+def test_reasoning_is_split_into_reasoning_content(vllm, tiny_model):
+    from transformers import AutoTokenizer
+
+    from spider.rollouts.parsers import ReasoningParser
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    reasoning = ReasoningParser("deepseek_r1", tokenizer)
+    assert reasoning.split("<think>Paris is in France.</think>The capital is Paris.") == (
+        "Paris is in France.", "The capital is Paris.")
+    forced = Forced(vllm, ["<think>Two and two.</think>Four."])
+    trajectory = run(vllm, run_conversation("r7", [Message("user", "2 + 2?")],
+                                            policy(forced, vllm.tokenizer, reasoning=reasoning)))
+    answer = trajectory.messages[-1]
+    assert answer.reasoning_content == "Two and two." and answer.content == "Four."
+    assert answer.to_openai()["reasoning_content"] == "Two and two."
