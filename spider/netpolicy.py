@@ -126,15 +126,19 @@ def guarded_transport(allowed_hosts: tuple[str, ...], **kwargs: Any):
             self.inner.sleep(seconds)
 
     transport = httpx.HTTPTransport(**kwargs)
-    limits = kwargs.get("limits") or httpx.Limits()
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=transport._pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardedBackend(),
-    )
+    transport._pool = httpcore.ConnectionPool(**_pool_options(transport, kwargs.get("limits") or httpx.Limits()),
+                                              network_backend=GuardedBackend())
     return transport
+
+
+def _pool_options(transport: Any, limits: Any) -> dict[str, Any]:
+    """The connection-pool settings of an httpx transport, to rebuild its pool around a guarded backend."""
+    return {
+        "ssl_context": transport._pool._ssl_context,
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+    }
 
 
 class ResponseTooLarge(SpiderError):
@@ -194,14 +198,8 @@ def guarded_async_transport(
             await self.inner.sleep(seconds)
 
     transport = http.AsyncHTTPTransport(**kwargs)
-    limits = kwargs.get("limits") or http.Limits()
-    transport._pool = core.AsyncConnectionPool(
-        ssl_context=transport._pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardedAsyncBackend(),
-    )
+    transport._pool = core.AsyncConnectionPool(**_pool_options(transport, kwargs.get("limits") or http.Limits()),
+                                               network_backend=GuardedAsyncBackend())
     if max_response_bytes is None:
         return transport
 

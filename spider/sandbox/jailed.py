@@ -356,6 +356,16 @@ class Server:
         return answer
 
 
+def become_job_user(config):
+    """Switch to the job's user, into its scratch dir, and only then take its environment
+    (firejail's own variables go; the job's may name LD_PRELOAD & co., harmless from here on)."""
+    if config.get("uid") is not None:
+        drop_privileges(config["uid"], config["gid"])
+    os.chdir(config["scratch"])
+    os.environ.clear()
+    os.environ.update(config["env"])
+
+
 def drop_privileges(uid, gid):
     os.setgroups([])
     os.setgid(gid)
@@ -534,11 +544,7 @@ def run_mcp_server():
     if server is None:
         return 2
     try:
-        if config.get("uid") is not None:
-            drop_privileges(config["uid"], config["gid"])
-        os.chdir(config["scratch"])
-        os.environ.clear()
-        os.environ.update(config["env"])
+        become_job_user(config)
         os.environ.update(server["env"])
         os.environ["VIRTUAL_ENV"] = config["venv"]
         import shutil
@@ -579,12 +585,7 @@ def main():
     if config is None:
         return 2
     try:
-        if config.get("uid") is not None:
-            drop_privileges(config["uid"], config["gid"])
-        os.chdir(config["scratch"])
-        # Only now, as the job's user: its environment (firejail's own variables go) and its venv.
-        os.environ.clear()
-        os.environ.update(config["env"])
+        become_job_user(config)
         if config.get("egress_socket"):
             use_egress_proxy(config["egress_socket"])
         sys.executable = os.path.join(config["venv"], "bin", "python")
