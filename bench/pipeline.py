@@ -2,9 +2,13 @@
 -> rollout worker -> shards -> merge) against calling the same engine in-process on the same rows.
 
 Both sides use the same engine kind, model, rows, batch size and sampling; both are warmed first
-(the engine is loaded before timing). Prints the ratio stack / in-process.
+(the engine is loaded before timing). Only one engine is alive at a time: the in-process side runs
+in a child process that exits when it has timed its pass, and the rollout worker (which keeps its
+engine) is stopped after each stack pass and started again before the next. The repeats of the two
+sides are interleaved (the order alternating); prints the medians, their spread and the ratio
+stack / in-process.
 
-    python bench/pipeline.py [--provider vllm|hf] [--rows 128] [--batch 16] [--max-tokens 32]
+    python bench/pipeline.py [--provider vllm|hf] [--rows 128] [--batch 16] [--max-tokens 32] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,12 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spider.client import SpiderClient  # noqa: E402
 from spider.config import AppConfig  # noqa: E402
-from spider.engines import load_engine, sampling_params  # noqa: E402
-from spider.jobs.dataset import BatchRow, build_requests  # noqa: E402
-from spider.local import LocalStack  # noqa: E402
-from spider.testing import build_tiny_model  # noqa: E402
+
+ROLLOUT_WORKER = "worker-rollout"
 
 
 def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, batch: int, max_tokens: int) -> AppConfig:
@@ -40,20 +44,40 @@ def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, 
 
 
 def in_process(config: AppConfig, questions: list[str]) -> tuple[float, int]:
+    """Batch after batch on an engine loaded in this process (run in the child)."""
+    from spider.engines import load_engine, sampling_params
+    from spider.rollouts.single_turn import build_requests
+    from spider.types import BatchRow
+
     job = config.job
     engine = load_engine(job.model)
-    rows = [BatchRow(index=i, prompt=q, data={}) for i, q in enumerate(questions)]
-    engine.generate(build_requests(job, rows[:2]), sampling_params(job.generation.parameters))  # warm
-    started = time.perf_counter()
-    tokens = 0
-    size = job.generation.max_batch_size
-    for first in range(0, len(rows), size):
-        for result in engine.generate(build_requests(job, rows[first : first + size]), sampling_params(job.generation.parameters)):
-            tokens += sum(c.usage.completion_tokens for c in result.completions)
-    return time.perf_counter() - started, tokens
+    try:
+        rows = [BatchRow(index=i, prompt=q, data={}) for i, q in enumerate(questions)]
+        params = sampling_params(job.generation.parameters)
+        engine.generate(build_requests(job, rows[:2]), params)  # warm
+        started = time.perf_counter()
+        tokens = 0
+        size = job.generation.max_batch_size
+        for first in range(0, len(rows), size):
+            for result in engine.generate(build_requests(job, rows[first : first + size]), params):
+                tokens += sum(c.usage.completion_tokens for c in result.completions)
+        return time.perf_counter() - started, tokens
+    finally:
+        engine.close()
+
+
+def in_child(args: argparse.Namespace, work: Path) -> tuple[float, int]:
+    """One in-process pass in a fresh interpreter, so its engine is gone when it returns."""
+    argv = [sys.executable, __file__, "--child", str(work), "--provider", args.provider, "--rows", str(args.rows),
+            "--batch", str(args.batch), "--max-tokens", str(args.max_tokens)]
+    out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["seconds"], result["tokens"]
 
 
 def through_stack(config: AppConfig) -> tuple[float, int]:
+    from spider.client import SpiderClient
+
     with SpiderClient(config=config) as client:
         started = time.perf_counter()
         job_id = client.submit_job()["job_id"]
@@ -63,33 +87,69 @@ def through_stack(config: AppConfig) -> tuple[float, int]:
     return elapsed, int(status["progress"]["completion_tokens"])
 
 
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(values))} (range {fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--provider", default="vllm", choices=["vllm", "hf"])
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: one in-process pass
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+    if args.child is not None:
+        config = make_config("http://unused", args.child / "tiny", args.provider, args.child / "prompts.jsonl",
+                             args.rows, args.batch, args.max_tokens)
+        questions = [json.loads(line)["question"] for line in (args.child / "prompts.jsonl").read_text().splitlines()]
+        seconds, tokens = in_process(config, questions)
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+        return
+
+    from spider.local import LocalStack
+    from spider.testing import build_tiny_model
+
     work = Path(tempfile.mkdtemp(prefix="spider-bench-"))
+    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs (and the child) may load the model folder from here
     model = build_tiny_model(work / "tiny")
     questions = [f"Question {i}: what is {i} plus {i}?" for i in range(args.rows)]
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
 
+    local_runs: list[tuple[float, int]] = []
+    stack_runs: list[tuple[float, int]] = []
     with LocalStack(env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}) as stack:
         config = make_config(stack.url, model, args.provider, prompts, args.rows, args.batch, args.max_tokens)
         warm = make_config(stack.url, model, args.provider, prompts, 2, args.batch, 4)
-        through_stack(warm)  # load the engine in the rollout worker
-        stack_s, stack_tokens = through_stack(config)
-    local_s, local_tokens = in_process(config, questions)
+        stack.kill(ROLLOUT_WORKER, signal.SIGTERM)  # no engine in the stack while the child runs
+        for repeat in range(args.repeats):
+            for side in (("local", "stack") if repeat % 2 == 0 else ("stack", "local")):
+                if side == "local":
+                    local_runs.append(in_child(args, work))
+                else:
+                    stack.restart(ROLLOUT_WORKER)
+                    through_stack(warm)  # load the engine in the rollout worker
+                    stack_runs.append(through_stack(config))
+                    stack.kill(ROLLOUT_WORKER, signal.SIGTERM)
+                seconds, tokens = (local_runs if side == "local" else stack_runs)[-1]
+                print(f"  repeat {repeat} {side:5s}: {seconds:6.2f} s  {tokens} tokens", flush=True)
 
-    print(f"provider={args.provider} rows={args.rows} batch={args.batch} max_tokens={args.max_tokens}")
-    print(f"in-process engine : {local_s:7.2f} s  {local_tokens} tokens  {local_tokens / local_s:8.0f} tok/s")
-    print(f"through the stack : {stack_s:7.2f} s  {stack_tokens} tokens  {stack_tokens / stack_s:8.0f} tok/s")
-    print(f"stack / in-process wall time: {stack_s / local_s:.2f}x "
-          f"(overhead {1000 * (stack_s - local_s) / (args.rows / args.batch):.0f} ms per batch)")
+    local_s = [s for s, _ in local_runs]
+    stack_s = [s for s, _ in stack_runs]
+    ratios = [s / l for s, l in zip(stack_s, local_s)]
+    batches = args.rows / args.batch
+    print(f"provider={args.provider} rows={args.rows} batch={args.batch} max_tokens={args.max_tokens} repeats={args.repeats}")
+    print(f"in-process engine : {spread(local_s)} s  tokens {[t for _, t in local_runs]}  "
+          f"{statistics.median(t / s for s, t in local_runs):.0f} tok/s")
+    print(f"through the stack : {spread(stack_s)} s  tokens {[t for _, t in stack_runs]}  "
+          f"{statistics.median(t / s for s, t in stack_runs):.0f} tok/s")
+    print(f"stack / in-process wall time: {spread(ratios)}x (per repeat {[round(r, 3) for r in ratios]}); "
+          f"ratio of medians {statistics.median(stack_s) / statistics.median(local_s):.3f}x; overhead "
+          f"{1000 * (statistics.median(stack_s) - statistics.median(local_s)) / batches:.0f} ms per batch")
 
 
 if __name__ == "__main__":
