@@ -22,11 +22,6 @@ from spider.types import ENDING_KINDS, Event
 log = logging.getLogger(__name__)
 
 
-def _id_tuple(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 class EventBus:
     """Publishes and reads a job's events. `history` caps the stored events per job; `ended_ttl`
     (seconds, None for never) is how long the history of an ended job is kept."""
@@ -131,13 +126,14 @@ async def follow(
                 if not finished:
                     yield None
                 continue
-            event = Event(**json.loads(message["data"]))
-            if last is not None and _id_tuple(event.id) <= _id_tuple(last):
-                continue
-            last = event.id
-            yield event
-            if event.kind in ENDING_KINDS:
-                return
+            # A live message only says that something was published: what it was, and in which
+            # order, is read from the stream, so a follower sees exactly the history's order even
+            # when several processes publish at once.
+            for event in await _history(client, stream, job_id, last):
+                last = event.id
+                yield event
+                if event.kind in ENDING_KINDS:
+                    return
         for event in await _history(client, stream, job_id, last):
             yield event
     finally:

@@ -45,7 +45,13 @@ def pick(option: Literal["first", "second"]) -> str:
     return f"picked {option}"
 
 
-SCHEMAS = [tool_spec(get_weather).to_openai(), tool_spec(add).to_openai(), tool_spec(pick).to_openai()]
+def fail(reason: str) -> str:
+    """Always fails."""
+    raise ValueError(f"failed on purpose: {reason}")
+
+
+SCHEMAS = [tool_spec(get_weather).to_openai(), tool_spec(add).to_openai(), tool_spec(pick).to_openai(),
+           tool_spec(fail).to_openai()]
 # What the tiny random model may be made to call: arguments from a closed set (it never ends a
 # free string or number on its own).
 CLOSED = [SCHEMAS[0], SCHEMAS[2]]
@@ -57,7 +63,7 @@ class PythonTools(CheckedTools):
 
     def __init__(self, delay_s: float = 0.0, max_output_chars: int = 10_000, schemas=SCHEMAS):
         super().__init__(schemas, max_output_chars)
-        self.functions = {"get_weather": get_weather, "add": add, "pick": pick}
+        self.functions = {"get_weather": get_weather, "add": add, "pick": pick, "fail": fail}
         self.delay_s = delay_s
         self.calls: list[ToolCall] = []
 
@@ -153,7 +159,7 @@ def test_every_malformed_call_gets_its_tool_message_and_the_conversation_goes_on
         '<tool_call>{"name": "mul", "arguments": {"a": 1}}</tool_call>',          # unknown tool
         '<tool_call>{"name": "add", "arguments": {"a": 1, "b": </tool_call>',     # not JSON
         '<tool_call>{"name": "add", "arguments": {"a": "x", "b": 2}}</tool_call>',  # against the schema
-        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2, "c": 3}}</tool_call>',  # the tool raises
+        '<tool_call>{"name": "fail", "arguments": {"reason": "x"}}</tool_call>',  # the tool raises
         "All done.",
     ]
     tools = PythonTools()
@@ -164,7 +170,7 @@ def test_every_malformed_call_gets_its_tool_message_and_the_conversation_goes_on
     assert "no tool named 'mul'" in answers[0]
     assert "could not be read" in answers[1] and "not JSON" in answers[1]
     assert "do not match its schema" in answers[2]
-    assert "TypeError" in answers[3]
+    assert "ValueError: failed on purpose" in answers[3]
     assert trajectory.messages[-1].content == "All done." and trajectory.stop_reason == "answered"
 
 

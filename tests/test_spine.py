@@ -279,7 +279,7 @@ def test_bad_rows_become_error_records_and_the_job_goes_on(stack, tiny_model, tm
     assert [r["row_index"] for r in records] == [0, 1, 2, 3, 4]
     failed = {r["row_index"]: r["error"] for r in records if r["error"]}
     assert set(failed) == {1, 3}
-    assert "is a NoneType, not text" in failed[1]["message"] and "is a list, not text" in failed[3]["message"]
+    assert "is a NoneType: give text" in failed[1]["message"] and "is a list: give text" in failed[3]["message"]
     assert all(r["completion"] for r in records if not r["error"])
     warnings = [e for e in events if e.kind == "batch.row_errors"]
     assert warnings and warnings[0].level == "warning" and warnings[0].data["row_errors"] == 2

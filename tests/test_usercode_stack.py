@@ -1,6 +1,6 @@
 """User code through the real stack: processors and tools shipped from a user's project folder run
-on the sandbox worker under firejail; secrets reach only their own job's code; a job with tools is
-refused at submit until conversation rollouts offer them to the model."""
+on the sandbox worker under firejail; secrets reach only their own job's code; a job's tool answers calls on the sandbox queue.
+(Jobs whose models call their tools: tests/test_rollout_stack.py.)"""
 
 from __future__ import annotations
 
@@ -57,21 +57,14 @@ def test_processors_from_a_users_project_shape_the_dataset(firejail, stack, tiny
 
 
 @pytest.fixture(scope="module")
-def refused_tool_job(stack, tiny_model, tmp_path_factory):
-    """What the user's script met submitting a job with a tool: the refusal, the job and its bundle."""
+def tool_job(stack, tiny_model, tmp_path_factory):
+    """A job with a tool as the user's script builds it from its folder: its config and bundle."""
     return run_script(stack, tiny_model, tmp_path_factory.mktemp("tool") / "tool", "tool")
 
 
-def test_a_job_with_tools_is_refused_at_submit(stack, refused_tool_job):
-    # Until conversation rollouts offer tools to the model, accepting them would ignore them silently.
-    assert refused_tool_job["status"] == 422
-    detail = refused_tool_job["detail"]
-    assert "'lookup_capital'" in detail and "add_tool" in detail and "does not offer tools" in detail
-
-
 def store_job(stack, config: dict, bundle: bytes, secrets: dict[str, str]) -> str:
-    """Store a job as the API does (record, secrets, bundle and manifest) without queueing it: the
-    API refuses jobs with tools, and their tools are still served by the sandbox queue."""
+    """Store a job as the API does (record, secrets, bundle and manifest) without queueing it, so its
+    tool is called by the test alone."""
     import redis
 
     from spider.api.app import owner_of
@@ -87,11 +80,11 @@ def store_job(stack, config: dict, bundle: bytes, secrets: dict[str, str]) -> st
     return job_id
 
 
-def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(firejail, stack, refused_tool_job):
+def test_a_tool_runs_on_the_sandbox_queue_and_answers_the_caller(firejail, stack, tool_job):
     import base64
 
-    bundle = base64.b64decode(refused_tool_job["bundle"])
-    job_id = store_job(stack, refused_tool_job["job"], bundle, {"SECRET_B": "beta-secret"})
+    bundle = base64.b64decode(tool_job["bundle"])
+    job_id = store_job(stack, tool_job["job"], bundle, {"SECRET_B": "beta-secret"})
     app = make_celery(Settings(redis_url=stack.redis_url))
 
     def send(job, call_id, name, arguments):

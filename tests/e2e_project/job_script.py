@@ -2,9 +2,9 @@
 
 Usage: python job_script.py URL API_KEY MODEL_DIR OUT_JSON MODE
 MODE `dataset`: a job with a pre- and post-processor, waited for and downloaded.
-MODE `tool`: a job with a tool, which the server refuses at submit (until conversation rollouts
-offer tools to the model); writes the refusal, the job's config and its bundle, so that a test can
-store such a job itself and call its tool through the sandbox queue.
+MODE `tool`: a job with a tool, not submitted: writes the job's config and its bundle (as the
+client builds it from this folder), so that a test can store the job itself and call its tool
+through the sandbox queue.
 """
 
 import base64
@@ -16,7 +16,6 @@ from formatting import format_question, keep, visible_env
 from spider.client import SpiderClient
 from spider.bundle import build_bundle
 from spider.config import AppConfig
-from spider.errors import APIError
 
 url, api_key, model, out, mode = sys.argv[1:6]
 
@@ -65,15 +64,10 @@ with SpiderClient(config=config, env=secret, pre_processor=pre if mode == "datas
                   post_processor=post if mode == "dataset" else None) as client:
     if mode == "tool":
         spec = client.add_tool(lookup_capital)
-        try:
-            client.submit_job()
-            sys.exit("the server accepted a job with tools")
-        except APIError as exc:
-            bundle = build_bundle(tools=[(lookup_capital, spec)])
-            answer = {"status": exc.status_code, "detail": exc.detail, "job": config.job.model_dump(mode="json"),
-                      "bundle": base64.b64encode(bundle).decode()}
-            json.dump(answer, open(out + ".job.json", "w"))
-            sys.exit(0)
+        bundle = build_bundle(tools=[(lookup_capital, spec)])
+        answer = {"job": config.job.model_dump(mode="json"), "bundle": base64.b64encode(bundle).decode()}
+        json.dump(answer, open(out + ".job.json", "w"))
+        sys.exit(0)
     job_id = client.submit_job()["job_id"]
     status = client.poll_job(job_id, on_event=lambda e: None)
     if status["status"] != "completed":
