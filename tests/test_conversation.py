@@ -162,7 +162,7 @@ def test_every_malformed_call_gets_its_tool_message_and_the_conversation_goes_on
         '<tool_call>{"name": "fail", "arguments": {"reason": "x"}}</tool_call>',  # the tool raises
         "All done.",
     ]
-    tools = PythonTools()
+    tools = PythonTools(schemas=[SCHEMAS[1], SCHEMAS[3]])  # add, fail: the prompt stays in the tiny model's context
     trajectory = run(vllm, run_conversation("r2", [Message("user", "go")], policy(Forced(vllm, turns), vllm.tokenizer),
                                             tools, limits=Limits(max_tool_turns=8)))
     answers = [m.content for m in trajectory.messages if m.role == "tool"]
