@@ -54,7 +54,10 @@ def test_vllm_job_end_to_end(stack, tiny_model, tmp_path):
     assert kinds[0] == "job.queued" and kinds[-1] == "job.completed"
     assert kinds.count("batch.completed") == 4  # ceil(10 / 3)
     progress = [e.data for e in events if e.kind == "batch.completed"]
-    assert sorted(p["rows_done"] for p in progress) == [3, 6, 9, 10]
+    # Batches run concurrently and may finish in any order: each adds its own rows to the count.
+    done = sorted(p["rows_done"] for p in progress)
+    assert done[-1] == 10
+    assert sorted(b - a for a, b in zip([0, *done], done)) == [1, 3, 3, 3]
     assert all(p["rows_total"] == 10 and p["completion_tokens"] > 0 for p in progress)
     metadata = json.loads(path.with_name(path.stem + ".metadata.json").read_text())
     assert metadata["counts"]["records"] == 20 and metadata["counts"]["rows"] == 10
