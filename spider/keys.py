@@ -51,6 +51,14 @@ class Keys:
         """The pub/sub channel of the job's live events."""
         return f"{self.prefix}:live:{checked_job_id(job_id)}"
 
+    def score_request(self, request_id: str) -> str:
+        """The token sequences a trainer asks the job's teacher (on rollout workers) to score."""
+        return f"{self.prefix}:score-request:{request_id}"
+
+    def score_reply(self, request_id: str) -> str:
+        """The list the teacher's scores are pushed to."""
+        return f"{self.prefix}:score-reply:{request_id}"
+
     def tool_reply(self, call_id: str) -> str:
         """The list a tool call's answer is pushed to."""
         return f"{self.prefix}:tool-reply:{call_id}"

@@ -106,12 +106,11 @@ class WorkerSpec:
     concurrency: int = 4
 
 
-# No worker for the `train` queue (spider.workers.app.QUEUES): it has no tasks until on-policy
-# training exists, and then gets a solo worker like rollout.
 DEFAULT_WORKERS = (
     WorkerSpec("control", "threads", 4),
     WorkerSpec("rollout", "threads", 2),  # two batches in flight on one engine
     WorkerSpec("sandbox", "threads", 4),
+    WorkerSpec("train", "solo", 1),  # one trainer per device, warm between a job's segments
 )
 
 

@@ -186,12 +186,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         record = owned(job_id, owner)
         if record.status != JobStatus.COMPLETED:
             raise HTTPException(409, f"job {job_id} is {record.status}; its result exists once it is completed")
-        fmt = record.config.get("output", {}).get("format", "jsonl")
-        path = JobFiles(settings.data_dir, job_id).result(fmt)
+        files = JobFiles(settings.data_dir, job_id)
+        if is_on_policy(record.config):
+            # A training job's result: the adapter, its metrics and their plot, as one archive.
+            path, media, name = files.archive, "application/gzip", f"{job_id}.tar.gz"
+        else:
+            fmt = record.config.get("output", {}).get("format", "jsonl")
+            media = "application/x-ndjson" if fmt == "jsonl" else "application/vnd.apache.parquet"
+            path, name = files.result(fmt), f"{job_id}.{fmt}"
         if not path.exists():
             raise HTTPException(410, f"the result of job {job_id} is no longer stored")
-        media = "application/x-ndjson" if fmt == "jsonl" else "application/vnd.apache.parquet"
-        return FileResponse(path, media_type=media, filename=f"{job_id}.{fmt}")
+        return FileResponse(path, media_type=media, filename=name)
+
+    @app.get("/v1/jobs/{job_id}/metrics")
+    def metrics(job_id: str, owner: str = Depends(caller)):
+        """A training job's metrics so far, one object per step (metrics.jsonl)."""
+        record = owned(job_id, owner)
+        if not is_on_policy(record.config):
+            raise HTTPException(404, f"job {job_id} is not a training job; it has no training metrics")
+        path = JobFiles(settings.data_dir, job_id).metrics
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {"job_id": job_id, "steps": [json.loads(line) for line in lines if line.strip()]}
 
     @app.get("/v1/jobs/{job_id}/metadata")
     def metadata(job_id: str, owner: str = Depends(caller)):
@@ -202,6 +217,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(paths.hidden(json.loads(path.read_text()), job_id))
 
     return app
+
+
+def is_on_policy(config: dict[str, Any]) -> bool:
+    return bool((config.get("generation") or {}).get("on_policy"))
 
 
 def _sse(event, paths: "ServerPaths") -> str:

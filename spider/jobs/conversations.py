@@ -3,6 +3,7 @@ tool-call and reasoning parsers), the job's tools on the sandbox queue, and its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from spider.config import JobConfig
@@ -46,28 +47,31 @@ def make_policy(config: JobConfig, engine: Any, schemas: list[dict[str, Any]]) -
     return Policy(engine, params, parser, reasoning, return_tokens=generation.return_tokens)
 
 
-async def batch_records(
-    ctx: Context,
-    job_id: str,
-    config: JobConfig,
-    rows: list[BatchRow],
-    manifest: BundleManifest | None,
-    engine: Any,
-    user_engine: Any | None,
-) -> list[Record]:
-    """Run the batch's conversations on the engine loop (this coroutine runs there)."""
-    import redis.asyncio as aioredis
+@dataclass
+class Toolkit:
+    """The tools a job's conversations call: its own (add_tool, on the sandbox queue) and its MCP
+    servers', combined; open on the engine loop, closed there with `await toolkit.aclose()`."""
 
-    from spider.engines import sampling_params
+    tools: Any  # a ToolExecutor, or None when the job has no tools
+    aredis: Any
+    mcp: Any = None
+
+    async def aclose(self) -> None:
+        try:
+            if self.mcp is not None:
+                await self.mcp.aclose()
+        finally:
+            await self.aredis.aclose()
+
+
+async def open_toolkit(ctx: Context, job_id: str, config: JobConfig, manifest: BundleManifest | None) -> Toolkit:
+    """The job's tools (this coroutine runs on the engine loop)."""
+    import redis.asyncio as aioredis
 
     generation = config.generation
     schemas = tool_schemas(manifest)
-    user = None
-    if generation.user is not None and user_engine is not None:
-        spec = generation.user
-        user = SimulatedUser(user_engine, sampling_params(spec.parameters), spec.prompt, spec.max_turns, spec.stop_phrase)
     aredis = aioredis.Redis.from_url(ctx.settings.redis_url, decode_responses=True)
-    mcp_tools = None
+    toolkit = Toolkit(None, aredis)
     try:
         own = None
         if schemas:
@@ -79,11 +83,39 @@ async def batch_records(
                 timeout_s=generation.tool_timeout_s,
                 max_output_chars=generation.max_tool_output_chars,
             )
-        mcp_tools = await job_mcp_tools(ctx, job_id, config, aredis)  # None without mcp_servers
-        tools = combine_tools({"the job's own tools (add_tool)": own, "MCP": mcp_tools}, generation.max_tool_output_chars)
+        toolkit.mcp = await job_mcp_tools(ctx, job_id, config, aredis)  # None without mcp_servers
+        toolkit.tools = combine_tools(
+            {"the job's own tools (add_tool)": own, "MCP": toolkit.mcp}, generation.max_tool_output_chars
+        )
+    except BaseException:
+        await toolkit.aclose()
+        raise
+    return toolkit
+
+
+def simulated_user(config: JobConfig, user_engine: Any | None) -> SimulatedUser | None:
+    from spider.engines import sampling_params
+
+    spec = config.generation.user
+    if spec is None or user_engine is None:
+        return None
+    return SimulatedUser(user_engine, sampling_params(spec.parameters), spec.prompt, spec.max_turns, spec.stop_phrase)
+
+
+async def batch_records(
+    ctx: Context,
+    job_id: str,
+    config: JobConfig,
+    rows: list[BatchRow],
+    manifest: BundleManifest | None,
+    engine: Any,
+    user_engine: Any | None,
+) -> list[Record]:
+    """Run the batch's conversations on the engine loop (this coroutine runs there)."""
+    toolkit = await open_toolkit(ctx, job_id, config, manifest)
+    try:
+        tools = toolkit.tools
         policy = make_policy(config, engine, tools.schemas if tools is not None else [])
-        return await conversation_records(job_id, config, rows, policy, tools, user)
+        return await conversation_records(job_id, config, rows, policy, tools, simulated_user(config, user_engine))
     finally:
-        if mcp_tools is not None:
-            await mcp_tools.aclose()
-        await aredis.aclose()
+        await toolkit.aclose()

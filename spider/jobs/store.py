@@ -304,6 +304,53 @@ class JobFiles:
     def metadata(self) -> Path:
         return self.root / "metadata.json"
 
+    # An on-policy job: its prompts, checkpoints, metrics and the trained adapter.
+
+    @property
+    def train_rows(self) -> Path:
+        """The prompts it trains on and the held-out ones it evaluates on (JSON)."""
+        return self.root / "train" / "rows.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """One folder per checkpoint (`step-000004/`: trainer state + meta.json)."""
+        return self.root / "train" / "checkpoints"
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        """The meta.json of the newest checkpoint, copied here atomically once it is whole."""
+        return self.root / "train" / "latest.json"
+
+    @property
+    def sampler_weights(self) -> Path:
+        """Where the trainer saves the weights each step's sampler reads."""
+        return self.root / "train" / "sampler"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per step (the `train.step` events' data)."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        """The exported PEFT adapter folder (model card, tokenizer, chat template)."""
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        """Merged weights (base + adapter), when the job asked for them."""
+        return self.root / "merged"
+
+    @property
+    def plot(self) -> Path:
+        """The training curves as a PNG."""
+        return self.root / "metrics.png"
+
+    @property
+    def archive(self) -> Path:
+        """What an on-policy job's result download is: adapter, metrics and plot in one .tar.gz."""
+        return self.root / "result.tar.gz"
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write a file so that readers see either nothing or all of it (temp file + rename)."""

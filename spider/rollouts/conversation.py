@@ -46,6 +46,7 @@ class TurnInfo:
     tool_calls: int = 0
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
+    prompt_ids: list[int] | None = None  # what the turn was sampled from (with `return_tokens`)
 
 
 @dataclass
@@ -167,6 +168,7 @@ async def _model_turn(
             tool_calls=len(parsed.tool_calls) + len(parsed.malformed),
             token_ids=list(completion.token_ids) if policy.return_tokens else None,
             logprobs=list(completion.logprobs) if policy.return_tokens and completion.logprobs is not None else None,
+            prompt_ids=list(completion.prompt_ids) if policy.return_tokens and completion.prompt_ids is not None else None,
         )
     )
     return parsed, completion

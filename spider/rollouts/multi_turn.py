@@ -94,6 +94,7 @@ def trajectory_record(trajectory: Trajectory, schemas: list[dict[str, Any]] | No
 
 def _turn(turn: Any) -> dict[str, Any]:
     data = asdict(turn)
+    data.pop("prompt_ids")  # the record holds the messages; the ids are for trainers
     if data["token_ids"] is None:
         data.pop("token_ids")
         data.pop("logprobs")

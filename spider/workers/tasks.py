@@ -11,7 +11,7 @@ import redis
 
 from spider.errors import SpiderError
 from spider.events import EventBus
-from spider.jobs import dataset
+from spider.jobs import dataset, on_policy
 from spider.jobs.conversations import TOOL_CALL
 from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context
@@ -116,6 +116,33 @@ def mcp_call(job_id: str, server: str, reply_id: str, tool: str, arguments: dict
     mcp.call_tool(context(), sandbox_pool(), job_id, server, reply_id, tool, arguments)
 
 
+@celery_app.task(name="spider.on_policy_start", time_limit=1800, soft_time_limit=1700)
+def on_policy_start(job_id: str) -> None:
+    on_policy.start_job(context(), job_id)
+
+
+@celery_app.task(name="spider.on_policy_prepare", time_limit=3600, soft_time_limit=3500)
+def on_policy_prepare(job_id: str) -> None:
+    on_policy.prepare_job(context(), job_id, sandbox_pool())
+
+
+# A segment is a few steps (on_policy_options.steps_per_task); its limit is a backstop well
+# beyond that, still under the broker's visibility timeout.
+@celery_app.task(name="spider.on_policy_train", time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
+def on_policy_train(job_id: str, start_step: int) -> None:
+    on_policy.train_segment(context(), job_id, start_step)
+
+
+@celery_app.task(name="spider.on_policy_score", time_limit=3600, soft_time_limit=3500)
+def on_policy_score(job_id: str, request_id: str) -> None:
+    on_policy.score_sequences(context(), job_id, request_id)
+
+
+@celery_app.task(name="spider.on_policy_finalize", time_limit=3600, soft_time_limit=3500)
+def on_policy_finalize(job_id: str) -> None:
+    on_policy.finalize_job(context(), job_id)
+
+
 # Every stage a job can dispatch: its task and the queue of the workers that run it.
 STAGES = {
     dataset.PLAN: (plan_job, "control"),
@@ -126,4 +153,9 @@ STAGES = {
     TOOL_CALL: (call_tool, "sandbox"),
     MCP_LIST: (mcp_list, "sandbox"),
     MCP_CALL: (mcp_call, "sandbox"),
+    on_policy.START: (on_policy_start, "control"),
+    on_policy.PREPARE: (on_policy_prepare, "sandbox"),
+    on_policy.TRAIN: (on_policy_train, "train"),
+    on_policy.SCORE: (on_policy_score, "rollout"),
+    on_policy.FINALIZE: (on_policy_finalize, "train"),
 }
