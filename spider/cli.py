@@ -33,6 +33,10 @@ def _client(args: argparse.Namespace, config=None):
     return SpiderClient(config=config, base_url=args.url, api_key=args.api_key)
 
 
+def _num(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 class Progress:
     """A live progress line fed by job events: its phase (queued, loading model, generating, then how
     the job ended), rows done, generation tokens/s (model loading is not part of it) and the ETA."""
@@ -44,7 +48,7 @@ class Progress:
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total} rows"),
+            TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
             TextColumn("{task.fields[tps]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
@@ -52,7 +56,7 @@ class Progress:
             transient=False,
             console=Console(stderr=True),
         )
-        self.task = self.bar.add_task(JobStatus.QUEUED, total=None, tps="")
+        self.task = self.bar.add_task(JobStatus.QUEUED, total=None, tps="", unit="rows")
         self.loading = 0  # engines being loaded for the job right now
         self.generated = False  # whether a batch has completed
 
@@ -70,10 +74,31 @@ class Progress:
     def _generating(self) -> str:
         return "loading model" if self.loading and not self.generated else "generating"
 
+    def _training(self) -> str:
+        return "loading model" if self.loading and not self.generated else "training"
+
     def __call__(self, event) -> None:
         data = event.data
-        if event.kind == EventKind.JOB_PLANNED:
+        if event.kind == EventKind.JOB_PLANNED and "steps" in data:  # a training job counts steps
+            self.bar.update(self.task, total=data["steps"], unit="steps", description=self._training())
+        elif event.kind == EventKind.JOB_PLANNED:
             self.bar.update(self.task, total=data["rows_total"], description=self._generating())
+        elif event.kind == EventKind.TRAIN_STEP:
+            self.generated = True
+            kl = data.get("teacher_kl")
+            shown = f"KL {kl:.3f}" if kl is not None else ""
+            if data.get("eval_teacher_kl") is not None:
+                shown += f" (held-out {data['eval_teacher_kl']:.3f})"
+            self.bar.update(self.task, completed=data["step"], total=data.get("steps_total"), tps=shown,
+                            description=self._training())
+            self.bar.console.print(
+                f"step {data['step']}: teacher KL {_num(kl)}, loss {_num(data.get('loss'))}, "
+                f"lr {_num(data.get('learning_rate'), '.2e')}, grad norm {_num(data.get('grad_norm'))}, "
+                f"{data.get('tokens_trained')} tokens, aligned {_num(data.get('aligned_fraction'), '.1%')}, "
+                f"{_num(data.get('step_s'), '.1f')}s"
+            )
+        elif event.kind == EventKind.TRAIN_EVAL:
+            self.bar.console.print(f"{event.kind}: {event.message}")
         elif event.kind == EventKind.MODEL_LOADING:
             self.loading += 1
             self.bar.update(self.task, description=self._generating())
@@ -132,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if status["status"] != JobStatus.COMPLETED:
             print(f"job {job_id} {status['status']}: {status.get('error') or ''}", file=sys.stderr)
             return 1
-        fmt = config.job.output.format
+        fmt = "tar.gz" if config.job.generation.on_policy else config.job.output.format
         destination = Path(args.output or DEFAULT_OUTPUT.format(job_id=job_id, format=fmt))
         client.download_result(job_id, destination)
         print(f"wrote {destination}", file=sys.stderr)
@@ -264,6 +289,20 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a training job's curves (teacher KL, loss, lr, grad norm, ...) to a PNG."""
+    from spider.train.plot import plot_metrics
+
+    with _server_client(args) as client:
+        steps = client.training_metrics(args.job_id)
+    output = Path(args.output or f"artifacts/{args.job_id}/metrics.png")
+    if plot_metrics(steps, output) is None:
+        print(f"job {args.job_id} has no training steps yet", file=sys.stderr)
+        return 1
+    print(str(output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spider", description="Spider: distillation jobs from one config")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     server_args(p)
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("plot", help="draw a training job's curves to a PNG")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", help="the PNG to write (default artifacts/<job>/metrics.png)")
+    server_args(p)
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

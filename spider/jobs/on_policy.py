@@ -42,7 +42,6 @@ TRAIN = "on_policy.train"
 SCORE = "on_policy.score"
 FINALIZE = "on_policy.finalize"
 
-LEASE_SECONDS = 900  # well under the broker's visibility timeout; renewed every step
 
 
 # -- start --------------------------------------------------------------------------------------
@@ -184,26 +183,46 @@ _warm: dict[str, WarmRun] = {}
 _warm_lock = threading.Lock()
 
 
-def _lease_key(ctx: Context, job_id: str) -> str:
-    return ctx.store.keys.job(job_id, "train-lease")
+class Lease:
+    """Who trains a job now: a Redis key with a TTL well under the broker's visibility timeout, renewed
+    by a thread while the segment runs. A second delivery of a running segment finds it taken and
+    stops; once a dead worker's lease runs out, its redelivered segment takes over."""
 
+    def __init__(self, ctx: Context, job_id: str):
+        self.r = ctx.store.r
+        self.key = ctx.store.keys.job(job_id, "train-lease")
+        self.token = uuid.uuid4().hex
+        self.ttl = max(5, min(900, ctx.settings.visibility_timeout // 2))
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-def _take_lease(ctx: Context, job_id: str, token: str) -> bool:
-    return bool(ctx.store.r.set(_lease_key(ctx, job_id), token, nx=True, ex=LEASE_SECONDS))
+    def take(self) -> bool:
+        if not self.r.set(self.key, self.token, nx=True, ex=self.ttl):
+            return False
+        self._thread = threading.Thread(target=self._renew, name="spider-train-lease", daemon=True)
+        self._thread.start()
+        return True
 
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self.r.get(self.key) != self.token:
+                    self.lost.set()
+                    return
+                self.r.expire(self.key, self.ttl)
+            except Exception:  # Redis unreachable for a moment: try again at the next tick
+                log.warning("could not renew the training lease %s", self.key, exc_info=True)
 
-def _renew_lease(ctx: Context, job_id: str, token: str) -> bool:
-    key = _lease_key(ctx, job_id)
-    if ctx.store.r.get(key) != token:
-        return False
-    ctx.store.r.expire(key, LEASE_SECONDS)
-    return True
-
-
-def _drop_lease(ctx: Context, job_id: str, token: str) -> None:
-    key = _lease_key(ctx, job_id)
-    if ctx.store.r.get(key) == token:
-        ctx.store.r.delete(key)
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if self.r.get(self.key) == self.token:
+                self.r.delete(self.key)
+        except Exception:  # it expires by itself
+            log.warning("could not release the training lease %s", self.key, exc_info=True)
 
 
 @guarded
@@ -213,17 +232,17 @@ def train_segment(ctx: Context, job_id: str, start_step: int) -> None:
     if record.status != JobStatus.RUNNING:
         _forget(job_id)
         return
-    token = uuid.uuid4().hex
-    if not _take_lease(ctx, job_id, token):
+    lease = Lease(ctx, job_id)
+    if not lease.take():
         log.info("job %s: segment %d is being trained by another worker", job_id, start_step)
         return
     try:
-        next_step = _train(ctx, job_id, config, start_step, token)
+        next_step = _train(ctx, job_id, config, start_step, lease)
     except BaseException:
         _forget(job_id)
         raise
     finally:
-        _drop_lease(ctx, job_id, token)
+        lease.release()
     if next_step is None:
         return
     if next_step == "done":
@@ -232,7 +251,7 @@ def train_segment(ctx: Context, job_id: str, start_step: int) -> None:
         ctx.dispatch(TRAIN, job_id, next_step)
 
 
-def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, token: str) -> Any:
+def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease: Lease) -> Any:
     from spider.engines.loop import engine_loop
     from spider.train.loop import on_policy_step, teacher_kl_of
 
@@ -269,8 +288,9 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, token:
             metrics["eval_teacher_kl"] = _evaluate(ctx, job_id, run, step, loop, teacher_kl_of)
         _append_metrics(files, metrics)
         _publish_step(ctx, job_id, metrics)
-        if not _renew_lease(ctx, job_id, token):
-            raise SpiderError(f"step {step}: the training lease of this job was taken by another worker")
+        if lease.lost.is_set():
+            _forget(job_id)
+            return None  # another worker trains this job now; its checkpoints are the ones that count
         if (options.save_every and step % options.save_every == 0) or step == end or _budget_spent(options, tokens):
             save_checkpoint(files, run, step, tokens, keep)
             ctx.bus.publish(job_id, EventKind.TRAIN_CHECKPOINT, f"checkpoint after step {step}", data={"step": step})

@@ -154,6 +154,11 @@ class TrainRun:
             self._sampler = (self.sampler_path, self.backend.sampler(self.sampler_path))
         return self._sampler[1]
 
+    def close_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampler[1].close()
+            self._sampler = None
+
 
 # -- sampling ---------------------------------------------------------------------------------
 
