@@ -6,8 +6,7 @@
     scored   = score_turns(run.teacher, groups)        # teacher log-probs on the student's own tokens
     data     = assemble(scored, kl_penalty_coef, kl_discount_factor)
     for chunk in substeps(data, num_substeps):
-        run.backend.forward_backward(chunk, loss_fn)
-        run.backend.optim_step(adam(step))
+        run.backend.train_step(chunk, loss_fn, adam(step))   # forward_backward + optim_step
     run.sampler_path = run.backend.save_weights_for_sampler(f"step-{step + 1}")
 
 The advantage of a student token is `-kl_penalty_coef * (logp_student - logp_teacher)`: the
@@ -372,9 +371,9 @@ def on_policy_step(run: TrainRun, step: int, loop: Any) -> dict[str, Any]:
     adam = s.adam(step)
     losses, grad_norms = [], []
     for chunk in substeps(assembled, s.num_substeps):
-        out = run.backend.forward_backward(chunk, s.loss_fn, s.loss_fn_config)
+        out, update = run.backend.train_step(chunk, s.loss_fn, adam, s.loss_fn_config)
         losses.append(out.metrics.get("loss:sum", 0.0))
-        grad_norms.append(run.backend.optim_step(adam).metrics.get("grad_norm"))
+        grad_norms.append(update.metrics.get("grad_norm"))
     times["train_s"] = time.perf_counter() - mark
 
     post_kl = None
