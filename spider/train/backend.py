@@ -125,6 +125,14 @@ class TrainingBackend(abc.ABC):
     def optim_step(self, adam: AdamParams) -> OptimStepOutput:
         """One Adam update with the accumulated gradient, which is then cleared."""
 
+    def train_step(
+        self, data: list[Datum], loss_fn: str, adam: AdamParams, loss_fn_config: dict[str, float] | None = None
+    ) -> tuple[ForwardBackwardOutput, OptimStepOutput]:
+        """`forward_backward(data)` then `optim_step(adam)`, in one call: a remote backend submits
+        both before waiting on either, so the update follows the gradient without a round trip."""
+        out = self.forward_backward(data, loss_fn, loss_fn_config)
+        return out, self.optim_step(adam)
+
     @abc.abstractmethod
     def save_state(self, name: str) -> str:
         """Weights + optimizer state, to resume training; returns a path for `load_state`."""

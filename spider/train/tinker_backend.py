@@ -1,0 +1,229 @@
+"""The `tinker` trainer backend: a LoRA of a base model trained on the hosted Tinker service
+through its SDK, with the job's own API key.
+
+Requests on one Tinker training client run in the order they were submitted, so `train_step`
+submits forward_backward and optim_step before waiting on either. Saved weights are tinker://
+paths; `sampler(path)` opens a sampling client on exactly those weights. The tokenizer comes from
+a local model folder (spider.models.resolve_model), never from the hub.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import tinker
+from tinker import types as tt
+
+from spider.engines.tinker_engine import TinkerEngine, load_tokenizer, service_client, tinker_failure
+from spider.errors import EngineError
+from spider.models import ModelAccess
+from spider.train.backend import (
+    LOSS_FNS,
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+    TrainingBackend,
+)
+
+# The per-token inputs each loss reads, besides `target_tokens` (Tinker's names are Spider's).
+LOSS_INPUTS = {
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "cross_entropy": ("weights",),
+}
+TINKER_LORA_ALPHA = 32
+
+
+class TinkerBackend(TrainingBackend):
+    """A LoRA adapter of `base_model` trained by Tinker.
+
+    `secrets` are the job's (`TINKER_API_KEY`); `base_url` None is the SDK's default service.
+    `student_checkpoint`, a tinker:// path from `save_state`, resumes that run (weights and
+    optimizer) instead of starting a fresh adapter. `tokenizer_name` names the local model folder
+    of the tokenizer when it differs from `base_model`. `seed` seeds the adapter's initialization."""
+
+    def __init__(
+        self,
+        base_model: str,
+        secrets: Mapping[str, str] | None,
+        *,
+        base_url: str | None = None,
+        lora: LoraSpec | None = None,
+        seed: int | None = None,
+        student_checkpoint: str | None = None,
+        tokenizer_name: str | None = None,
+        access: ModelAccess | None = None,
+    ):
+        self.base_model = base_model
+        self.lora = lora or LoraSpec()
+        rank = _tinker_rank(self.lora)
+        self._tokenizer_name = tokenizer_name or base_model
+        self._access = access
+        self._base_url = base_url
+        self._service = service_client(secrets, base_url)
+        self._samplers: list[TinkerEngine] = []
+        self._lock = threading.Lock()
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        try:
+            if student_checkpoint is None:
+                future = self._service.create_lora_training_client(base_model, rank=rank, seed=seed)
+            else:
+                future = self._service.create_training_client_from_state_with_optimizer(student_checkpoint)
+            self._training: tinker.TrainingClient = future.result()
+        except tinker.TinkerError as exc:
+            self._service.close("errored", detail=str(exc)).result()
+            raise tinker_failure(exc, f"creating the training run of {base_model!r}") from exc
+        trained = self._training.get_info().model_data.model_name
+        if trained is not None and trained != base_model:
+            self.close()
+            raise EngineError(
+                f"student_checkpoint {student_checkpoint!r} was trained from {trained!r}, not from {base_model!r}; "
+                "resume it with the model it was trained from"
+            )
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward_backward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
+    ) -> ForwardBackwardOutput:
+        future = self._training.forward_backward(tinker_data(data, loss_fn), loss_fn, loss_fn_config)
+        return _forward_backward_output(self._wait(future, f"forward_backward ({loss_fn})"))
+
+    def forward(self, data: list[Datum]) -> list[list[float]]:
+        # Cross-entropy with the data's own weights (zeros when absent): only the log-probs are read.
+        weighted = [d if d.weights is not None else _with_zero_weights(d) for d in data]
+        future = self._training.forward(tinker_data(weighted, "cross_entropy"), "cross_entropy")
+        return _forward_backward_output(self._wait(future, "forward")).logprobs
+
+    def optim_step(self, adam: AdamParams) -> OptimStepOutput:
+        future = self._training.optim_step(_adam(adam))
+        return _optim_step_output(self._wait(future, "optim_step"), adam)
+
+    def train_step(
+        self, data: list[Datum], loss_fn: str, adam: AdamParams, loss_fn_config: dict[str, float] | None = None
+    ) -> tuple[ForwardBackwardOutput, OptimStepOutput]:
+        """Both requests submitted before either is awaited: the update follows the gradient on the
+        service without a round trip in between."""
+        gradient = self._training.forward_backward(tinker_data(data, loss_fn), loss_fn, loss_fn_config)
+        update = self._training.optim_step(_adam(adam))
+        out = _forward_backward_output(self._wait(gradient, f"forward_backward ({loss_fn})"))
+        return out, _optim_step_output(self._wait(update, "optim_step"), adam)
+
+    # -- checkpoints and samplers -----------------------------------------------------------
+
+    def save_state(self, name: str) -> str:
+        return self._wait(self._training.save_state(name), f"saving state {name!r}").path
+
+    def load_state(self, path: str) -> None:
+        """A new training client from the checkpoint (weights and optimizer), which replaces the
+        current one: the SDK's way to resume (its in-place load_state is deprecated)."""
+        future = self._service.create_training_client_from_state_with_optimizer(path)
+        self._training = self._wait(future, f"loading state {path!r}")
+
+    def save_weights_for_sampler(self, name: str) -> str:
+        return self._wait(self._training.save_weights_for_sampler(name), f"saving sampler weights {name!r}").path
+
+    def sampler(self, path: str) -> TinkerEngine:
+        client = self._wait(self._service.create_sampling_client(model_path=path), f"opening a sampler of {path!r}")
+        engine = TinkerEngine(client, path, tokenizer=self.tokenizer)
+        with self._lock:
+            self._samplers.append(engine)
+        return engine
+
+    def tokenizer(self) -> Any:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self._tokenizer_name, self._access)
+            return self._tokenizer
+
+    def info(self) -> dict[str, Any]:
+        info = self._training.get_info()
+        return {
+            "backend": "tinker",
+            "base_model": self.base_model,
+            "model_id": self._training.model_id,
+            "lora_rank": info.lora_rank,
+            "lora_alpha": TINKER_LORA_ALPHA,
+            "base_url": self._base_url,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            samplers, self._samplers = self._samplers, []
+        for engine in samplers:
+            engine.close()
+        self._service.close("success").result()
+
+    def _wait(self, future: Any, what: str) -> Any:
+        try:
+            return future.result()
+        except tinker.TinkerError as exc:
+            raise tinker_failure(exc, what) from exc
+
+
+def tinker_data(data: list[Datum], loss_fn: str) -> list[tt.Datum]:
+    """Spider data as Tinker's: `model_input` as tokens, the loss's per-token inputs as tensors."""
+    if loss_fn not in LOSS_FNS:
+        raise ValueError(f"unknown loss_fn {loss_fn!r}; use one of {', '.join(LOSS_FNS)}")
+    if not data:
+        raise ValueError("forward_backward needs at least one Datum")
+    out = []
+    for index, datum in enumerate(data):
+        n = len(datum.model_input)
+        inputs = {"target_tokens": tt.TensorData(data=list(datum.target_tokens), dtype="int64", shape=[n])}
+        for name in LOSS_INPUTS[loss_fn]:
+            values = getattr(datum, name)
+            if values is None:
+                raise ValueError(f"{loss_fn} needs Datum.{name}; data[{index}] has none")
+            inputs[name] = tt.TensorData(data=[float(v) for v in values], dtype="float32", shape=[n])
+        out.append(tt.Datum(model_input=tt.ModelInput.from_ints(list(datum.model_input)), loss_fn_inputs=inputs))
+    return out
+
+
+def _with_zero_weights(datum: Datum) -> Datum:
+    return Datum(list(datum.model_input), list(datum.target_tokens), weights=[0.0] * len(datum.model_input))
+
+
+def _adam(adam: AdamParams) -> tt.AdamParams:
+    return tt.AdamParams(
+        learning_rate=adam.learning_rate,
+        beta1=adam.beta1,
+        beta2=adam.beta2,
+        eps=adam.eps,
+        weight_decay=adam.weight_decay,
+        grad_clip_norm=adam.grad_clip_norm,
+    )
+
+
+def _forward_backward_output(result: tt.ForwardBackwardOutput) -> ForwardBackwardOutput:
+    logprobs = [[float(v) for v in output["logprobs"].tolist()] for output in result.loss_fn_outputs]
+    return ForwardBackwardOutput(logprobs=logprobs, metrics={k: float(v) for k, v in result.metrics.items()})
+
+
+def _optim_step_output(result: tt.OptimStepResponse, adam: AdamParams) -> OptimStepOutput:
+    """The service's metrics as they come (`grad_norm:mean`), each also under its bare name
+    (`grad_norm`), as the interface names them."""
+    metrics: dict[str, float] = {}
+    for key, value in (result.metrics or {}).items():
+        metrics[key] = float(value)
+        metrics.setdefault(key.split(":", 1)[0], float(value))
+    metrics.setdefault("learning_rate", adam.learning_rate)
+    return OptimStepOutput(metrics=metrics)
+
+
+def _tinker_rank(lora: LoraSpec) -> int:
+    """The LoRA rank Tinker is asked for; what Tinker cannot train is refused here, by name."""
+    if lora.rank is None:
+        raise EngineError("the tinker backend trains LoRA adapters only; set a lora rank")
+    if lora.alpha not in (None, TINKER_LORA_ALPHA):
+        raise EngineError(f"Tinker's LoRA alpha is fixed at {TINKER_LORA_ALPHA}; got alpha {lora.alpha}")
+    if lora.target_modules is not None:
+        raise EngineError("Tinker adapts every linear layer (attention, MLP, unembedding); target_modules cannot be chosen")
+    if lora.dropout:
+        raise EngineError(f"Tinker's LoRA has no dropout; got dropout {lora.dropout}")
+    return lora.rank
