@@ -172,24 +172,215 @@ class GenerationParameters(Strict):
         return [value] if isinstance(value, str) else value
 
 
-class OnPolicyOptions(Strict):
-    """On-policy distillation: the student (`job.model`) samples, the teacher scores every token."""
+TRAINER_BACKENDS = ("local", "tinker")
+# The secret that carries a job's Tinker API key (the client moves `on_policy_options.api_key` there).
+TINKER_KEY_SECRET = "TINKER_API_KEY"
+# The LoRA scale Tinker uses for every adapter; `lora_alpha` cannot change it there.
+TINKER_LORA_ALPHA = 32
+# Held-out prompts when `eval_every` is set and `eval_rows` is not: one batch of them, at most this many.
+DEFAULT_EVAL_ROWS = 32
+MODULE_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,200}$"
 
-    teacher: str = Field(min_length=1)
-    teacher_provider: Literal["tinker", "vllm", "hf"] | None = None
-    api_key: str | None = None
-    learning_rate: float = Field(5e-5, gt=0)
-    groups_per_batch: int = Field(4, ge=1)
-    group_size: int = Field(2, ge=1)
-    max_tokens: int = Field(1024, ge=1)
-    lora_rank: int = Field(16, ge=1)
-    num_substeps: int = Field(1, ge=1)
-    kl_penalty_coef: float = Field(0.1, ge=0)
-    kl_discount_factor: float = Field(0.0, ge=0, le=1)
-    loss_fn: Literal["importance_sampling", "ppo", "cross_entropy"] = "importance_sampling"
-    compute_post_kl: bool = False
-    eval_every: int = Field(0, ge=0)
-    save_every: int = Field(0, ge=0)
+
+class OnPolicyOptions(Strict):
+    """On-policy distillation: the student (`job.model`) samples, the teacher scores every token it
+    sampled, and the student is trained on the per-token reverse KL.
+
+    Defaults follow tinker-cookbook's on-policy distillation recipe
+    (recipes/distillation/on_policy_distillation.py, distillation/train_on_policy.py) and Tinker's
+    own optimizer defaults; a field's description says where Spider's default differs and why.
+    Fields whose default is None are resolved when the job is parsed (`JobConfig`): `backend`,
+    `teacher.provider`, `teacher_in_process` and `eval_rows` are never None in a parsed job.
+    """
+
+    teacher: ModelConfig = Field(
+        description="the teacher model; a bare string is its name. `provider` left out: tinker when the student "
+        "trains on tinker, else the student's own provider (vllm, hf or openai). An openai teacher must return "
+        "prompt log-probs (vLLM's /completions with prompt_logprobs)",
+    )
+    backend: Literal["local", "tinker"] | None = Field(
+        None,
+        description="where the student trains: local (torch + peft on the train worker) or tinker (the hosted "
+        "service). None: tinker when job.model.provider is tinker, else local",
+    )
+    student_checkpoint: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="start from these weights instead of the base model: on the local backend a PEFT adapter folder "
+        "inside SPIDER_MODEL_DIRS (its rank must be lora_rank); on tinker a tinker:// path",
+    )
+    api_key: str | None = Field(
+        None,
+        description="the Tinker API key. SpiderClient moves it into the job's secrets as TINKER_API_KEY before "
+        "submitting (empty: TINKER_API_KEY from the client's env or environment); the server refuses a config "
+        "that still carries it",
+    )
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="peak learning rate (the recipe's 1e-4 for LoRA; it uses 5e-5 for full fine-tuning)"
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warmup: constant (as the recipe), or a linear / cosine decay to 0 at the last step"
+    )
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to learning_rate")
+    groups_per_batch: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="prompts per step. The recipe uses 1024; Spider's sources are often a few hundred rows, where "
+        "1024 would leave a single step",
+    )
+    group_size: int = Field(4, ge=1, le=1024, description="student samples per prompt (the recipe's 4)")
+    max_tokens: int = Field(4096, ge=1, le=1_000_000, description="tokens per student answer (the recipe's 4096)")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="the student's sampling temperature. 1 (the recipe's) samples the distribution the loss "
+        "trains; other values make the importance weights biased",
+    )
+    lora_rank: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="LoRA rank; 0 trains every weight (local backend only). 32 is Tinker's and train_on_policy's "
+        "default (the recipe's command line uses 128)",
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, le=100_000, description=f"LoRA scale (None: {TINKER_LORA_ALPHA}, Tinker's fixed value); local backend only"
+    )
+    lora_target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="module names the adapter wraps (None: every linear layer); local backend only, Tinker chooses its own",
+    )
+    num_substeps: int = Field(
+        1, ge=1, le=1024, description="optimizer steps per batch: the batch's groups split into this many chunks"
+    )
+    kl_penalty_coef: float = Field(
+        1.0, gt=0, le=1000, description="weight of the per-token reverse KL in the advantage (the recipe's 1.0)"
+    )
+    kl_discount_factor: float = Field(
+        0.0, ge=0, le=1, description="each token's advantage also sums the KL of the tokens after it, discounted by this"
+    )
+    loss_fn: Literal["importance_sampling", "ppo"] = Field(
+        "importance_sampling", description="importance_sampling (the recipe's) or ppo (clipped ratios)"
+    )
+    ppo_clip_low: float = Field(0.8, gt=0, lt=1, description="lower bound of the probability ratio (ppo only)")
+    ppo_clip_high: float = Field(1.2, gt=1, le=100, description="upper bound of the probability ratio (ppo only)")
+    max_grad_norm: float = Field(0.0, ge=0, description="clip the gradient's global norm to this (0: off, as Tinker's default)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam's beta1 (Tinker's 0.9)")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="Adam's beta2 (Tinker's 0.95)")
+    adam_eps: float = Field(1e-12, gt=0, le=1, description="Adam's epsilon (Tinker's 1e-12)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay (Tinker's 0)")
+    compute_post_kl: bool = Field(
+        False, description="after each update, the teacher KL of the same samples under the new weights (one more forward)"
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="steps between evaluations of the teacher KL on held-out prompts, also at the start and the "
+        "end (0: off). The recipe uses 20 with a dataset's own test split; Spider's source is one slice, and "
+        "holding rows out of it is the job's choice",
+    )
+    eval_rows: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="held-out prompts, taken from the end of the source slice and never trained on. None: "
+        f"min(groups_per_batch, {DEFAULT_EVAL_ROWS}) when eval_every is set, else 0",
+    )
+    save_every: int = Field(20, ge=0, description="steps between kept checkpoints (0: only the last; the recipe's 20)")
+    max_steps: int | None = Field(
+        None, ge=1, description="steps to train (None: one pass over the training prompts, ceil(rows / groups_per_batch))"
+    )
+    max_train_tokens: int | None = Field(
+        None, ge=1, description="stop after the step in which this many sampled tokens have been trained (None: no budget)"
+    )
+    steps_per_task: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="steps per training task; each task checkpoints and hands on, so none outlives the broker's "
+        "visibility timeout",
+    )
+    teacher_in_process: bool | None = Field(
+        None,
+        description="score in the train worker (true) or as tasks on rollout workers (false). None: on rollout "
+        "workers for an hf or vllm teacher of a tinker job (its train worker needs no accelerator), else in the "
+        "train worker",
+    )
+    merge_weights: bool = Field(False, description="also export the base weights with the adapter merged in")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the prompt order, the adapter's init and every sample")
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not re.match(MODULE_NAME_PATTERN, name):
+                raise ValueError(f"{name[:60]!r} is not a module name (letters, digits, '_', '.', '-')")
+        return value
+
+    @property
+    def resolved_backend(self) -> str:
+        """`backend`, which a parsed job always has (left out, it says local)."""
+        return self.backend or "local"
+
+    @property
+    def uses_tinker(self) -> bool:
+        """Whether the job talks to Tinker (student or teacher) and so needs TINKER_KEY_SECRET."""
+        return self.backend == "tinker" or self.teacher.provider == "tinker"
+
+    def loss_fn_config(self) -> dict[str, float] | None:
+        """What the trainer's `forward_backward` takes beside `loss_fn` (the ppo ratio bounds)."""
+        if self.loss_fn != "ppo":
+            return None
+        return {"clip_low_threshold": self.ppo_clip_low, "clip_high_threshold": self.ppo_clip_high}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OnPolicyOptions":
+        problems = []
+        if self.num_substeps > self.groups_per_batch:
+            problems.append(
+                f"num_substeps ({self.num_substeps}) is more than groups_per_batch ({self.groups_per_batch}): "
+                "each substep needs at least one group"
+            )
+        if self.loss_fn != "ppo":
+            for name in ("ppo_clip_low", "ppo_clip_high"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    problems.append(f"{name} bounds the ratio of loss_fn 'ppo'; loss_fn is {self.loss_fn!r}")
+        if self.lora_rank == 0:
+            for name in ("lora_alpha", "lora_target_modules"):
+                if getattr(self, name) is not None:
+                    problems.append(f"{name} shapes a LoRA adapter; lora_rank 0 trains every weight")
+            if self.merge_weights:
+                problems.append("merge_weights merges an adapter; lora_rank 0 trains (and exports) every weight")
+            if self.student_checkpoint is not None and self.backend != "tinker":
+                problems.append("student_checkpoint is a LoRA adapter, and lora_rank 0 trains the model itself: merge "
+                                "the adapter into a model folder and name that as job.model.name")
+        if self.eval_every == 0 and self.eval_rows:
+            problems.append("eval_rows holds prompts out of training for evaluations, which eval_every: 0 turns off")
+        if self.backend == "tinker":
+            if self.lora_rank == 0:
+                problems.append("lora_rank 0 (full fine-tuning) runs on the local backend only; Tinker trains LoRA adapters")
+            if self.lora_alpha is not None:
+                problems.append(f"lora_alpha: Tinker scales every adapter by {TINKER_LORA_ALPHA}; leave it out")
+            if self.lora_target_modules is not None:
+                problems.append("lora_target_modules: Tinker chooses the adapter's modules itself; leave it out")
+            if self.student_checkpoint is not None and not self.student_checkpoint.startswith("tinker://"):
+                problems.append("student_checkpoint: on the tinker backend, a tinker:// path of saved weights or state")
+        elif self.student_checkpoint is not None and self.student_checkpoint.startswith("tinker://"):
+            problems.append("student_checkpoint: a tinker:// path needs backend tinker; the local backend starts from a "
+                            "PEFT adapter folder")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class SimulatedUserConfig(Strict):
@@ -279,9 +470,35 @@ class GenerationConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _on_policy_needs_options(self) -> "GenerationConfig":
-        if self.on_policy and self.on_policy_options is None:
+    def _on_policy_fields(self) -> "GenerationConfig":
+        """An on-policy job samples with on_policy_options; the dataset knobs it would ignore are refused."""
+        if not self.on_policy:
+            if self.on_policy_options is not None:
+                raise ValueError("on_policy_options is given but on_policy is false: set on_policy: true to train, "
+                                 "or leave the options out")
+            return self
+        if self.on_policy_options is None:
             raise ValueError("on_policy: true needs on_policy_options (at least `teacher`)")
+        problems = []
+        if self.duplications != 1:
+            problems.append("duplications must be 1 for on-policy training: on_policy_options.group_size is the "
+                            "number of samples per prompt")
+        moved = {"temperature": "temperature", "max_tokens": "max_tokens", "seed": "seed"}
+        defaults = GenerationParameters()
+        for name in GenerationParameters.model_fields:
+            if getattr(self.parameters, name) != getattr(defaults, name):
+                instead = f"on_policy_options.{moved[name]}" if name in moved else None
+                problems.append(
+                    f"parameters.{name}: on-policy students sample with on_policy_options"
+                    + (f"; use {instead}" if instead else f", which has no {name} (it would bias the loss)")
+                )
+        if self.return_tokens:
+            problems.append("return_tokens keeps tokens in dataset records; an on-policy job writes no records")
+        if self.max_batch_size != type(self).model_fields["max_batch_size"].default:
+            problems.append("max_batch_size sizes a dataset's rollout tasks; on-policy steps take "
+                            "on_policy_options.groups_per_batch prompts")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -344,6 +561,44 @@ class JobConfig(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     processors: ProcessorsConfig = Field(default_factory=ProcessorsConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _on_policy_defaults(cls, data: Any) -> Any:
+        return resolve_on_policy_defaults(data)
+
+    @model_validator(mode="after")
+    def _on_policy_fits_the_job(self) -> "JobConfig":
+        options = self.generation.on_policy_options
+        if options is None:
+            return self
+        student, teacher = self.model, options.teacher
+        where = "generation.on_policy_options"
+        problems = []
+        if options.backend == "tinker" and student.provider != "tinker":
+            problems.append(f"{where}.backend 'tinker' trains and samples the student on Tinker: set model.provider: tinker")
+        if options.backend == "local" and student.provider not in ("hf", "vllm"):
+            problems.append(
+                f"{where}.backend 'local' trains the student on the train worker, which samples it with model.provider "
+                f"hf or vllm (not {student.provider!r})"
+            )
+        for path, model in (("model", student), (f"{where}.teacher", teacher)):
+            context = model.parameters.get("max_model_len") if model.provider == "vllm" else None
+            if isinstance(context, int) and options.max_tokens >= context:
+                problems.append(
+                    f"{where}.max_tokens ({options.max_tokens}) leaves no room for a prompt in "
+                    f"{path}.parameters.max_model_len ({context})"
+                )
+        if self.output.format != type(self.output).model_fields["format"].default:
+            problems.append("output.format is a dataset's; an on-policy job's result is an archive (adapter, metrics)")
+        if self.output.hf is not None:
+            if self.output.hf.repo_type != "model":
+                problems.append("output.hf.repo_type must be 'model': an on-policy job uploads the trained adapter")
+            if self.output.hf.config_name is not None:
+                problems.append("output.hf.config_name names a dataset configuration; an adapter upload has none")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @classmethod
     def parse(cls, data: Any) -> "JobConfig":
         """Validate a job mapping; raise ConfigError with key paths and hints."""
@@ -379,6 +634,50 @@ class AppConfig(Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, cls)) from None
+
+
+def default_teacher_provider(backend: str, student_provider: str) -> str:
+    """The teacher's provider when the config leaves it out: tinker for a student on Tinker, else
+    the student's own provider (a teacher served the way the student is)."""
+    if backend == "tinker":
+        return "tinker"
+    return student_provider if student_provider in ("vllm", "hf", "openai") else "vllm"
+
+
+def resolve_on_policy_defaults(data: Any) -> Any:
+    """A job mapping with the on-policy fields that default from the rest of the job filled in:
+    `backend` (from `model.provider`), `teacher.provider`, `teacher_in_process` and `eval_rows`.
+    Anything not shaped like a job is returned as it is, for validation to report."""
+    if not isinstance(data, dict):
+        return data
+    generation = _as_written(data.get("generation"))
+    options = _as_written(generation.get("on_policy_options")) if isinstance(generation, dict) else None
+    if not isinstance(options, dict):
+        return data
+    model = _as_written(data.get("model"))
+    student = model.get("provider", "vllm") if isinstance(model, dict) else "vllm"
+    options = dict(options)
+    if options.get("backend") is None:
+        options["backend"] = "tinker" if student == "tinker" else "local"
+    teacher = options.get("teacher")
+    teacher = {"name": teacher} if isinstance(teacher, str) else _as_written(teacher)
+    if isinstance(teacher, dict):
+        if teacher.get("provider") is None:
+            teacher = {**teacher, "provider": default_teacher_provider(str(options["backend"]), str(student))}
+        options["teacher"] = teacher
+        if options.get("teacher_in_process") is None:
+            options["teacher_in_process"] = not (options["backend"] == "tinker" and teacher["provider"] in ("hf", "vllm"))
+    if options.get("eval_rows") is None:
+        every = options.get("eval_every", OnPolicyOptions.model_fields["eval_every"].default)
+        groups = options.get("groups_per_batch", OnPolicyOptions.model_fields["groups_per_batch"].default)
+        if isinstance(every, int) and isinstance(groups, int):
+            options["eval_rows"] = min(groups, DEFAULT_EVAL_ROWS) if every > 0 else 0
+    return {**data, "generation": {**generation, "on_policy_options": options}}
+
+
+def _as_written(value: Any) -> Any:
+    """A sub-config as the mapping it was written as (a model instance: only the fields it was given)."""
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -429,7 +728,8 @@ def _suggest(key: str, owner: type[BaseModel]) -> str | None:
     for name, field in owner.model_fields.items():
         child = _nested_model(field.annotation)
         if child is not None:
-            nested.update({sub: f"{name}.{sub}" for sub in child.model_fields})
+            for sub in child.model_fields:
+                nested.setdefault(sub, f"{name}.{sub}")  # the first field declared wins a shared name
     found = difflib.get_close_matches(key, list(nested), n=1, cutoff=0.8)
     return nested[found[0]] if found else None
 

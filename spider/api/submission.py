@@ -14,9 +14,11 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from spider.config import JobConfig
+from spider.config import TINKER_KEY_SECRET, JobConfig
 from spider.errors import BundleError, ConfigError
 from spider.jobs import admission
+from spider.jobs.dataset import PLAN as DATASET_PLAN
+from spider.jobs.on_policy import START as ON_POLICY_START
 from spider.settings import Settings
 from spider.types import BundleManifest
 
@@ -45,6 +47,11 @@ class Submission:
     bundle: _Bundle | None
     source_files: dict[str, bytes]  # normalised relative name -> content
 
+    @property
+    def first_stage(self) -> str:
+        """The stage that starts the job, by its kind: an on-policy training run or a dataset."""
+        return ON_POLICY_START if self.job.generation.on_policy else DATASET_PLAN
+
 
 def parse_submission(raw: bytes, settings: Settings) -> Submission:
     """Validate a submit request body completely, without side effects; every fault is a 4xx."""
@@ -61,11 +68,14 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
         job = JobConfig.parse(body["job"])
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
-    if job.generation.on_policy:
+    options = job.generation.on_policy_options
+    if options is not None and options.api_key:
         raise HTTPException(
-            422, "job.generation.on_policy: on-policy training jobs are not served by this server version"
+            422,
+            "job.generation.on_policy_options.api_key: secrets are never part of a job's config; send the Tinker key "
+            f"in the request's env as {TINKER_KEY_SECRET} (SpiderClient moves on_policy_options.api_key there)",
         )
-    if job.model.provider == "tinker":
+    if job.model.provider == "tinker" and not job.generation.on_policy:
         raise HTTPException(422, "job.model.provider: 'tinker' serves on-policy jobs only; use vllm, openai or hf")
     env = _checked_env(body.get("env"))
     source_files = _decode_source_files(body.get("source_files"), settings.max_bundle_bytes)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import httpx
 
-from spider.config import AppConfig, ServerConfig
+from spider.config import TINKER_KEY_SECRET, AppConfig, JobConfig, ServerConfig
 from spider.errors import APIError, AuthError, JobNotFoundError, SpiderError
 from spider.types import ENDED_STATUSES, ENDING_KINDS, Event
 
@@ -157,9 +157,10 @@ class SpiderClient:
         """Send the config, secrets and user code; returns `{"job_id", "status"}`."""
         if self.config is None:
             raise SpiderError("submit_job needs a config: SpiderClient(config=AppConfig.load(...))")
+        job, env = job_and_secrets(self.config.job, self.env)
         body = {
-            "job": self.config.job.model_dump(mode="json"),
-            "env": self.env,
+            "job": job,
+            "env": env,
             "bundle": self._bundle(),
             "source_files": local_source_files(self.config.job.source.dataset),
         }
@@ -241,6 +242,29 @@ class SpiderClient:
         meta_path = destination.with_name(destination.stem + ".metadata.json")
         meta_path.write_text(json.dumps(metadata, indent=2))
         return destination
+
+
+def job_and_secrets(job: JobConfig, env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The job as it is sent (JSON, no secret in it) and the secrets sent with it.
+
+    `on_policy_options.api_key` moves into the secrets as TINKER_API_KEY; left empty, a job that
+    uses Tinker gets TINKER_API_KEY from `env`, else from this process's environment."""
+    body = job.model_dump(mode="json")
+    secrets = dict(env)
+    options = job.generation.on_policy_options
+    if options is None:
+        return body, secrets
+    body["generation"]["on_policy_options"]["api_key"] = None
+    sent = secrets.get(TINKER_KEY_SECRET)
+    if options.api_key:
+        if sent and sent != options.api_key:
+            raise SpiderError(
+                f"on_policy_options.api_key and env[{TINKER_KEY_SECRET!r}] are two different Tinker keys; give one"
+            )
+        secrets[TINKER_KEY_SECRET] = options.api_key
+    elif options.uses_tinker and not sent and os.environ.get(TINKER_KEY_SECRET):
+        secrets[TINKER_KEY_SECRET] = os.environ[TINKER_KEY_SECRET]
+    return body, secrets
 
 
 def local_source_files(dataset: str) -> dict[str, str] | None:

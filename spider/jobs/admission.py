@@ -3,14 +3,16 @@
 `admit` refuses (ConfigError, a 422 at the API) every config field that would let a job reach past
 what it carried: engine parameters outside each provider's list, remote code, local model folders
 and data files the operator did not open, unsafe dataset options, outbound hosts that are not
-public, and `runtime.limits` above the operator's ceilings.
+public, and `runtime.limits` above the operator's ceilings. An on-policy job's teacher passes the
+same model checks as its student, and a checkpoint it resumes from is a folder the operator opened.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from spider.config import JobConfig, ModelConfig
+from spider.config import TINKER_KEY_SECRET, JobConfig, ModelConfig
 from spider.data.sources import source_problems
 from spider.errors import ConfigError, SandboxError
 from spider.models import ModelAccess, looks_local
@@ -31,6 +33,7 @@ def admit(
         + source_problems(job.source, policy, uploaded=bool(source_files))
         + runtime_problems(job, policy)
         + conversation_problems(job, policy, secret_names)
+        + on_policy_problems(job, policy, secret_names)
     )
     if problems:
         raise ConfigError("this server does not accept the job:\n  " + "\n  ".join(problems))
@@ -52,6 +55,8 @@ def model_problems(model: ModelConfig, policy: Policy, path: str, secret_names: 
             f"{path}.parameters.trust_remote_code: this server does not run code from model repositories "
             "(the operator allows it with SPIDER_ALLOW_REMOTE_CODE=1)"
         )
+    if model.provider == "tinker" and looks_local(model.name):
+        problems.append(f"{path}.name: Tinker serves models by their hub id ('org/name'), not local folders")
     if model.provider == "openai":
         from spider.engines.openai_engine import DEFAULT_BASE_URL
 
@@ -93,6 +98,51 @@ def conversation_problems(job: JobConfig, policy: Policy, secret_names: list[str
             except EgressDenied as exc:
                 problems.append(f"{where}.url: {exc}")
     return problems
+
+
+def on_policy_problems(job: JobConfig, policy: Policy, secret_names: list[str] | None) -> list[str]:
+    """The teacher passes the same checks as any model; Tinker needs the job's own key; a local
+    student checkpoint is an adapter folder the operator opened, of the rank being trained."""
+    options = job.generation.on_policy_options
+    if options is None:
+        return []
+    where = "job.generation.on_policy_options"
+    problems = model_problems(options.teacher, policy, f"{where}.teacher", secret_names)
+    if options.uses_tinker and secret_names is not None and TINKER_KEY_SECRET not in secret_names:
+        problems.append(
+            f"{where}: the job trains or scores on Tinker and was not sent the secret {TINKER_KEY_SECRET}; set "
+            f"on_policy_options.api_key or pass {TINKER_KEY_SECRET} in the client's env (workers never lend their own)"
+        )
+    if options.student_checkpoint is not None and options.backend == "local":
+        problems += adapter_problems(options.student_checkpoint, options.lora_rank, policy, f"{where}.student_checkpoint")
+    return problems
+
+
+def adapter_problems(folder: str, rank: int, policy: Policy, path: str) -> list[str]:
+    """A PEFT adapter folder to resume from: absolute, inside SPIDER_MODEL_DIRS (never the data
+    dir), holding an adapter_config.json of rank `rank`."""
+    access = ModelAccess(policy.model_dirs, _data_dirs())
+    where = Path(folder)
+    if not where.is_absolute():
+        return [f"{path}: {folder[:200]!r} must be an absolute path to a PEFT adapter folder"]
+    if not access.allows(where):
+        return [f"{path}: {access.refusal(folder[:200])}"]
+    config = where / "adapter_config.json"
+    if not config.is_file():
+        return [f"{path}: {folder[:200]!r} is not a PEFT adapter folder (it has no adapter_config.json)"]
+    try:
+        adapter_rank = json.loads(config.read_text()).get("r")
+    except (OSError, ValueError, AttributeError):
+        return [f"{path}: {folder[:200]!r} has an unreadable adapter_config.json"]
+    if adapter_rank != rank:
+        return [f"{path}: the adapter has rank {adapter_rank!r} and lora_rank is {rank}; set lora_rank: {adapter_rank}"]
+    return []
+
+
+def _data_dirs() -> tuple[Path, ...]:
+    from spider.settings import Settings
+
+    return (Path(Settings.from_env().data_dir).resolve(),)
 
 
 def runtime_problems(job: JobConfig, policy: Policy) -> list[str]:
