@@ -102,20 +102,37 @@ class HFEngine(Engine):
         self.name = name
 
         path = resolve_model(name, token=(secrets or {}).get("HF_TOKEN"), access=access)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.renderer = Renderer(self.tokenizer, name=name)
+        self._use_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        try:
+            if device == "auto":
+                model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="auto")
+            else:
+                torch.device(device)
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"transformers could not load {name!r} on device {device!r}: {exc}") from exc
+        self._use_model(model)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, name: str, batch_size: int = 16) -> "HFEngine":
+        """An engine over a model already in memory (a trainer's frozen snapshot, say), used as it
+        is: on its own device and dtype, never copied."""
+        engine = cls.__new__(cls)
+        engine.name, engine.batch_size = name, batch_size
+        engine._use_tokenizer(tokenizer)
+        engine._use_model(model)
+        return engine
+
+    def _use_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.renderer = Renderer(tokenizer, name=self.name)
         try:
             self.renderer.check()
         except TemplateError as exc:
             raise EngineError(str(exc)) from None
-        try:
-            if device == "auto":
-                self.model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="auto")
-            else:
-                torch.device(device)
-                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        except (RuntimeError, ValueError) as exc:
-            raise EngineError(f"transformers could not load {name!r} on device {device!r}: {exc}") from exc
+
+    def _use_model(self, model: Any) -> None:
+        self.model = model
         self.model.eval()
         self.device = self.model.get_input_embeddings().weight.device
 
@@ -124,7 +141,7 @@ class HFEngine(Engine):
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         if not eos_ids:
-            raise EngineError(f"model {name!r} declares no eos token (generation_config or tokenizer)")
+            raise EngineError(f"model {self.name!r} declares no eos token (generation_config or tokenizer)")
         self.eos_ids = eos_ids
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(eos_ids)
