@@ -199,6 +199,7 @@ class FakeTinker:
         self.api_keys = set(api_keys)
         self.make_backend = make_backend
         self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.fwdbwd_max_chunk_len = fwdbwd_max_chunk_len
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, HostedModel] = {}

@@ -27,7 +27,7 @@ from spider.engines.base import (
     ScoreRequest,
     ScoreResult,
 )
-from spider.errors import EngineError
+from spider.errors import EngineError, ModelNotFoundError
 from spider.models import ModelAccess, resolve_model
 from spider.types import Usage
 
@@ -70,8 +70,9 @@ class TinkerEngine(Engine):
     """Samples and scores through one Tinker `SamplingClient`.
 
     `tokenizer` is a callable returning the model's tokenizer, called once on first need (decoding
-    text, rendering messages); None: requests must carry `prompt_ids`, and completions have no
-    text. `owner` is a service client this engine closes with itself (the teacher's own)."""
+    text, rendering messages, the template's stop ids). Without one (None, or a model folder not
+    found offline) requests must carry `prompt_ids`, completions have no text, and sampling stops
+    at the model's own EOS. `owner` is a service client this engine closes with itself (the teacher's own)."""
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class TinkerEngine(Engine):
         self._load_tokenizer = tokenizer
         self._renderer: Renderer | None = None
         self._renderer_lock = threading.Lock()
+        self.tokenizer_error: str | None = None
         self._owner = owner
 
     @classmethod
@@ -109,11 +111,15 @@ class TinkerEngine(Engine):
 
     @property
     def renderer(self) -> Renderer | None:
-        """The chat template of the model's tokenizer, or None when the engine has no tokenizer."""
-        if self._renderer is None and self._load_tokenizer is not None:
+        """The chat template of the model's tokenizer; None when the engine has no tokenizer, or
+        its folder cannot be found offline (then `tokenizer_error` says why)."""
+        if self._renderer is None and self._load_tokenizer is not None and self.tokenizer_error is None:
             with self._renderer_lock:
-                if self._renderer is None:
-                    self._renderer = Renderer(self._load_tokenizer(), name=self.name)
+                if self._renderer is None and self.tokenizer_error is None:
+                    try:
+                        self._renderer = Renderer(self._load_tokenizer(), name=self.name)
+                    except ModelNotFoundError as exc:
+                        self.tokenizer_error = str(exc)
         return self._renderer
 
     # -- sampling ---------------------------------------------------------------------------
@@ -167,7 +173,8 @@ class TinkerEngine(Engine):
                 raise ValueError("the request's prompt_ids are empty")
             return list(request.prompt_ids)
         if self.renderer is None:
-            raise ValueError(f"engine {self.name!r} has no local tokenizer to render messages with; send prompt_ids")
+            why = f" ({self.tokenizer_error})" if self.tokenizer_error else ""
+            raise ValueError(f"engine {self.name!r} has no local tokenizer to render messages with{why}; send prompt_ids")
         return self.renderer.render(request.messages, request.tools).ids
 
     def _tinker_params(self, params: SamplingParams) -> tt.SamplingParams:
