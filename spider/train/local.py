@@ -120,6 +120,9 @@ class LocalBackend(TrainingBackend):
     def forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
     ) -> ForwardBackwardOutput:
+        """Metrics: `loss:sum`, `tokens` (target positions), `sequences`, and the loss's own
+        (ppo: `clipped:sum`, tokens whose gradient the clip cut). The log-probs are the model's in
+        training mode (with LoRA dropout, when it has some)."""
         check_loss_inputs(loss_fn, data, loss_fn_config)
         self._check_tokens(data)
         self.model.train()
