@@ -130,7 +130,7 @@ class HostedModel:
         self._queue: dict[int, tuple[Pending, Callable[[], Any]]] = {}
         self._next_seq = 1
         self._ready = threading.Condition()
-        self._closed = False
+        self.closed = False
         threading.Thread(target=self._work, name=f"fake-tinker-{model_id}", daemon=True).start()
 
     def submit(self, seq_id: int, pending: Pending, work: Callable[[], Any]) -> None:
@@ -143,9 +143,9 @@ class HostedModel:
     def _work(self) -> None:
         while True:
             with self._ready:
-                while self._next_seq not in self._queue and not self._closed:
+                while self._next_seq not in self._queue and not self.closed:
                     self._ready.wait()
-                if self._closed:
+                if self.closed:
                     return
                 pending, work = self._queue.pop(self._next_seq)
                 self._next_seq += 1
@@ -154,7 +154,7 @@ class HostedModel:
 
     def close(self) -> None:
         with self._ready:
-            self._closed = True
+            self.closed = True
             self._ready.notify()
         with self.lock:
             self.backend.close()
@@ -162,7 +162,8 @@ class HostedModel:
 
 @dataclass
 class Checkpoint:
-    """A saved state or sampler weights: the run that saved it and the backend's own path."""
+    """A saved state or sampler weights: the run that saved it and the backend's own path (which
+    outlives the run: a finished session's checkpoints are read by a fresh backend of its spec)."""
 
     model: HostedModel
     local_path: str
@@ -170,18 +171,25 @@ class Checkpoint:
 
 @dataclass
 class HostedSampler:
-    """A sampling session: the weights it samples (a checkpoint) and the engine, opened on first use."""
+    """A sampling session: the weights it samples, and the engine over them, opened on first use
+    on `host` (the run that saved them, or a reader backend once that run has closed)."""
 
     sampler_id: str
     base_model: str
     model_path: str | None
     checkpoint: Checkpoint
+    host: HostedModel | None = None
     engine: Engine | None = None
 
-    def open(self) -> Engine:
-        if self.engine is None:
-            self.engine = self.checkpoint.model.backend.sampler(self.checkpoint.local_path)
+    def open(self, host: HostedModel) -> Engine:
+        if self.engine is None or self.host is not host:
+            self.host, self.engine = host, host.backend.sampler(self.checkpoint.local_path)
         return self.engine
+
+    def release(self) -> None:
+        engine, self.engine, self.host = self.engine, None, None
+        if engine is not None:
+            engine.close()
 
 
 @dataclass
@@ -190,6 +198,7 @@ class Session:
     finished: bool = False
     heartbeats: int = 0
     model_ids: list[str] = field(default_factory=list)
+    sampler_ids: list[str] = field(default_factory=list)
 
 
 class FakeTinker:
@@ -209,6 +218,7 @@ class FakeTinker:
         self.requests: list[tuple[str, str | None]] = []
         self.telemetry_batches = 0
         self._base_samplers: dict[str, Checkpoint] = {}
+        self._readers: dict[ModelSpec, HostedModel] = {}
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-tinker")
         self._counter = itertools.count()
@@ -318,7 +328,18 @@ class FakeTinker:
         return Reply.json({"type": "session_heartbeat"})
 
     def finish_session(self, session_id: str) -> Reply:
-        self._session(session_id).finished = True
+        """The session ends: its training runs and samplers are released (their checkpoints stay)."""
+        session = self._session(session_id)
+        session.finished = True
+        with self._lock:
+            models = [self.models.pop(m) for m in session.model_ids if m in self.models]
+            samplers = [self.samplers.pop(i) for i in session.sampler_ids if i in self.samplers]
+            samplers += [s for s in self.samplers.values() if s.host in models]
+        for sampler in samplers:
+            with sampler.host.lock if sampler.host is not None else contextlib.nullcontext():
+                sampler.release()
+        for model in models:
+            model.close()
         return Reply.json({})
 
     def telemetry(self, headers: dict[str, str], body: bytes) -> Reply:
@@ -524,12 +545,27 @@ class FakeTinker:
         return checkpoint
 
     def _open_sampler(self, session_id: str, seq_id: int, checkpoint: Checkpoint, model_path: str | None) -> str:
+        session = self._session(session_id)
         sampler_id = f"{session_id}:sample:{seq_id}"
         with self._lock:
             if sampler_id in self.samplers:
                 raise Failure(409, f"sampling session {sampler_id} exists")
             self.samplers[sampler_id] = HostedSampler(sampler_id, checkpoint.model.spec.base_model, model_path, checkpoint)
+            session.sampler_ids.append(sampler_id)
         return sampler_id
+
+    def _host_of(self, sampler: HostedSampler) -> HostedModel:
+        """Where a sampler's engine runs: the run that saved its weights while that run lives,
+        else a reader backend of the same spec (one per spec, kept for the server's life)."""
+        owner = sampler.checkpoint.model
+        if not owner.closed:
+            return owner
+        with self._lock:
+            reader = self._readers.get(owner.spec)
+            if reader is None:
+                workdir = Path(tempfile.mkdtemp(prefix="reader-", dir=self.workdir))
+                reader = self._readers[owner.spec] = HostedModel(f"reader:{len(self._readers)}", owner.spec, self.make_backend(owner.spec, workdir))
+        return reader
 
     def get_sampler(self, sampler_id: str) -> Reply:
         sampler = self._sampler(sampler_id)
@@ -558,8 +594,9 @@ class FakeTinker:
             raise Failure(400, "the fake does not serve target_prompt_logprobs or prompt_logprobs_last_n")
 
         def run() -> bytes:
-            with sampler.checkpoint.model.lock:
-                engine = sampler.open()
+            host = self._host_of(sampler)
+            with host.lock:
+                engine = sampler.open(host)
                 generation = GenerationRequest(key="sample", messages=[], n=n, seed=seed, prompt_ids=prompt)
                 result = engine.generate([generation], params)[0]
                 if result.error is not None:
@@ -585,7 +622,10 @@ class FakeTinker:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            models = list(self.models.values())
+            models = [*self.models.values(), *self._readers.values()]
+            samplers = list(self.samplers.values())
+        for sampler in samplers:
+            sampler.release()
         for model in models:
             model.close()
 

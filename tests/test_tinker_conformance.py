@@ -409,24 +409,33 @@ def test_train_step_submits_the_update_before_waiting_on_the_gradient(tiny_model
 def test_resume_from_a_student_checkpoint(tiny_model, fake, batch):
     secrets = {"TINKER_API_KEY": API_KEY}
     data = list(batch.data["cross_entropy"])
+    score = ScoreRequest("seq", list(batch.sequences[1]))
     first = TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
     try:
         first.train_step(data, "cross_entropy", AdamParams(learning_rate=2e-2))
         path = first.save_state("resume-me")
+        sampler_path = first.save_weights_for_sampler("resume-me")
+        sampled_before = first.sampler(sampler_path).score([score])[0].logprobs
         at_save = first.forward(data)
         next_loss = first.train_step(data, "cross_entropy", AdamParams(learning_rate=2e-2))[0].metrics["loss:sum"]
+        run = first.info()["model_id"]
     finally:
         first.close()
     assert path.startswith("tinker://") and "/weights/" in path
+    assert run not in fake.models  # the finished session released its run; its checkpoints stay
     resumed = TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), student_checkpoint=path)
     try:
         assert close(np.concatenate(resumed.forward(data)), np.concatenate(at_save), rtol=0, atol=1e-6)
         again = resumed.train_step(data, "cross_entropy", AdamParams(learning_rate=2e-2))[0].metrics["loss:sum"]
         assert again == pytest.approx(next_loss, abs=1e-6)
+        sampled_after = resumed.sampler(sampler_path).score([score])[0].logprobs
+        assert close(sampled_after[1:], sampled_before[1:], rtol=0, atol=1e-6)
     finally:
         resumed.close()
     with pytest.raises(EngineError, match="trained from"):
         TinkerBackend("another/model", secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), student_checkpoint=path)
+    with pytest.raises(EngineError, match="rank"):
+        TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK * 2), student_checkpoint=path)
 
 
 def test_a_tinker_hosted_teacher_scores_like_the_base_model(tiny_model, fake):

@@ -66,7 +66,7 @@ class TinkerBackend(TrainingBackend):
         self._base_url = base_url
         self._service = service_client(secrets, base_url)
         self._samplers: list[TinkerEngine] = []
-        self._lock = threading.Lock()
+        self._samplers_lock = threading.Lock()
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
         try:
@@ -78,13 +78,20 @@ class TinkerBackend(TrainingBackend):
         except tinker.TinkerError as exc:
             self._service.close("errored", detail=str(exc)).result()
             raise tinker_failure(exc, f"creating the training run of {base_model!r}") from exc
-        trained = self._training.get_info().model_data.model_name
-        if trained is not None and trained != base_model:
+        if student_checkpoint is not None:
+            self._check_resumed(student_checkpoint, rank)
+
+    def _check_resumed(self, checkpoint: str, rank: int) -> None:
+        """A resumed run must be the one this job describes: the same base model and LoRA rank."""
+        info = self._training.get_info()
+        problem = None
+        if info.model_data.model_name is not None and info.model_data.model_name != self.base_model:
+            problem = f"was trained from {info.model_data.model_name!r}, not from {self.base_model!r}"
+        elif info.lora_rank is not None and info.lora_rank != rank:
+            problem = f"trains a LoRA of rank {info.lora_rank}, not {rank}"
+        if problem is not None:
             self.close()
-            raise EngineError(
-                f"student_checkpoint {student_checkpoint!r} was trained from {trained!r}, not from {base_model!r}; "
-                "resume it with the model it was trained from"
-            )
+            raise EngineError(f"student_checkpoint {checkpoint!r} {problem}; resume it with the settings it was trained with")
 
     # -- training ---------------------------------------------------------------------------
 
@@ -131,7 +138,7 @@ class TinkerBackend(TrainingBackend):
     def sampler(self, path: str) -> TinkerEngine:
         client = self._wait(self._service.create_sampling_client(model_path=path), f"opening a sampler of {path!r}")
         engine = TinkerEngine(client, path, tokenizer=self.tokenizer)
-        with self._lock:
+        with self._samplers_lock:
             self._samplers.append(engine)
         return engine
 
@@ -153,7 +160,7 @@ class TinkerBackend(TrainingBackend):
         }
 
     def close(self) -> None:
-        with self._lock:
+        with self._samplers_lock:
             samplers, self._samplers = self._samplers, []
         for engine in samplers:
             engine.close()
