@@ -150,20 +150,38 @@ def latest_step(files: JobFiles) -> int:
 
 
 def save_checkpoint(files: JobFiles, run: Any, step: int, tokens_trained: int, keep: set[int]) -> dict[str, Any]:
-    """Trainer state (weights, optimizer, RNG) + what the data position and counters are, after
-    `step` steps; then older checkpoints not in `keep` are removed."""
-    name = f"step-{step:06d}"
-    folder = files.checkpoints / name
-    state = run.backend.save_state(str(folder / "state"))
+    """Trainer state (weights, optimizer, RNG) + the data position (the step: every batch is a
+    function of it) and counters, after `step` steps. Then the local folders of checkpoints not in
+    `keep` and of samplers no checkpoint names are removed."""
+    state = run.backend.save_state(f"step-{step:06d}")
     meta = {"step": step, "state": state, "sampler_path": run.sampler_path, "tokens_trained": tokens_trained,
             "saved_at": time.time()}
-    write_atomic(folder / "meta.json", json.dumps(meta))
+    write_atomic(files.checkpoints / f"step-{step:06d}.json", json.dumps(meta))
     write_atomic(files.latest_checkpoint, json.dumps(meta))
-    for old in files.checkpoints.glob("step-*"):
-        number = int(old.name.split("-")[1])
-        if number != step and number not in keep:
-            shutil.rmtree(old, ignore_errors=True)
+    kept = {run.sampler_path}
+    for old in sorted(files.checkpoints.glob("step-*.json")):
+        number = int(old.stem.split("-")[1])
+        info = json.loads(old.read_text())
+        if number == step or number in keep:
+            kept.add(info["sampler_path"])
+            continue
+        _remove_local(info["state"], files)
+        old.unlink(missing_ok=True)
+    sampler_root = files.trainer / "sampler"
+    for folder in sampler_root.glob("step-*") if sampler_root.exists() else []:
+        if str(folder) not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
     return meta
+
+
+def _remove_local(path: str, files: JobFiles) -> None:
+    """Remove a saved state when it is a folder of this job's trainer (remote states stay)."""
+    folder = Path(path)
+    try:
+        folder.resolve().relative_to(files.trainer.resolve())
+    except ValueError:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- train segments ------------------------------------------------------------------------------

@@ -313,7 +313,7 @@ class JobFiles:
 
     @property
     def checkpoints(self) -> Path:
-        """One folder per checkpoint (`step-000004/`: trainer state + meta.json)."""
+        """One meta.json per checkpoint (`step-000004.json`: where the trainer state is, the step, counters)."""
         return self.root / "train" / "checkpoints"
 
     @property
@@ -322,9 +322,9 @@ class JobFiles:
         return self.root / "train" / "latest.json"
 
     @property
-    def sampler_weights(self) -> Path:
-        """Where the trainer saves the weights each step's sampler reads."""
-        return self.root / "train" / "sampler"
+    def trainer(self) -> Path:
+        """The local trainer's own folder: its saved states and the weights each step samples from."""
+        return self.root / "train" / "trainer"
 
     @property
     def metrics(self) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from spider.engines.base import Engine
@@ -153,6 +154,17 @@ class TrainingBackend(abc.ABC):
     @abc.abstractmethod
     def tokenizer(self) -> Any:
         """The student's tokenizer (from a local path; never the hub)."""
+
+    def export_weights(self, path: str, scratch: Path) -> Path:
+        """A local folder holding the weights saved at `path` (a sampler path) as a PEFT adapter
+        (or, for full fine-tuning, a model folder); a remote backend downloads them under `scratch`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export weights")
+
+    def base_folder(self) -> Path:
+        """The base model's local folder (for merging an adapter into it)."""
+        from spider.models import resolve_model
+
+        return resolve_model(self.base_model)
 
     def info(self) -> dict[str, Any]:
         """What is trained (model, LoRA rank, device, dtype, parameter counts)."""

@@ -107,7 +107,7 @@ def build_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
     secrets = ctx.store.secrets(job_id)
     total = int(ctx.store.get_field(job_id, "batches_total") or 0)
     closers: list[Any] = []
-    backend = make_backend(config, secrets, files.sampler_weights)
+    backend = make_backend(config, secrets, files.trainer)
     closers.append(backend.close)
     try:
         if meta is not None:

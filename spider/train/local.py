@@ -264,6 +264,18 @@ class LocalBackend(TrainingBackend):
                         raise ValueError(f"{str(folder)!r} has no weight {name!r}: it was written for another model")
                     param.copy_(saved[name])
 
+    def load_weights(self, folder: str | Path) -> None:
+        """Start from the weights in `folder` (a PEFT adapter of this rank, or a whole model
+        folder for full fine-tuning) instead of the initial ones; the optimizer starts fresh."""
+        self._read_weights(Path(folder))
+        self.optimizer = None
+
+    def export_weights(self, path: str, scratch: Path) -> Path:
+        return Path(path)
+
+    def base_folder(self) -> Path:
+        return self.path
+
     # -- sampling -------------------------------------------------------------------------------
 
     def sampler(self, path: str) -> Engine:
