@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from spider.errors import ConfigError
 
@@ -200,8 +209,9 @@ class OnPolicyOptions(Strict):
     )
     backend: Literal["local", "tinker"] | None = Field(
         None,
-        description="where the student trains: local (torch + peft on the train worker) or tinker (the hosted "
-        "service). None: tinker when job.model.provider is tinker, else local",
+        description="where the student trains: local (torch + peft on the train worker, sampling with "
+        "job.model.provider hf or vllm) or tinker (the hosted service; job.model.provider must be tinker). "
+        "None: tinker when job.model.provider is tinker, else local",
     )
     student_checkpoint: str | None = Field(
         None,
@@ -210,9 +220,9 @@ class OnPolicyOptions(Strict):
         description="start from these weights instead of the base model: on the local backend a PEFT adapter folder "
         "inside SPIDER_MODEL_DIRS (its rank must be lora_rank); on tinker a tinker:// path",
     )
-    api_key: str | None = Field(
+    api_key: SecretStr | None = Field(
         None,
-        description="the Tinker API key. SpiderClient moves it into the job's secrets as TINKER_API_KEY before "
+        description="the Tinker API key (never shown in a repr or dump). SpiderClient moves it into the job's secrets as TINKER_API_KEY before "
         "submitting (empty: TINKER_API_KEY from the client's env or environment); the server refuses a config "
         "that still carries it",
     )
@@ -336,6 +346,11 @@ class OnPolicyOptions(Strict):
     def uses_tinker(self) -> bool:
         """Whether the job talks to Tinker (student or teacher) and so needs TINKER_KEY_SECRET."""
         return self.backend == "tinker" or self.teacher.provider == "tinker"
+
+    @property
+    def tinker_key(self) -> str:
+        """The key written in `api_key` ('' when there is none)."""
+        return self.api_key.get_secret_value() if self.api_key is not None else ""
 
     def loss_fn_config(self) -> dict[str, float] | None:
         """What the trainer's `forward_backward` takes beside `loss_fn` (the ppo ratio bounds)."""

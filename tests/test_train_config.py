@@ -373,6 +373,15 @@ def test_the_client_moves_the_key_from_the_config_into_the_secrets(monkeypatch):
         job_and_secrets(JobConfig.parse(job), {TINKER_KEY_SECRET: "tml-another"})
 
 
+def test_the_key_in_a_config_is_never_shown_by_its_repr_or_dump():
+    job = brief_job()
+    job["generation"]["on_policy_options"]["api_key"] = TINKER_KEY
+    config = JobConfig.parse(job)
+    assert config.generation.on_policy_options.tinker_key == TINKER_KEY
+    for shown in (repr(config), str(config), json.dumps(config.model_dump(mode="json")), config.model_dump_json()):
+        assert TINKER_KEY not in shown
+
+
 def test_an_empty_key_is_read_from_the_env_only_for_jobs_on_tinker(monkeypatch):
     monkeypatch.setenv(TINKER_KEY_SECRET, "tml-from-environment")
     job = brief_job()
@@ -445,8 +454,10 @@ def test_the_key_reaches_the_jobs_secrets_and_is_never_shown(redis_url, tmp_path
         data["job"]["generation"]["on_policy_options"]["api_key"] = TINKER_KEY
         config = AppConfig.parse(data)
 
-        # Sent as it is, the key is refused and nothing is kept.
-        raw = body_of(config.job.model_dump(mode="json"))
+        # Written into the job's JSON by hand, the key is refused and nothing is kept.
+        by_hand = config.job.model_dump(mode="json")
+        by_hand["generation"]["on_policy_options"]["api_key"] = TINKER_KEY
+        raw = body_of(by_hand)
         answer = httpx.post(f"{url}/v1/jobs", content=raw, headers={**headers, "Content-Type": "application/json"})
         assert answer.status_code == 422 and "secrets are never part" in answer.json()["detail"], answer.text
         assert TINKER_KEY not in answer.text

@@ -69,7 +69,7 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
     options = job.generation.on_policy_options
-    if options is not None and options.api_key:
+    if options is not None and options.tinker_key:
         raise HTTPException(
             422,
             "job.generation.on_policy_options.api_key: secrets are never part of a job's config; send the Tinker key "

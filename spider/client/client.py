@@ -256,12 +256,12 @@ def job_and_secrets(job: JobConfig, env: Mapping[str, str]) -> tuple[dict[str, A
         return body, secrets
     body["generation"]["on_policy_options"]["api_key"] = None
     sent = secrets.get(TINKER_KEY_SECRET)
-    if options.api_key:
-        if sent and sent != options.api_key:
+    if options.tinker_key:
+        if sent and sent != options.tinker_key:
             raise SpiderError(
                 f"on_policy_options.api_key and env[{TINKER_KEY_SECRET!r}] are two different Tinker keys; give one"
             )
-        secrets[TINKER_KEY_SECRET] = options.api_key
+        secrets[TINKER_KEY_SECRET] = options.tinker_key
     elif options.uses_tinker and not sent and os.environ.get(TINKER_KEY_SECRET):
         secrets[TINKER_KEY_SECRET] = os.environ[TINKER_KEY_SECRET]
     return body, secrets
