@@ -12,12 +12,12 @@ from spider.train.loop import (
     Assembled,
     Prompt,
     ScoredTurn,
-    TeacherScore,
     TrainData,
     assemble,
     assistant_turns,
     substeps,
 )
+from spider.train.teacher import TeacherScore
 from spider.types import Message, ToolCall
 
 

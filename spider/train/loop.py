@@ -36,29 +36,11 @@ from spider.rollouts.conversation import Limits, Policy, Trajectory, run_convers
 from spider.rollouts.tools import ToolExecutor
 from spider.train.backend import AdamParams, Datum, TrainingBackend
 from spider.train.losses import learning_rate, reverse_kl_advantages
+from spider.train.teacher import TeacherItem, TeacherScore
 from spider.types import Message
 
 
 # -- what the loop is given -------------------------------------------------------------------
-
-
-@dataclass
-class TeacherItem:
-    """One assistant turn to score: the conversation it answered and the tokens the student sampled."""
-
-    conversation: list[Message]
-    completion_ids: list[int]
-    tools: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class TeacherScore:
-    """Per student token: the teacher's log-prob and whether it is trusted (aligned); or an error."""
-
-    logprobs: np.ndarray
-    mask: np.ndarray
-    report: Any = None  # spider.align.AlignmentReport
-    error: str | None = None
 
 
 class Scorer(Protocol):
