@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from spider import __version__
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
-from spider.jobs import dataset, stages
+from spider.jobs import stages
 from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 store.set_fields(job_id, source_upload=json.dumps(sorted(submission.source_files)))
             bus.publish(job_id, EventKind.JOB_QUEUED, "job queued")
             stage = "queueing the job"
-            context().dispatch(dataset.PLAN, job_id)
+            context().dispatch(submission.first_stage, job_id)
         except Exception as exc:
             log.error("submit of job %s failed while %s", job_id, stage, exc_info=True)
             roll_back(job_id, owner, files)
