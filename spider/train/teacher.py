@@ -28,7 +28,7 @@ import numpy as np
 from spider.align import AlignmentReport, align_tokens, byte_vocab, teacher_inputs_for_completion
 from spider.chat import ConversationLike, Renderer, TemplateError
 from spider.engines.base import Engine, ScoreRequest, ScoreResult
-from spider.errors import AlignmentError
+from spider.errors import AlignmentError, EngineError
 
 if TYPE_CHECKING:
     from spider.config import ModelConfig
@@ -128,7 +128,7 @@ class Teacher:
         requests = [ScoreRequest(key=str(k), token_ids=plan.input_ids) for k, plan in plans.items()]
         results = self.engine.score(requests) if requests else []
         if len(results) != len(requests):
-            raise AlignmentError(f"the teacher engine answered {len(results)} of {len(requests)} score requests")
+            raise EngineError(f"the teacher engine answered {len(results)} of {len(requests)} score requests")
         for (k, plan), result in zip(plans.items(), results):
             scores[k] = _scored(plan, result, len(items[k].completion_ids))
         return scores  # type: ignore[return-value]
