@@ -18,12 +18,13 @@ an `X-API-Key` without the `tml-` prefix, or not among `api_keys`, is answered 4
 The routes are those SDK 0.38 uses to train and sample (client/config, client/dynamic_config,
 create_session, session_heartbeat, sessions/{id}/finish, telemetry, create_model, get_info,
 forward_backward, optim_step, save_weights, load_weights, save_weights_for_sampler,
-create_sampling_session, samplers/{id}, asample, retrieve_future, get_server_capabilities,
-healthz), with the service's wire formats: JSON, and protobuf (the SDK's `tinker.proto`) for
+save_weights_external, training_runs/{id}/checkpoints/{checkpoint}/external_weights_urls and the
+signed downloads they list, DELETE of a checkpoint, create_sampling_session, samplers/{id},
+asample, retrieve_future, get_server_capabilities, healthz), with the service's wire formats: JSON, and protobuf (the SDK's `tinker.proto`) for
 forward_backward requests and for forward_backward and sample results. Work is asynchronous as on
 the service: a request returns a future id, `retrieve_future` long-polls for its result, and the
 requests of one training run execute in `seq_id` order whatever order they arrive in. Not served:
-custom losses, optimizers other than Adam, inflight sampling clients, external weights, the REST
+custom losses, optimizers other than Adam, inflight sampling clients, encrypted exports, the REST
 listings. Differences that cannot be helped: `stop=[]` does not disable EOS (LocalBackend's
 sampler always stops at it), and stop token ids cut the sample after the fact.
 """
@@ -38,6 +39,7 @@ import re
 import tempfile
 import threading
 import uuid
+from datetime import datetime, timedelta, timezone
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -219,6 +221,8 @@ class FakeTinker:
         self.telemetry_batches = 0
         self._base_samplers: dict[str, Checkpoint] = {}
         self._readers: dict[ModelSpec, HostedModel] = {}
+        self._downloads: dict[str, Path] = {}  # the token of a signed download URL -> its folder
+        self.url = ""  # set once the server listens: signed download URLs point at it
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-tinker")
         self._counter = itertools.count()
@@ -235,6 +239,7 @@ class FakeTinker:
             ("POST", "/save_weights"): self.save_weights,
             ("POST", "/load_weights"): self.load_weights,
             ("POST", "/save_weights_for_sampler"): self.save_weights_for_sampler,
+            ("POST", "/save_weights_external"): self.save_weights_external,
             ("POST", "/create_sampling_session"): self.create_sampling_session,
             ("POST", "/asample"): self.asample,
             ("POST", "/retrieve_future"): self.retrieve_future,
@@ -244,6 +249,9 @@ class FakeTinker:
         self._patterns: list[tuple[str, re.Pattern[str], Callable[..., Reply]]] = [
             ("POST", re.compile(r"/sessions/(?P<session_id>[^/]+)/finish"), self.finish_session),
             ("GET", re.compile(r"/samplers/(?P<sampler_id>[^/]+)"), self.get_sampler),
+            ("GET", re.compile(r"/training_runs/(?P<model_id>[^/]+)/checkpoints/(?P<checkpoint_id>.+)/external_weights_urls"),
+             self.external_weights_urls),
+            ("DELETE", re.compile(r"/training_runs/(?P<model_id>[^/]+)/checkpoints/(?P<checkpoint_id>.+)"), self.delete_checkpoint),
         ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -253,6 +261,8 @@ class FakeTinker:
         route = path.split("?", 1)[0].removeprefix(API_PREFIX)
         with self._lock:
             self.requests.append((route, api_key))
+        if method == "GET" and path.startswith("/files/"):  # a signed URL: the token is the credential
+            return self.download(path.split("?", 1)[0].removeprefix("/files/"))
         if not path.startswith(API_PREFIX):
             return Reply.json({"detail": f"no route {path}"}, 404)
         if not api_key or not api_key.startswith("tml-"):
@@ -518,6 +528,52 @@ class FakeTinker:
 
         return self._future(run, model, request["seq_id"])
 
+    def save_weights_external(self, headers: dict[str, str], body: bytes) -> Reply:
+        """The run's current weights as an adapter folder (LocalBackend's sampler format, which is
+        PEFT's), listed file by file at signed URLs by `external_weights_urls`."""
+        request = json.loads(body)
+        model = self._model(request["model_id"])
+        if request.get("age_encryption_recipients"):
+            raise Failure(400, "the fake does not encrypt exports")
+        path = f"tinker://{model.model_id}/external_weights/{request['path']}"
+
+        def run() -> dict[str, Any]:
+            local = model.backend.save_weights_for_sampler(f"external-{request['path']}")
+            with self._lock:
+                self.checkpoints[path] = Checkpoint(model, local)
+            size = sum(f.stat().st_size for f in Path(local).rglob("*") if f.is_file())
+            return {"path": path, "size_bytes": size, "type": "save_weights_external"}
+
+        return self._future(run, model, request["seq_id"])
+
+    def external_weights_urls(self, model_id: str, checkpoint_id: str) -> Reply:
+        checkpoint = self._checkpoint(f"tinker://{model_id}/{checkpoint_id}", "external_weights")
+        folder = Path(checkpoint.local_path)
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._downloads[token] = folder
+        files = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+        expires = datetime.now(timezone.utc) + timedelta(hours=1)
+        return Reply.json({"urls": {name: f"{self.url}/files/{token}/{name}" for name in files}, "expires": expires.isoformat()})
+
+    def download(self, rest: str) -> Reply:
+        token, _, name = rest.partition("/")
+        with self._lock:
+            folder = self._downloads.get(token)
+        target = (folder / name).resolve() if folder is not None else None
+        if target is None or not target.is_relative_to(folder.resolve()) or not target.is_file():
+            return Reply.json({"detail": "no such signed URL"}, 404)
+        return Reply(200, target.read_bytes(), "application/octet-stream")
+
+    def delete_checkpoint(self, model_id: str, checkpoint_id: str) -> Reply:
+        with self._lock:
+            checkpoint = self.checkpoints.pop(f"tinker://{model_id}/{checkpoint_id}", None)
+            if checkpoint is not None:
+                self._downloads = {t: f for t, f in self._downloads.items() if f != Path(checkpoint.local_path)}
+        if checkpoint is None:
+            raise Failure(404, f"no checkpoint {checkpoint_id} of {model_id}")
+        return Reply.json({})
+
     def create_sampling_session(self, headers: dict[str, str], body: bytes) -> Reply:
         request = json.loads(body)
         session = self._session(request["session_id"])
@@ -738,6 +794,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve("POST")
 
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -789,10 +848,11 @@ def fake_tinker_server(
         service = FakeTinker(api_keys, make_backend, root, fwdbwd_max_chunk_len)
         httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         httpd.service = service
+        service.url = f"http://127.0.0.1:{httpd.server_address[1]}"
         thread = threading.Thread(target=httpd.serve_forever, name="fake-tinker-http", daemon=True)
         thread.start()
         try:
-            yield FakeTinkerServer(f"http://127.0.0.1:{httpd.server_address[1]}", service)
+            yield FakeTinkerServer(service.url, service)
         finally:
             httpd.shutdown()
             httpd.server_close()

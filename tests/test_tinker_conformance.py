@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from spider.engines.base import GenerationRequest, SamplingParams, ScoreRequest
 from spider.engines.tinker_engine import TinkerEngine
@@ -242,6 +243,13 @@ def state_round_trip_scenario(backend: TrainingBackend, data: tuple[Datum, ...])
     return {"at_save": at_save, "later": later, "restored": restored, "replayed": replayed}
 
 
+def export_scenario(backend: TrainingBackend, data: tuple[Datum, ...], scratch) -> dict:
+    backend.train_step(list(data), "cross_entropy", AdamParams(learning_rate=1e-2))
+    folder = backend.export_weights(backend.save_weights_for_sampler("to-export"), scratch)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return {"files": sorted(p.name for p in folder.iterdir()), "tensors": {k: v.tolist() for k, v in tensors.items()}}
+
+
 # -- the suite ------------------------------------------------------------------------------------
 
 
@@ -334,6 +342,16 @@ def test_save_state_then_load_state_resumes_exactly(backend, reference, batch):
     # step count came back too (a fresh Adam would take a different first step).
     assert close(got["replayed"], got["later"], rtol=0, atol=1e-6)
     assert close(got["later"], want["later"])
+
+
+def test_export_writes_the_saved_adapter(backend, reference, batch, tmp_path):
+    data = tuple(batch.data["cross_entropy"])
+    got = export_scenario(backend, data, tmp_path)
+    want = reference(export_scenario, data, tmp_path.parent / f"{tmp_path.name}-reference")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(got["files"])
+    assert sorted(got["tensors"]) == sorted(want["tensors"])
+    for name, values in got["tensors"].items():
+        assert close(values, want["tensors"][name]), name
 
 
 # -- what only the tinker path has --------------------------------------------------------------
@@ -487,3 +505,19 @@ def test_without_a_local_tokenizer_only_token_ids_are_sampled(fake, tiny_model):
         assert by_ids.completions[0].text == "" and len(by_ids.completions[0].logprobs) == len(by_ids.completions[0].token_ids)
     finally:
         engine.close()
+
+
+def test_tinker_exports_only_the_current_weights(tiny_model, fake, batch, tmp_path):
+    data = list(batch.data["cross_entropy"])
+    backend = TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
+    try:
+        path = backend.save_weights_for_sampler("before-the-step")
+        backend.train_step(data, "cross_entropy", AdamParams(learning_rate=1e-2))
+        with pytest.raises(EngineError, match="updated since it was saved"):
+            backend.export_weights(path, tmp_path)
+        folder = backend.export_weights(backend.save_weights_for_sampler("after-the-step"), tmp_path)
+        assert (folder / "adapter_config.json").is_file()
+    finally:
+        backend.close()
+    # The temporary export was deleted from the service once downloaded.
+    assert not [p for p in fake.service.checkpoints if "/external_weights/" in p]

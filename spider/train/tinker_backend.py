@@ -9,14 +9,18 @@ a local model folder (spider.models.resolve_model), never from the hub.
 
 from __future__ import annotations
 
+import logging
 import threading
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import httpx
 import tinker
 from tinker import types as tt
 
-from spider.engines.tinker_engine import TinkerEngine, load_tokenizer, service_client, tinker_failure
+from spider.engines.tinker_engine import API_KEY_SECRET, TinkerEngine, load_tokenizer, service_client, tinker_failure
 from spider.errors import EngineError
 from spider.models import ModelAccess
 from spider.train.backend import (
@@ -36,6 +40,9 @@ LOSS_INPUTS = {
     "cross_entropy": ("weights",),
 }
 TINKER_LORA_ALPHA = 32
+EXPORT_TTL_S = 3600  # an export lives this long at most (Tinker's shortest TTL); it is deleted once downloaded
+
+log = logging.getLogger(__name__)
 
 
 class TinkerBackend(TrainingBackend):
@@ -65,6 +72,12 @@ class TinkerBackend(TrainingBackend):
         self._access = access
         self._base_url = base_url
         self._service = service_client(secrets, base_url)
+        api_key = (secrets or {})[API_KEY_SECRET]
+        self._rest = lambda: tinker.RestClient(base_url=base_url, api_key=api_key)
+        # Which weights the run holds: updates since it was created or loaded, and the update count
+        # at which each sampler path of this backend was saved (Tinker exports current weights only).
+        self._updates = 0
+        self._saved_at: dict[str, int] = {}
         self._samplers: list[TinkerEngine] = []
         self._samplers_lock = threading.Lock()
         self._tokenizer: Any = None
@@ -109,6 +122,7 @@ class TinkerBackend(TrainingBackend):
 
     def optim_step(self, adam: AdamParams) -> OptimStepOutput:
         future = self._training.optim_step(_adam(adam))
+        self._updates += 1
         return _optim_step_output(self._wait(future, "optim_step"), adam)
 
     def train_step(
@@ -118,6 +132,7 @@ class TinkerBackend(TrainingBackend):
         service without a round trip in between."""
         gradient = self._training.forward_backward(tinker_data(data, loss_fn), loss_fn, loss_fn_config)
         update = self._training.optim_step(_adam(adam))
+        self._updates += 1
         out = _forward_backward_output(self._wait(gradient, f"forward_backward ({loss_fn})"))
         return out, _optim_step_output(self._wait(update, "optim_step"), adam)
 
@@ -131,9 +146,41 @@ class TinkerBackend(TrainingBackend):
         current one: the SDK's way to resume (its in-place load_state is deprecated)."""
         future = self._service.create_training_client_from_state_with_optimizer(path)
         self._training = self._wait(future, f"loading state {path!r}")
+        self._updates, self._saved_at = 0, {}
 
     def save_weights_for_sampler(self, name: str) -> str:
-        return self._wait(self._training.save_weights_for_sampler(name), f"saving sampler weights {name!r}").path
+        path = self._wait(self._training.save_weights_for_sampler(name), f"saving sampler weights {name!r}").path
+        self._saved_at[path] = self._updates
+        return path
+
+    def export_weights(self, path: str, scratch: Path) -> Path:
+        """The weights of sampler `path` as the PEFT adapter folder Tinker exports, downloaded to a
+        new folder under `scratch`. Sampler weights cannot be downloaded and Tinker exports a run's
+        current weights only, so `path` must hold what the run holds now: saved by this backend
+        with no update since, or, when the run has not been updated since it was created or loaded,
+        the sampler saved together with that state."""
+        saved = self._saved_at.get(path)
+        if (saved if saved is not None else 0) != self._updates:
+            since = "it was saved" if saved is not None else "it was created or loaded"
+            raise EngineError(
+                f"cannot export {path!r}: the run has been updated since {since}, and Tinker exports the run's "
+                "current weights only; save sampler weights now and export those"
+            )
+        name = f"export-{uuid.uuid4().hex[:12]}"
+        future = self._training.save_weights_external(name, ttl_seconds=EXPORT_TTL_S)
+        exported = self._wait(future, f"exporting the weights of {path!r}").path
+        rest = self._rest()
+        try:
+            urls = self._wait(rest.get_external_weights_urls(exported), f"listing the files of {exported!r}").urls
+            folder = Path(scratch) / name
+            for relative, url in sorted(urls.items()):
+                _download(url, _inside(folder, relative))
+        finally:
+            try:
+                rest.delete_checkpoint_from_tinker_path(exported).result()
+            except tinker.TinkerError:  # it expires by itself
+                log.warning("could not delete the temporary export %s", exported, exc_info=True)
+        return folder
 
     def sampler(self, path: str) -> TinkerEngine:
         client = self._wait(self._service.create_sampling_client(model_path=path), f"opening a sampler of {path!r}")
@@ -190,6 +237,29 @@ def tinker_data(data: list[Datum], loss_fn: str) -> list[tt.Datum]:
             inputs[name] = tt.TensorData(data=[float(v) for v in values], dtype="float32", shape=[n])
         out.append(tt.Datum(model_input=tt.ModelInput.from_ints(list(datum.model_input)), loss_fn_inputs=inputs))
     return out
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """Where an exported file goes: under `folder`, whatever its name says."""
+    target = (folder / relative).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise EngineError(f"Tinker named an exported file {relative!r}, outside the export folder")
+    return target
+
+
+def _download(url: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=httpx.Timeout(60.0, read=600.0)) as response:
+            response.raise_for_status()
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+    except httpx.HTTPError as exc:
+        partial.unlink(missing_ok=True)
+        raise EngineError(f"downloading the exported {target.name} failed: {exc}") from exc
+    partial.replace(target)
 
 
 def _with_zero_weights(datum: Datum) -> Datum:
