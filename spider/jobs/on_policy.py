@@ -288,8 +288,8 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease:
         return end  # a redelivered segment whose steps are done: hand out the next one (again)
     warm = _warm_run(ctx, job_id, config, meta)
     run, loop = warm.run, engine_loop()
-    if done == 0 and options.eval_every:
-        _evaluate(ctx, job_id, run, 0, loop, teacher_kl_of)
+    if done == 0 and options.eval_every:  # where the curve starts
+        _append_metrics(files, {"step": 0, "eval_teacher_kl": _evaluate(ctx, job_id, run, 0, loop, teacher_kl_of)})
     keep = {k for k in range(0, total + 1, options.save_every)} if options.save_every else set()
     step = done
     while step < end:
