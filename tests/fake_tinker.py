@@ -15,16 +15,18 @@ or a name spider.models.resolve_model builds offline. Keys are checked as the se
 an `X-API-Key` without the `tml-` prefix, or not among `api_keys`, is answered 401 on every route.
 `make_backend` replaces LocalBackend (same `TrainingBackend` interface) for a test that needs to.
 
-The routes are those SDK 0.38 uses to train and sample (client/config, client/dynamic_config,
-create_session, session_heartbeat, sessions/{id}/finish, telemetry, create_model, get_info,
-forward_backward, optim_step, save_weights, load_weights, save_weights_for_sampler,
-save_weights_external, training_runs/{id}/checkpoints/{checkpoint}/external_weights_urls and the
-signed downloads they list, DELETE of a checkpoint, create_sampling_session, samplers/{id},
-asample, retrieve_future, get_server_capabilities, healthz), with the service's wire formats: JSON, and protobuf (the SDK's `tinker.proto`) for
+The routes are those SDK 0.38 uses to train, sample and export: client/config,
+client/dynamic_config, create_session, session_heartbeat, sessions/{id}/finish, telemetry,
+create_model, get_info, forward_backward, optim_step, save_weights, load_weights,
+save_weights_for_sampler, save_weights_external, training_runs/{id}/checkpoints/{checkpoint}/
+external_weights_urls (and the signed downloads it lists), DELETE of a checkpoint,
+create_sampling_session, samplers/{id}, asample, retrieve_future, get_server_capabilities and
+healthz; with the service's wire formats: JSON, and protobuf (the SDK's `tinker.proto`) for
 forward_backward requests and for forward_backward and sample results. Work is asynchronous as on
 the service: a request returns a future id, `retrieve_future` long-polls for its result, and the
-requests of one training run execute in `seq_id` order whatever order they arrive in. Not served:
-custom losses, optimizers other than Adam, inflight sampling clients, encrypted exports, the REST
+requests of one training run execute in `seq_id` order whatever order they arrive in. A finished
+session's runs and samplers are released; their checkpoints stay readable. Not served: custom
+losses, optimizers other than Adam, inflight sampling clients, encrypted exports, the REST
 listings. Differences that cannot be helped: `stop=[]` does not disable EOS (LocalBackend's
 sampler always stops at it), and stop token ids cut the sample after the fact.
 """
@@ -39,10 +41,10 @@ import re
 import tempfile
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ from spider.train.backend import AdamParams, Datum, LoraSpec, TrainingBackend
 API_PREFIX = "/api/v1"
 POLL_WAIT_S = 20.0  # retrieve_future holds a request this long before answering try_again
 DEFAULT_MAX_TOKENS = 128
+CHECKPOINT_ROUTE = r"/training_runs/(?P<model_id>[^/]+)/checkpoints/(?P<checkpoint_id>.+?)"
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,9 @@ class Session:
 class FakeTinker:
     """The service's state and its routes; `FakeTinkerServer` puts it on a socket."""
 
-    def __init__(self, api_keys: Iterable[str], make_backend: BackendFactory, workdir: Path, fwdbwd_max_chunk_len: int = 1024):
+    def __init__(
+        self, api_keys: Iterable[str], make_backend: BackendFactory, workdir: Path, fwdbwd_max_chunk_len: int = 1024
+    ):
         self.api_keys = set(api_keys)
         self.make_backend = make_backend
         self.workdir = workdir
@@ -249,9 +254,8 @@ class FakeTinker:
         self._patterns: list[tuple[str, re.Pattern[str], Callable[..., Reply]]] = [
             ("POST", re.compile(r"/sessions/(?P<session_id>[^/]+)/finish"), self.finish_session),
             ("GET", re.compile(r"/samplers/(?P<sampler_id>[^/]+)"), self.get_sampler),
-            ("GET", re.compile(r"/training_runs/(?P<model_id>[^/]+)/checkpoints/(?P<checkpoint_id>.+)/external_weights_urls"),
-             self.external_weights_urls),
-            ("DELETE", re.compile(r"/training_runs/(?P<model_id>[^/]+)/checkpoints/(?P<checkpoint_id>.+)"), self.delete_checkpoint),
+            ("GET", re.compile(rf"{CHECKPOINT_ROUTE}/external_weights_urls"), self.external_weights_urls),
+            ("DELETE", re.compile(CHECKPOINT_ROUTE), self.delete_checkpoint),
         ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -280,6 +284,8 @@ class FakeTinker:
             return Reply.json({"detail": f"no route {method} {path}"}, 404)
         except Failure as exc:
             return Reply.json({"detail": exc.detail}, exc.status)
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed request: 400, which the SDK does not retry
+            return Reply.json({"detail": f"malformed request: {type(exc).__name__}: {exc}"}, 400)
 
     def _future(self, work: Callable[[], Any], model: HostedModel | None = None, seq_id: int | None = None,
                 extra: dict[str, Any] | None = None) -> Reply:
@@ -359,7 +365,8 @@ class FakeTinker:
 
     def server_capabilities(self, headers: dict[str, str], body: bytes) -> Reply:
         names = sorted({model.spec.base_model for model in self.models.values()})
-        return Reply.json({"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]})
+        models = [{"model_name": n, "trainable": True, "sampleable": True} for n in names]
+        return Reply.json({"supported_models": models})
 
     def _session(self, session_id: str) -> Session:
         with self._lock:
@@ -554,7 +561,8 @@ class FakeTinker:
             self._downloads[token] = folder
         files = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
         expires = datetime.now(timezone.utc) + timedelta(hours=1)
-        return Reply.json({"urls": {name: f"{self.url}/files/{token}/{name}" for name in files}, "expires": expires.isoformat()})
+        urls = {name: f"{self.url}/files/{token}/{name}" for name in files}
+        return Reply.json({"urls": urls, "expires": expires.isoformat()})
 
     def download(self, rest: str) -> Reply:
         token, _, name = rest.partition("/")
@@ -606,7 +614,8 @@ class FakeTinker:
         with self._lock:
             if sampler_id in self.samplers:
                 raise Failure(409, f"sampling session {sampler_id} exists")
-            self.samplers[sampler_id] = HostedSampler(sampler_id, checkpoint.model.spec.base_model, model_path, checkpoint)
+            base_model = checkpoint.model.spec.base_model
+            self.samplers[sampler_id] = HostedSampler(sampler_id, base_model, model_path, checkpoint)
             session.sampler_ids.append(sampler_id)
         return sampler_id
 
@@ -620,12 +629,15 @@ class FakeTinker:
             reader = self._readers.get(owner.spec)
             if reader is None:
                 workdir = Path(tempfile.mkdtemp(prefix="reader-", dir=self.workdir))
-                reader = self._readers[owner.spec] = HostedModel(f"reader:{len(self._readers)}", owner.spec, self.make_backend(owner.spec, workdir))
+                backend = self.make_backend(owner.spec, workdir)
+                reader = self._readers[owner.spec] = HostedModel(f"reader:{len(self._readers)}", owner.spec, backend)
         return reader
 
     def get_sampler(self, sampler_id: str) -> Reply:
         sampler = self._sampler(sampler_id)
-        return Reply.json({"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path})
+        return Reply.json(
+            {"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+        )
 
     def _sampler(self, sampler_id: str) -> HostedSampler:
         with self._lock:
@@ -662,7 +674,9 @@ class FakeTinker:
                 raise Failure(400, prompt_logprobs.error)
             response = pb.SampleResponse()
             for completion in result.completions:
-                tokens, logprobs, reason = _cut_at(completion.token_ids, completion.logprobs or [], completion.finish_reason, stop_ids)
+                tokens, logprobs, reason = _cut_at(
+                    completion.token_ids, completion.logprobs or [], completion.finish_reason, stop_ids
+                )
                 sequence = response.sequences.add()
                 sequence.stop_reason = pb.STOP_REASON_STOP if reason == "stop" else pb.STOP_REASON_LENGTH
                 sequence.tokens = np.asarray(tokens, dtype=np.int32).tobytes()
@@ -723,7 +737,8 @@ def _spider_datum(message: pb.Datum) -> Datum:
         return inputs[name].astype(np.float64).tolist() if name in inputs else None
 
     try:
-        return Datum(tokens, inputs["target_tokens"].astype(np.int64).tolist(), values("logprobs"), values("advantages"), values("weights"))
+        targets = inputs["target_tokens"].astype(np.int64).tolist()
+        return Datum(tokens, targets, values("logprobs"), values("advantages"), values("weights"))
     except ValueError as exc:
         raise Failure(400, str(exc)) from None
 
@@ -772,7 +787,9 @@ def _sampling_params(raw: dict[str, Any]) -> tuple[SamplingParams, int | None, s
     return params, raw.get("seed"), {int(s) for s in stops if not isinstance(s, str)}
 
 
-def _cut_at(tokens: list[int], logprobs: list[float], reason: str | None, stop_ids: set[int]) -> tuple[list[int], list[float], str | None]:
+def _cut_at(
+    tokens: list[int], logprobs: list[float], reason: str | None, stop_ids: set[int]
+) -> tuple[list[int], list[float], str | None]:
     """The sample up to and including its first stop id (sampling is causal: the tokens before
     it are what a sampler told to stop there would have drawn)."""
     for i, token in enumerate(tokens):
@@ -844,7 +861,9 @@ def fake_tinker_server(
     closed) on exit. `fwdbwd_max_chunk_len` is the service's chunk size for forward_backward
     (the SDK splits larger batches into chunks that run in order)."""
     with contextlib.ExitStack() as stack:
-        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fake-tinker-")))
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fake-tinker-"))
+        root = Path(workdir)
         service = FakeTinker(api_keys, make_backend, root, fwdbwd_max_chunk_len)
         httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         httpd.service = service

@@ -37,6 +37,7 @@ from spider.types import Message
 from fake_tinker import fake_tinker_server  # tests/ is on sys.path under `pytest` and `python -m pytest` alike
 
 API_KEY = "tml-conformance-key"
+SECRETS = {"TINKER_API_KEY": API_KEY}
 RANK = 4
 SEED = 1234
 CHUNK = 2  # the fake service's forward_backward chunk: the 4-datum batches go as two chunks
@@ -53,7 +54,14 @@ TEXTS = (
 
 
 def close(actual, expected, rtol: float = RTOL, atol: float = ATOL) -> bool:
-    return bool(np.allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=rtol, atol=atol))
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return bool(np.allclose(actual, expected, rtol=rtol, atol=atol))
+
+
+def open_tinker(model, url: str, secrets: dict[str, str] | None = None, **options) -> TinkerBackend:
+    """A TinkerBackend on the fake service, of the suite's LoRA rank and seed unless told otherwise."""
+    options = {"lora": LoraSpec(rank=RANK), "seed": SEED, **options}
+    return TinkerBackend(str(model), SECRETS if secrets is None else secrets, base_url=url, **options)
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -61,7 +69,8 @@ def close(actual, expected, rtol: float = RTOL, atol: float = ATOL) -> bool:
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
-    with fake_tinker_server(api_keys=[API_KEY], workdir=tmp_path_factory.mktemp("fake-tinker"), fwdbwd_max_chunk_len=CHUNK) as server:
+    workdir = tmp_path_factory.mktemp("fake-tinker")
+    with fake_tinker_server(api_keys=[API_KEY], workdir=workdir, fwdbwd_max_chunk_len=CHUNK) as server:
         yield server
 
 
@@ -71,8 +80,9 @@ def make_backend(tiny_model, fake, tmp_path_factory):
 
     def make(kind: str) -> TrainingBackend:
         if kind == "local":
-            return LocalBackend(str(tiny_model), LoraSpec(rank=RANK), work_dir=tmp_path_factory.mktemp("local"), device="cpu", seed=SEED)
-        return TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
+            work_dir = tmp_path_factory.mktemp("local")
+            return LocalBackend(str(tiny_model), LoraSpec(rank=RANK), work_dir=work_dir, device="cpu", seed=SEED)
+        return open_tinker(tiny_model, fake.url)
 
     return make
 
@@ -168,7 +178,8 @@ def forward_backward_scenario(backend: TrainingBackend, data: tuple[Datum, ...],
 def optim_scenario(backend: TrainingBackend, data: tuple[Datum, ...]) -> dict:
     backend.forward_backward(list(data), "cross_entropy")
     out = backend.optim_step(AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=0.05))
-    return {"grad_norm": out.metrics["grad_norm"], "learning_rate": out.metrics["learning_rate"], "after": backend.forward(list(data))}
+    after = backend.forward(list(data))
+    return {"grad_norm": out.metrics["grad_norm"], "learning_rate": out.metrics["learning_rate"], "after": after}
 
 
 def accumulation_scenario(backend: TrainingBackend, data: tuple[Datum, ...]) -> dict:
@@ -196,7 +207,7 @@ def sampler_scenario(backend: TrainingBackend, prompt: tuple[int, ...]) -> dict:
     results = engine.generate([by_ids, by_messages], params)
     awaited = asyncio.run(engine.sample(by_ids, params))
     completions = [c for r in results for c in r.completions]
-    scores = engine.score([ScoreRequest(f"s{i}", list(c.prompt_ids) + list(c.token_ids)) for i, c in enumerate(completions)])
+    scores = engine.score([ScoreRequest(f"s{i}", c.prompt_ids + c.token_ids) for i, c in enumerate(completions)])
     return {
         "errors": [r.error for r in results] + [awaited.error],
         "tokens": [c.token_ids for c in completions],
@@ -358,22 +369,21 @@ def test_export_writes_the_saved_adapter(backend, reference, batch, tmp_path):
 
 
 def test_the_api_key_travels_and_a_wrong_one_is_refused(tiny_model, fake):
-    good = TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
-    good.close()
-    assert {key for route, key in fake.requests if route in ("/create_session", "/create_model", "/get_info")} == {API_KEY}
+    open_tinker(tiny_model, fake.url).close()
+    sent = {key for route, key in fake.requests if route in ("/create_session", "/create_model", "/get_info")}
+    assert sent == {API_KEY}
     with pytest.raises(EngineError, match="401"):
-        TinkerBackend(str(tiny_model), {"TINKER_API_KEY": "tml-not-a-key-of-this-service"}, base_url=fake.url, lora=LoraSpec(rank=RANK))
+        open_tinker(tiny_model, fake.url, {"TINKER_API_KEY": "tml-not-a-key-of-this-service"})
     with pytest.raises(EngineError, match="tml-"):
-        TinkerBackend(str(tiny_model), {"TINKER_API_KEY": "sk-wrong-format"}, base_url=fake.url, lora=LoraSpec(rank=RANK))
+        open_tinker(tiny_model, fake.url, {"TINKER_API_KEY": "sk-wrong-format"})
     with pytest.raises(EngineError, match="TINKER_API_KEY"):
-        TinkerBackend(str(tiny_model), {}, base_url=fake.url, lora=LoraSpec(rank=RANK))
+        open_tinker(tiny_model, fake.url, {})
     # The service itself refuses a key of the wrong format, whatever the client checks.
     refused = httpx.post(f"{fake.url}/api/v1/create_session", json={}, headers={"X-API-Key": "sk-wrong-format"})
     assert refused.status_code == 401 and "tml-" in refused.json()["detail"]
 
 
 def test_tinker_refuses_lora_settings_it_cannot_train(tiny_model, fake):
-    secrets = {"TINKER_API_KEY": API_KEY}
     for lora, why in [
         (LoraSpec(rank=None), "LoRA adapters only"),
         (LoraSpec(rank=4, alpha=16), "alpha"),
@@ -381,11 +391,11 @@ def test_tinker_refuses_lora_settings_it_cannot_train(tiny_model, fake):
         (LoraSpec(rank=4, dropout=0.1), "dropout"),
     ]:
         with pytest.raises(EngineError, match=why):
-            TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=lora)
+            open_tinker(tiny_model, fake.url, lora=lora)
 
 
 def test_a_batch_larger_than_a_chunk_goes_as_ordered_chunks(tiny_model, fake, batch):
-    backend = TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
+    backend = open_tinker(tiny_model, fake.url)
     try:
         before = sum(1 for route, _ in fake.requests if route == "/forward_backward")
         out = backend.forward_backward(list(batch.data["cross_entropy"]), "cross_entropy")
@@ -412,11 +422,12 @@ def test_train_step_submits_the_update_before_waiting_on_the_gradient(tiny_model
             return super().forward_backward(data, loss_fn, loss_fn_config)
 
     def holding(spec, workdir):
-        return HoldingBackend(spec.base_model, LoraSpec(rank=spec.rank), work_dir=workdir, device="cpu", seed=spec.seed or 0)
+        lora = LoraSpec(rank=spec.rank)
+        return HoldingBackend(spec.base_model, lora, work_dir=workdir, device="cpu", seed=spec.seed or 0)
 
     with fake_tinker_server(api_keys=[API_KEY], make_backend=holding, workdir=tmp_path) as server:
         service["server"] = server
-        backend = TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=server.url, lora=LoraSpec(rank=RANK), seed=SEED)
+        backend = open_tinker(tiny_model, server.url)
         datum = Datum(list(range(10, 20)), list(range(11, 21)), weights=[1.0] * 10)
         out, update = backend.train_step([datum], "cross_entropy", AdamParams(learning_rate=1e-2))
         backend.close()
@@ -425,10 +436,9 @@ def test_train_step_submits_the_update_before_waiting_on_the_gradient(tiny_model
 
 
 def test_resume_from_a_student_checkpoint(tiny_model, fake, batch):
-    secrets = {"TINKER_API_KEY": API_KEY}
     data = list(batch.data["cross_entropy"])
     score = ScoreRequest("seq", list(batch.sequences[1]))
-    first = TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
+    first = open_tinker(tiny_model, fake.url)
     try:
         first.train_step(data, "cross_entropy", AdamParams(learning_rate=2e-2))
         path = first.save_state("resume-me")
@@ -441,7 +451,7 @@ def test_resume_from_a_student_checkpoint(tiny_model, fake, batch):
         first.close()
     assert path.startswith("tinker://") and "/weights/" in path
     assert run not in fake.models  # the finished session released its run; its checkpoints stay
-    resumed = TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), student_checkpoint=path)
+    resumed = open_tinker(tiny_model, fake.url, seed=None, student_checkpoint=path)
     try:
         assert close(np.concatenate(resumed.forward(data)), np.concatenate(at_save), rtol=0, atol=1e-6)
         again = resumed.train_step(data, "cross_entropy", AdamParams(learning_rate=2e-2))[0].metrics["loss:sum"]
@@ -451,15 +461,15 @@ def test_resume_from_a_student_checkpoint(tiny_model, fake, batch):
     finally:
         resumed.close()
     with pytest.raises(EngineError, match="trained from"):
-        TinkerBackend("another/model", secrets, base_url=fake.url, lora=LoraSpec(rank=RANK), student_checkpoint=path)
+        open_tinker("another/model", fake.url, student_checkpoint=path)
     with pytest.raises(EngineError, match="rank"):
-        TinkerBackend(str(tiny_model), secrets, base_url=fake.url, lora=LoraSpec(rank=RANK * 2), student_checkpoint=path)
+        open_tinker(tiny_model, fake.url, lora=LoraSpec(rank=RANK * 2), student_checkpoint=path)
 
 
 def test_a_tinker_hosted_teacher_scores_like_the_base_model(tiny_model, fake):
     from spider.engines.hf_engine import HFEngine
 
-    teacher = TinkerEngine.for_base_model(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url)
+    teacher = TinkerEngine.for_base_model(str(tiny_model), SECRETS, base_url=fake.url)
     plain = HFEngine(str(tiny_model), {"dtype": "float32", "device": "cpu"})
     try:
         tokenizer = plain.tokenizer
@@ -479,7 +489,7 @@ def test_a_tinker_hosted_teacher_scores_like_the_base_model(tiny_model, fake):
 
 
 def test_stop_strings_end_the_text(tiny_model, fake):
-    engine = TinkerEngine.for_base_model(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url)
+    engine = TinkerEngine.for_base_model(str(tiny_model), SECRETS, base_url=fake.url)
     try:
         request = GenerationRequest("s", messages=[Message("user", "Write a story.")], seed=11)
         free = engine.generate([request], SamplingParams(max_tokens=24))[0].completions[0]
@@ -492,24 +502,24 @@ def test_stop_strings_end_the_text(tiny_model, fake):
 
 
 def test_without_a_local_tokenizer_only_token_ids_are_sampled(fake, tiny_model):
-    engine = TinkerEngine.for_base_model(
-        str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, tokenizer_name="org/not-available-offline"
-    )
+    missing = "org/not-available-offline"
+    engine = TinkerEngine.for_base_model(str(tiny_model), SECRETS, base_url=fake.url, tokenizer_name=missing)
     try:
-        by_messages, by_ids = engine.generate(
-            [GenerationRequest("m", messages=[Message("user", "hi")]), GenerationRequest("i", messages=[], prompt_ids=[5, 6, 7], seed=1)],
-            SamplingParams(max_tokens=4, logprobs=True),
-        )
-        assert by_messages.error is not None and "prompt_ids" in by_messages.error and "not-available-offline" in by_messages.error
-        assert by_ids.error is None and len(by_ids.completions[0].token_ids) >= 1
-        assert by_ids.completions[0].text == "" and len(by_ids.completions[0].logprobs) == len(by_ids.completions[0].token_ids)
+        chat = GenerationRequest("m", messages=[Message("user", "hi")])
+        ids = GenerationRequest("i", messages=[], prompt_ids=[5, 6, 7], seed=1)
+        by_messages, by_ids = engine.generate([chat, ids], SamplingParams(max_tokens=4, logprobs=True))
+        assert by_messages.error is not None
+        assert "prompt_ids" in by_messages.error and "not-available-offline" in by_messages.error
+        completion = by_ids.completions[0]
+        assert by_ids.error is None and len(completion.token_ids) >= 1
+        assert completion.text == "" and len(completion.logprobs) == len(completion.token_ids)
     finally:
         engine.close()
 
 
 def test_tinker_exports_only_the_current_weights(tiny_model, fake, batch, tmp_path):
     data = list(batch.data["cross_entropy"])
-    backend = TinkerBackend(str(tiny_model), {"TINKER_API_KEY": API_KEY}, base_url=fake.url, lora=LoraSpec(rank=RANK), seed=SEED)
+    backend = open_tinker(tiny_model, fake.url)
     try:
         path = backend.save_weights_for_sampler("before-the-step")
         backend.train_step(data, "cross_entropy", AdamParams(learning_rate=1e-2))

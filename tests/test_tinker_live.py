@@ -26,7 +26,9 @@ MODEL = os.environ.get("TINKER_LIVE_MODEL", "meta-llama/Llama-3.2-1B")
 BOS = 128000  # Llama 3's <|begin_of_text|>; ids below are ordinary tokens of its vocabulary
 RANK = 8
 
-pytestmark = pytest.mark.skipif(not API_KEY, reason="TINKER_API_KEY is not set: the hosted Tinker service is not reached")
+pytestmark = pytest.mark.skipif(
+    not API_KEY, reason="TINKER_API_KEY is not set: the hosted Tinker service is not reached"
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,8 @@ def test_live_losses_updates_and_steps(backend, sequences):
     assert update.metrics["learning_rate"] == pytest.approx(1e-4)
     if "grad_norm" in update.metrics:
         assert update.metrics["grad_norm"] > 0
-    losses = [backend.train_step(data, "cross_entropy", AdamParams(learning_rate=1e-3))[0].metrics["loss:sum"] for _ in range(4)]
+    adam = AdamParams(learning_rate=1e-3)
+    losses = [backend.train_step(data, "cross_entropy", adam)[0].metrics["loss:sum"] for _ in range(4)]
     assert losses[-1] < losses[0], losses
 
 
@@ -144,4 +147,5 @@ def test_live_state_round_trip_and_resume(backend, secrets, sequences):
 
 def test_live_service_refuses_a_wrong_key():
     with pytest.raises(EngineError, match="401|403|refused|denied"):
-        TinkerBackend(MODEL, {"TINKER_API_KEY": "tml-spider-live-test-not-a-real-key"}, base_url=BASE_URL, lora=LoraSpec(rank=RANK))
+        wrong = {"TINKER_API_KEY": "tml-spider-live-test-not-a-real-key"}
+        TinkerBackend(MODEL, wrong, base_url=BASE_URL, lora=LoraSpec(rank=RANK))

@@ -174,7 +174,9 @@ class TinkerEngine(Engine):
             return list(request.prompt_ids)
         if self.renderer is None:
             why = f" ({self.tokenizer_error})" if self.tokenizer_error else ""
-            raise ValueError(f"engine {self.name!r} has no local tokenizer to render messages with{why}; send prompt_ids")
+            raise ValueError(
+                f"engine {self.name!r} has no local tokenizer to render messages with{why}; send prompt_ids"
+            )
         return self.renderer.render(request.messages, request.tools).ids
 
     def _tinker_params(self, params: SamplingParams) -> tt.SamplingParams:
@@ -191,7 +193,9 @@ class TinkerEngine(Engine):
             if used
         ]
         if refused:
-            raise EngineError(f"provider 'tinker' cannot sample with {', '.join(refused)}; remove them from the parameters")
+            raise EngineError(
+                f"provider 'tinker' cannot sample with {', '.join(refused)}; remove them from the parameters"
+            )
         if params.max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}")
         stops = [s for s in params.stop if s]

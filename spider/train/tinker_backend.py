@@ -104,7 +104,9 @@ class TinkerBackend(TrainingBackend):
             problem = f"trains a LoRA of rank {info.lora_rank}, not {rank}"
         if problem is not None:
             self.close()
-            raise EngineError(f"student_checkpoint {checkpoint!r} {problem}; resume it with the settings it was trained with")
+            raise EngineError(
+                f"student_checkpoint {checkpoint!r} {problem}; resume it with the settings it was trained with"
+            )
 
     # -- training ---------------------------------------------------------------------------
 
@@ -300,7 +302,9 @@ def _tinker_rank(lora: LoraSpec) -> int:
     if lora.alpha not in (None, TINKER_LORA_ALPHA):
         raise EngineError(f"Tinker's LoRA alpha is fixed at {TINKER_LORA_ALPHA}; got alpha {lora.alpha}")
     if lora.target_modules is not None:
-        raise EngineError("Tinker adapts every linear layer (attention, MLP, unembedding); target_modules cannot be chosen")
+        raise EngineError(
+            "Tinker adapts every linear layer (attention, MLP, unembedding); target_modules cannot be chosen"
+        )
     if lora.dropout:
         raise EngineError(f"Tinker's LoRA has no dropout; got dropout {lora.dropout}")
     return lora.rank
