@@ -104,7 +104,7 @@ class TinkerEngine(Engine):
         try:
             client = service.create_sampling_client(base_model=base_model).result()
         except tinker.TinkerError as exc:
-            service.close("errored", detail=str(exc))
+            service.close("errored", detail=str(exc))  # not awaited: the error is what matters
             raise tinker_failure(exc, f"opening a sampler of {base_model!r}") from exc
         source = tokenizer_name or base_model
         return cls(client, base_model, tokenizer=lambda: load_tokenizer(source, access), owner=service)

@@ -67,7 +67,7 @@ class TinkerBackend(TrainingBackend):
     ):
         self.base_model = base_model
         self.lora = lora or LoraSpec()
-        rank = _tinker_rank(self.lora)
+        self._rank = _tinker_rank(self.lora)
         self._tokenizer_name = tokenizer_name or base_model
         self._access = access
         self._base_url = base_url
@@ -84,24 +84,24 @@ class TinkerBackend(TrainingBackend):
         self._tokenizer_lock = threading.Lock()
         try:
             if student_checkpoint is None:
-                future = self._service.create_lora_training_client(base_model, rank=rank, seed=seed)
+                future = self._service.create_lora_training_client(base_model, rank=self._rank, seed=seed)
             else:
                 future = self._service.create_training_client_from_state_with_optimizer(student_checkpoint)
             self._training: tinker.TrainingClient = future.result()
         except tinker.TinkerError as exc:
-            self._service.close("errored", detail=str(exc)).result()
+            self._service.close("errored", detail=str(exc))  # not awaited: the error is what matters
             raise tinker_failure(exc, f"creating the training run of {base_model!r}") from exc
         if student_checkpoint is not None:
-            self._check_resumed(student_checkpoint, rank)
+            self._check_resumed(student_checkpoint)
 
-    def _check_resumed(self, checkpoint: str, rank: int) -> None:
+    def _check_resumed(self, checkpoint: str) -> None:
         """A resumed run must be the one this job describes: the same base model and LoRA rank."""
         info = self._training.get_info()
         problem = None
         if info.model_data.model_name is not None and info.model_data.model_name != self.base_model:
             problem = f"was trained from {info.model_data.model_name!r}, not from {self.base_model!r}"
-        elif info.lora_rank is not None and info.lora_rank != rank:
-            problem = f"trains a LoRA of rank {info.lora_rank}, not {rank}"
+        elif info.lora_rank is not None and info.lora_rank != self._rank:
+            problem = f"trains a LoRA of rank {info.lora_rank}, not {self._rank}"
         if problem is not None:
             self.close()
             raise EngineError(
@@ -149,6 +149,7 @@ class TinkerBackend(TrainingBackend):
         future = self._service.create_training_client_from_state_with_optimizer(path)
         self._training = self._wait(future, f"loading state {path!r}")
         self._updates, self._saved_at = 0, {}
+        self._check_resumed(path)
 
     def save_weights_for_sampler(self, name: str) -> str:
         path = self._wait(self._training.save_weights_for_sampler(name), f"saving sampler weights {name!r}").path
