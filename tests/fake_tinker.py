@@ -11,7 +11,8 @@ by Spider's own `LocalBackend` (one per created model), so training and sampling
         server.requests                     # (route, api key) of every request received
 
 A base model name is what LocalBackend loads: a local model folder (spider.testing.build_tiny_model)
-or a name spider.models.resolve_model builds offline. Keys are checked as the service checks them:
+or a hub id spider.models.resolve_model finds offline (a model folder copied to
+`spider.models.models_dir() / "org/name"` answers to "org/name", as a Tinker job's hub id must). Keys are checked as the service checks them:
 an `X-API-Key` without the `tml-` prefix, or not among `api_keys`, is answered 401 on every route.
 `make_backend` replaces LocalBackend (same `TrainingBackend` interface) for a test that needs to.
 
