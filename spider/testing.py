@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 TINY_CHAT_TEMPLATE = (
     # ChatML with Hermes-style tool calls: tools are listed in the system turn, calls are
@@ -107,21 +108,31 @@ def build_tiny_tokenizer(path: str | Path, vocab_size: int = 1024):
     return fast
 
 
-def build_tiny_model(path: str | Path, vocab_size: int = 1024, seed: int = 0) -> Path:
+def build_tiny_model(path: str | Path, vocab_size: int = 1024, seed: int = 0, tokenizer: Any = None) -> Path:
     """Write a tiny random Llama-style causal LM (~0.75 M parameters, 2 layers) to `path`.
 
     Same `seed`, same files. The model's vocabulary is the tokenizer's actual size (at most
     `vocab_size`), so every id the model can sample decodes. Weights are float32, so greedy outputs
     agree across transformers and vLLM. eos is `<|im_end|>`, pad is `<|endoftext|>`.
+
+    `tokenizer` (a tokenizer object or folder, e.g. a real model's) replaces the trained BPE: the
+    model then has that tokenizer's vocabulary, chat template, eos and pad tokens.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(path, vocab_size=vocab_size)
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if tokenizer is None:
+        tokenizer = build_tiny_tokenizer(path, vocab_size=vocab_size)
+        eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    else:
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer.save_pretrained(str(path))
+        eos_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -142,4 +153,22 @@ def build_tiny_model(path: str | Path, vocab_size: int = 1024, seed: int = 0) ->
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
     model.save_pretrained(str(path))
     (path / "spider_tiny.json").write_text(json.dumps({"seed": seed, "vocab_size": vocab_size}) + "\n")
+    return path
+
+
+def build_truncated_model(source: str | Path, path: str | Path, layers: int) -> Path:
+    """Write the first `layers` decoder layers of the model at `source` (with its embeddings, final
+    norm, head and tokenizer) to `path`: a smaller student of the same family and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype="float32")
+    if not 1 <= layers <= model.config.num_hidden_layers:
+        raise ValueError(f"layers must be between 1 and {model.config.num_hidden_layers}, got {layers}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(str(path))
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(path))
     return path

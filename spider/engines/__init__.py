@@ -61,7 +61,7 @@ def engine_key(model: "ModelConfig", secrets: dict[str, str] | None = None) -> E
     """What makes two model configs the same engine: provider, name and parameters (and, for HTTP
     endpoints, the credentials: two jobs with different API keys never share a client)."""
     params = json.dumps(model.parameters, sort_keys=True, default=str)
-    if model.provider == "openai" and secrets:
+    if model.provider in ("openai", "tinker") and secrets:
         digest = hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()
         params += f"|{digest}"
     return model.provider, model.name, params
@@ -91,10 +91,11 @@ def create_engine(model: "ModelConfig", secrets: dict[str, str] | None = None) -
 
         return HFEngine(model.name, model.parameters, secrets, access=ModelAccess.from_env())
     if model.provider == "tinker":
-        raise EngineError(
-            "provider 'tinker' samples through the trainer backend of an on-policy job, not through a "
-            "generation engine; for dataset jobs use provider 'vllm', 'hf' or 'openai'"
-        )
+        # A Tinker-hosted model (an on-policy job's teacher), at the operator's Tinker endpoint.
+        from spider.engines.tinker_engine import TinkerEngine
+        from spider.train.backends import tinker_base_url
+
+        return TinkerEngine.for_base_model(model.name, secrets, base_url=tinker_base_url(), access=ModelAccess.from_env())
     raise EngineError(f"unknown model.provider {model.provider!r}; use 'vllm', 'hf' or 'openai'")
 
 

@@ -24,9 +24,10 @@ def tinker_base_url() -> str | None:
     return os.environ.get("SPIDER_TINKER_BASE_URL") or None
 
 
-def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path) -> TrainingBackend:
-    """The job's student trainer. Local models resolve as every engine's do (SPIDER_MODEL_DIRS, the
-    Hugging Face cache, Spider's model cache); the job's HF_TOKEN, never the worker's, reads private ones."""
+def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path, resume: str | None = None) -> TrainingBackend:
+    """The job's student trainer, at the saved state `resume` (a path `save_state` returned) when
+    given. Local models resolve as every engine's do (SPIDER_MODEL_DIRS, the Hugging Face cache,
+    Spider's model cache); the job's HF_TOKEN, never the worker's, reads private ones."""
     from spider.models import ModelAccess, resolve_model
 
     o = config.generation.on_policy_options
@@ -40,7 +41,7 @@ def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path) -> 
             base_url=tinker_base_url(),
             lora=lora_spec(config),
             seed=o.seed,
-            student_checkpoint=o.student_checkpoint,
+            student_checkpoint=resume or o.student_checkpoint,  # a resumed run continues its own state
             access=access,
         )
     from spider.train.local import LocalBackend
@@ -55,7 +56,9 @@ def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path) -> 
         sampler_engine="vllm" if config.model.provider == "vllm" else "hf",
         sampler_parameters=parameters or None,
     )
-    if o.student_checkpoint is not None:
+    if resume is not None:
+        backend.load_state(resume)
+    elif o.student_checkpoint is not None:
         backend.load_weights(resolve_model(o.student_checkpoint, access=access))
     return backend
 

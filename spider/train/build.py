@@ -107,11 +107,10 @@ def build_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
     secrets = ctx.store.secrets(job_id)
     total = int(ctx.store.get_field(job_id, "batches_total") or 0)
     closers: list[Any] = []
-    backend = make_backend(config, secrets, files.trainer)
+    backend = make_backend(config, secrets, files.trainer, resume=meta["state"] if meta is not None else None)
     closers.append(backend.close)
     try:
         if meta is not None:
-            backend.load_state(meta["state"])
             sampler_path = meta["sampler_path"]
         else:
             sampler_path = backend.save_weights_for_sampler("step-000000")
