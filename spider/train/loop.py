@@ -39,6 +39,9 @@ from spider.train.losses import learning_rate, reverse_kl_advantages
 from spider.train.teacher import TeacherItem, TeacherScore
 from spider.types import Message
 
+# What a sampled token the teacher gave no value at all counts as, when its completion has no other.
+MISSING_TEACHER_LOGPROB = -30.0
+
 
 # -- what the loop is given -------------------------------------------------------------------
 
@@ -229,7 +232,10 @@ class Assembled:
     kl_tokens: int = 0
     sampled_tokens: int = 0
     trained_tokens: int = 0
-    unaligned_tokens: int = 0
+    unaligned_tokens: int = 0  # sampled tokens the aligner could not match exactly (trained on their group's value)
+    unscored_tokens: int = 0  # sampled tokens the teacher gave no value (trained on a pessimistic one)
+    aligned_kl_sum: float = 0.0
+    aligned_kl_tokens: int = 0
     separate_turns: int = 0  # turns trained as their own sequence (the template is not prefix-preserving)
     score_errors: int = 0
     entropy_sum: float = 0.0
@@ -239,7 +245,31 @@ class Assembled:
 
     @property
     def teacher_kl(self) -> float | None:
+        """Mean over every sampled token of logp_student - logp_teacher (a sampled estimate)."""
         return self.kl_sum / self.kl_tokens if self.kl_tokens else None
+
+    @property
+    def aligned_teacher_kl(self) -> float | None:
+        """The same over the tokens the aligner matched exactly."""
+        return self.aligned_kl_sum / self.aligned_kl_tokens if self.aligned_kl_tokens else None
+
+
+def usable_teacher_logprobs(values: np.ndarray, aligned: np.ndarray) -> tuple[np.ndarray, int]:
+    """The teacher's value for every sampled token, and how many had none of their own.
+
+    Tokens the aligner could not match exactly keep their group's projected value (the group's
+    log-prob is the teacher's judgement of the text those tokens spell; for bytes that are not
+    valid UTF-8 it is the teacher's view of the replacement character). They must never go free:
+    a token with no advantage is one every other token's negative advantage pushes probability
+    towards, and a student learns to say what the teacher cannot score. A token whose group the
+    teacher did not score at all (a control token with no counterpart: value 0 or NaN) gets the
+    completion's lowest teacher log-prob."""
+    values = np.asarray(values, dtype=np.float64).copy()
+    missing = ~np.isfinite(values) | (~aligned & (values >= 0.0))
+    if missing.any():
+        known = values[~missing]
+        values[missing] = known.min() if known.size else MISSING_TEACHER_LOGPROB
+    return values, int(missing.sum())
 
 
 def assemble(scored: list[list[list[ScoredTurn]]], kl_penalty_coef: float, kl_discount_factor: float) -> Assembled:
@@ -258,14 +288,21 @@ def assemble(scored: list[list[list[ScoredTurn]]], kl_penalty_coef: float, kl_di
                     out.score_errors += 1
                     tokens_so_far = None
                     continue
-                mask = turn.teacher.mask.astype(bool)
-                out.unaligned_tokens += int((~mask).sum())
-                diff = np.where(mask, turn.sampler_logprobs - turn.teacher.logprobs, 0.0)
+                aligned = turn.teacher.mask.astype(bool)
+                teacher, unscored = usable_teacher_logprobs(turn.teacher.logprobs, aligned)
+                turn.teacher.logprobs = teacher
+                out.unaligned_tokens += int((~aligned).sum())
+                out.unscored_tokens += unscored
+                diff = turn.sampler_logprobs - teacher
                 out.kl_sum += float(diff.sum())
-                out.kl_tokens += int(mask.sum())
+                out.kl_tokens += len(diff)
+                out.aligned_kl_sum += float(diff[aligned].sum())
+                out.aligned_kl_tokens += int(aligned.sum())
+                everywhere = np.ones(len(diff), dtype=bool)
                 advantages = np.asarray(
-                    reverse_kl_advantages(turn.sampler_logprobs, turn.teacher.logprobs, mask, kl_penalty_coef, kl_discount_factor)
+                    reverse_kl_advantages(turn.sampler_logprobs, teacher, everywhere, kl_penalty_coef, kl_discount_factor)
                 )
+                mask = everywhere
                 extends = tokens_so_far is not None and turn.prompt_ids[: len(tokens_so_far)] == tokens_so_far
                 if extends and sequences:
                     sequences[-1].append((turn, advantages, mask))
@@ -381,7 +418,9 @@ def on_policy_step(run: TrainRun, step: int, loop: Any) -> dict[str, Any]:
         "tokens_sampled": assembled.sampled_tokens,
         "tokens_trained": assembled.trained_tokens,
         "sequences": len(assembled.data),
+        "aligned_teacher_kl": assembled.aligned_teacher_kl,
         "unaligned_tokens": assembled.unaligned_tokens,
+        "unscored_tokens": assembled.unscored_tokens,
         "aligned_fraction": (
             1.0 - assembled.unaligned_tokens / assembled.sampled_tokens if assembled.sampled_tokens else None
         ),
