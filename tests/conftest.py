@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,12 +47,44 @@ def vllm_server(tiny_model, tmp_path_factory):
         yield url
 
 
+@dataclass
+class FakeTinkerService:
+    """The fake Tinker service (tests/fake_tinker.py; the hosted one cannot be reached from here)
+    and the hub ids of the two small models it serves, with the key it accepts."""
+
+    server: Any
+    key: str
+    student: str
+    teacher: str
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def fake_tinker(tmp_path_factory):
+    """Started once; the stack's workers reach it through the operator setting SPIDER_TINKER_BASE_URL.
+    Its models answer to hub ids (Spider's model cache), as a Tinker job's model names must."""
+    import shutil
+
+    from spider.models import models_dir
+    from spider.testing import build_tiny_model
+    from tests.fake_tinker import fake_tinker_server
+
+    names = {"student": "spider-tests/tiny-student", "teacher": "spider-tests/tiny-teacher"}
+    for seed, name in enumerate(names.values()):
+        folder = models_dir() / name
+        shutil.rmtree(folder, ignore_errors=True)
+        build_tiny_model(folder, seed=seed)
+    key = "tml-spider-tests"
+    with fake_tinker_server(api_keys=[key], workdir=tmp_path_factory.mktemp("fake-tinker")) as server:
+        yield FakeTinkerService(server, key, names["student"], names["teacher"])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, fake_tinker):
     """The local stack, with API keys configured: the same processes as a deployment."""
     from spider.local import LocalStack
 
     env = {
+        "SPIDER_TINKER_BASE_URL": fake_tinker.server.url,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",

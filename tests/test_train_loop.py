@@ -55,31 +55,19 @@ def test_only_sampled_tokens_carry_advantages_and_logprobs(renderer):
     assert out.sampled_tokens == out.trained_tokens == len(answer)
 
 
-def test_unaligned_tokens_train_on_their_groups_value_and_are_reported(renderer):
-    """A token the aligner could not match exactly is never free: with no advantage it would be
-    where every other token's negative advantage pushes probability."""
-    prompt = renderer.render([Message("user", "hi")]).ids
-    answer = renderer.encode("a small cat")
-    mask = [True] * len(answer)
-    mask[1] = False
-    student = [-1.0] * len(answer)
-    teacher = [-3.0] * len(answer)
-    out = assemble([[[scored(prompt, answer, student, teacher, mask)]]], 1.0, 0.0)
-    start = len(prompt) - 1
-    assert out.data[0].advantages[start : start + len(answer)] == pytest.approx([-2.0] * len(answer))
-    assert out.unaligned_tokens == 1 and out.kl_tokens == len(answer) and out.aligned_kl_tokens == len(answer) - 1
-    assert out.teacher_kl == pytest.approx(2.0) and out.unscored_tokens == 0
-
-
-def test_a_token_the_teacher_gave_no_value_gets_the_completions_worst(renderer):
+def test_tokens_without_an_exact_teacher_value_get_the_completions_worst(renderer):
+    """A token the aligner could not match exactly is never free (with no advantage it would be
+    where every other token's negative advantage pushes probability) nor judged on text it did
+    not write: it counts as the completion's worst exactly scored token."""
     prompt = renderer.render([Message("user", "hi")]).ids
     answer = renderer.encode("a small cat")[:3]
-    out = assemble([[[scored(prompt, answer, [-1.0] * 3, [-2.0, float("nan"), -5.0], [True, False, True])]]], 1.0, 0.0)
+    out = assemble([[[scored(prompt, answer, [-1.0] * 3, [-2.0, -0.5, -5.0], [True, False, True])]]], 1.0, 0.0)
     start = len(prompt) - 1
     assert out.data[0].advantages[start : start + 3] == pytest.approx([-1.0, -4.0, -4.0])
-    assert out.unscored_tokens == 1
-    # An unaligned token valued 0 (a control token with no teacher counterpart) is unscored too.
-    out = assemble([[[scored(prompt, answer, [-1.0] * 3, [-2.0, 0.0, -5.0], [True, False, True])]]], 1.0, 0.0)
+    assert out.unaligned_tokens == 1 and out.unscored_tokens == 1
+    assert out.kl_tokens == 3 and out.aligned_kl_tokens == 2
+    assert out.teacher_kl == pytest.approx((1 + 4 + 4) / 3) and out.aligned_teacher_kl == pytest.approx(2.5)
+    out = assemble([[[scored(prompt, answer, [-1.0] * 3, [-2.0, float("nan"), -5.0], [True, True, True])]]], 1.0, 0.0)
     assert out.unscored_tokens == 1 and out.data[0].advantages[start + 1] == pytest.approx(-4.0)
 
 

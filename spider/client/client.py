@@ -225,8 +225,15 @@ class SpiderClient:
             handler(event)
         return self.get_job_status(job_id)
 
+    def training_metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """A training job's metrics so far: one dict per step (as its `train.step` events carry
+        them), with the held-out KL before the first step as step 0 when it evaluates."""
+        return self._call("GET", f"/v1/jobs/{job_id}/metrics").json()["steps"]
+
     def download_result(self, job_id: str, destination: str | os.PathLike[str]) -> Path:
-        """Save the result to `destination` and its metadata beside it (`<name>.metadata.json`)."""
+        """Save the result to `destination` and its metadata beside it (`<name>.metadata.json`).
+        A dataset job's result is its records (JSONL or Parquet); an on-policy job's is a .tar.gz
+        of the trained adapter (`adapter/`), `metrics.jsonl` and `metrics.png`."""
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         tmp = destination.with_name(f".{destination.name}.part")
@@ -239,7 +246,8 @@ class SpiderClient:
                     handle.write(chunk)
         tmp.replace(destination)
         metadata = self._call("GET", f"/v1/jobs/{job_id}/metadata").json()
-        meta_path = destination.with_name(destination.stem + ".metadata.json")
+        stem = destination.name[: -len(".tar.gz")] if destination.name.endswith(".tar.gz") else destination.stem
+        meta_path = destination.with_name(stem + ".metadata.json")
         meta_path.write_text(json.dumps(metadata, indent=2))
         return destination
 

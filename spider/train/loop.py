@@ -39,7 +39,7 @@ from spider.train.losses import learning_rate, reverse_kl_advantages
 from spider.train.teacher import TeacherItem, TeacherScore
 from spider.types import Message
 
-# What a sampled token the teacher gave no value at all counts as, when its completion has no other.
+# What an inexact token counts as when its completion has no exactly aligned token at all.
 MISSING_TEACHER_LOGPROB = -30.0
 
 
@@ -233,7 +233,7 @@ class Assembled:
     sampled_tokens: int = 0
     trained_tokens: int = 0
     unaligned_tokens: int = 0  # sampled tokens the aligner could not match exactly (trained on their group's value)
-    unscored_tokens: int = 0  # sampled tokens the teacher gave no value (trained on a pessimistic one)
+    unscored_tokens: int = 0  # sampled tokens with no exact teacher value (trained on a pessimistic one)
     aligned_kl_sum: float = 0.0
     aligned_kl_tokens: int = 0
     separate_turns: int = 0  # turns trained as their own sequence (the template is not prefix-preserving)
@@ -255,21 +255,21 @@ class Assembled:
 
 
 def usable_teacher_logprobs(values: np.ndarray, aligned: np.ndarray) -> tuple[np.ndarray, int]:
-    """The teacher's value for every sampled token, and how many had none of their own.
+    """The teacher's value for every sampled token, and how many had no exact value of their own.
 
-    Tokens the aligner could not match exactly keep their group's projected value (the group's
-    log-prob is the teacher's judgement of the text those tokens spell; for bytes that are not
-    valid UTF-8 it is the teacher's view of the replacement character). They must never go free:
-    a token with no advantage is one every other token's negative advantage pushes probability
-    towards, and a student learns to say what the teacher cannot score. A token whose group the
-    teacher did not score at all (a control token with no counterpart: value 0 or NaN) gets the
-    completion's lowest teacher log-prob."""
+    A token the aligner could not match exactly (its bytes are not what the teacher scored: a
+    lone byte of a multibyte character reaches the teacher as U+FFFD) gets the completion's
+    lowest exact teacher log-prob. It must never go free, nor be judged on text it did not write:
+    a token with no advantage is where every other token's negative advantage pushes probability,
+    and a student trained that way learns to say what the teacher cannot score (measured: the
+    exactly aligned share of a random student's tokens fell from 80% to 13% while its KL on the
+    rest fell)."""
     values = np.asarray(values, dtype=np.float64).copy()
-    missing = ~np.isfinite(values) | (~aligned & (values >= 0.0))
-    if missing.any():
-        known = values[~missing]
-        values[missing] = known.min() if known.size else MISSING_TEACHER_LOGPROB
-    return values, int(missing.sum())
+    inexact = ~aligned | ~np.isfinite(values)
+    if inexact.any():
+        known = values[~inexact]
+        values[inexact] = known.min() if known.size else MISSING_TEACHER_LOGPROB
+    return values, int(inexact.sum())
 
 
 def assemble(scored: list[list[list[ScoredTurn]]], kl_penalty_coef: float, kl_discount_factor: float) -> Assembled:

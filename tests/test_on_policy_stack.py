@@ -1,0 +1,180 @@
+"""On-policy distillation through the real stack (client -> API -> control / train / rollout workers):
+students learn from SmolLM2-135M-Instruct across tokenizers and with its own; a killed train
+worker's job resumes from its checkpoint and ends at exactly max_steps; the product brief's config
+runs on the Tinker SDK against the fake Tinker service."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spider.client import SpiderClient
+from spider.config import AppConfig
+from spider.jobs.store import JobFiles
+from spider.models import SMOLLM2_135M_INSTRUCT
+from spider.types import EventKind
+from tests.conftest import API_KEYS, SAMPLE_PROMPTS
+
+pytestmark = pytest.mark.slow
+ALICE = API_KEYS[0]
+
+
+def on_policy_config(stack, student: str | Path, teacher: Any, provider: str = "hf", split: str = "train",
+                     **options: Any) -> AppConfig:
+    return AppConfig.parse({
+        "server": {"base_url": stack.url, "api_key": ALICE, "request_timeout": 60},
+        "job": {
+            "model": {"provider": provider, "name": str(student)},
+            "source": {"dataset": str(SAMPLE_PROMPTS), "split": split, "field": "question"},
+            "generation": {"on_policy": True, "on_policy_options": {"teacher": teacher, **options}},
+        },
+    })
+
+
+def run(config: AppConfig, tmp_path: Path, env: dict[str, str] | None = None, on_event=None):
+    events = []
+
+    def seen(event):
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    with SpiderClient(config=config, env=env or {}) as client:
+        job_id = client.submit_job()["job_id"]
+        status = client.poll_job(job_id, interval=0.5, on_event=seen)
+        archive = client.download_result(job_id, tmp_path / f"{job_id}.tar.gz") if status["status"] == "completed" else None
+        steps = client.training_metrics(job_id)
+    return job_id, status, events, archive, steps
+
+
+def evals(steps: list[dict[str, Any]]) -> list[float]:
+    return [s["eval_teacher_kl"] for s in steps if s.get("eval_teacher_kl") is not None]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from spider.models import resolve_model
+
+    return resolve_model(SMOLLM2_135M_INSTRUCT)
+
+
+LEARNING = dict(groups_per_batch=4, group_size=4, max_tokens=24, eval_every=8, eval_rows=8, steps_per_task=8,
+                save_every=8, seed=0)
+
+
+def test_a_student_with_another_tokenizer_learns_from_smollm2(stack, tiny_model, smollm2, tmp_path):
+    """The tiny student's 1024-token BPE shares no vocabulary with SmolLM2's 49152-token one: every
+    teacher score goes through the aligner. Held-out reverse KL must fall by more than half: its
+    step-to-step noise on 8 prompts x 24 tokens is a few tenths of a nat, the drop several nats."""
+    config = on_policy_config(stack, tiny_model, {"provider": "hf", "name": SMOLLM2_135M_INSTRUCT},
+                              lora_rank=0, learning_rate=3e-3, max_steps=24, **LEARNING)
+    job_id, status, events, archive, steps = run(config, tmp_path)
+    assert status["status"] == "completed", status
+    curve = evals(steps)
+    assert len(curve) == 4 and [s["step"] for s in steps if s.get("eval_teacher_kl") is not None] == [0, 8, 16, 24]
+    assert curve[-1] < 0.5 * curve[0], curve
+    trained = [s for s in steps if s["step"] > 0]
+    assert [s["step"] for s in trained] == list(range(1, 25))
+    # Across tokenizers the aligner reports what it matched. A random student samples lone bytes of
+    # multibyte characters, which the teacher cannot score as written: about a fifth of its tokens
+    # at first. Those count as its worst tokens, so it learns to write text the teacher reads.
+    fractions = [s["aligned_fraction"] for s in trained]
+    assert fractions[0] < 0.95 and trained[0]["unaligned_tokens"] > 0, fractions
+    assert sum(fractions[-4:]) / 4 > sum(fractions[:4]) / 4, fractions
+    assert all(0 < s["alignment"]["align/aligned_token_fraction"] <= 1 for s in trained)
+    kinds = [e.kind for e in events]
+    assert kinds.count(EventKind.TRAIN_STEP) == 24 and kinds.count(EventKind.TRAIN_EVAL) == 4
+    assert kinds[-1] == EventKind.JOB_COMPLETED
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        assert {"adapter/config.json", "adapter/model.safetensors", "adapter/README.md", "metrics.jsonl",
+                "metrics.png"} <= names, names
+        card = tar.extractfile("adapter/README.md").read().decode()
+    assert SMOLLM2_135M_INSTRUCT in card and "teacher_kl" in card
+    metadata = json.loads(archive.with_name(f"{job_id}.metadata.json").read_text())
+    assert metadata["steps"] == 24 and metadata["eval_teacher_kl"]["last"] == pytest.approx(curve[-1])
+
+
+def test_a_same_tokenizer_student_learns_with_lora_and_the_teacher_on_rollout_workers(stack, smollm2, tmp_path,
+                                                                                      model_dirs):
+    """A 4-layer cut of SmolLM2 (its tokenizer, a quarter of its depth) as the student, LoRA, and the
+    teacher scoring as tasks on the rollout queue: the identity path, no alignment groups."""
+    from spider.testing import build_truncated_model
+
+    student = build_truncated_model(smollm2, model_dirs / "smollm2-4-layers", layers=4)
+    config = on_policy_config(stack, student, {"provider": "hf", "name": SMOLLM2_135M_INSTRUCT},
+                              lora_rank=16, learning_rate=2e-3, max_steps=16, teacher_in_process=False,
+                              **{**LEARNING, "eval_every": 8})
+    job_id, status, events, archive, steps = run(config, tmp_path)
+    assert status["status"] == "completed", status
+    curve = evals(steps)
+    assert len(curve) == 3 and curve[-1] < 0.75 * curve[0], curve
+    trained = [s for s in steps if s["step"] > 0]
+    assert all(s["aligned_fraction"] == 1.0 and s["unaligned_tokens"] == 0 for s in trained)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"} <= names
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint_and_stops_at_max_steps(stack, tiny_model, tmp_path):
+    config = on_policy_config(stack, tiny_model, {"provider": "hf", "name": str(tiny_model)}, lora_rank=8,
+                              learning_rate=1e-3, max_steps=10, groups_per_batch=2, group_size=2, max_tokens=16,
+                              steps_per_task=4, save_every=0)
+    with SpiderClient(config=config) as client:
+        job_id = client.submit_job()["job_id"]
+        files = JobFiles(stack.data_dir, job_id)
+        for event in client.stream_events(job_id):
+            if event.kind == EventKind.TRAIN_STEP and event.data["step"] == 5:
+                stack.kill("worker-train")  # in the segment of steps 5-8, after the checkpoint of step 4
+                break
+        killed_after = json.loads(files.latest_checkpoint.read_text())["step"]
+        started = time.monotonic()
+        stack.restart("worker-train")
+        status = client.poll_job(job_id, interval=0.5, on_event=lambda e: None)
+        recovered_s = time.monotonic() - started
+        steps = client.training_metrics(job_id)
+        history = list(client.stream_events(job_id))
+    assert status["status"] == "completed", status
+    assert killed_after in (4, 8), killed_after
+    assert [s["step"] for s in steps] == list(range(1, 11))  # each step once in the metrics, lost ones redone
+    resumed = [e for e in history if e.kind == EventKind.JOB_RESUMED]
+    assert [e.data["step"] for e in resumed] == [killed_after]
+    done = [e.data["step"] for e in history if e.kind == EventKind.TRAIN_STEP]
+    assert max(done) == 10 and done.count(10) == 1  # never past max_steps
+    assert all(done.count(k) == 1 for k in range(1, killed_after + 1))  # checkpointed steps never train again
+    assert 5 in done[done.index(killed_after + 1) + 1 :] or killed_after == 8  # the lost step ran again
+    assert json.loads(files.latest_checkpoint.read_text())["step"] == 10
+    print(f"recovered and finished {recovered_s:.0f}s after the kill")
+
+
+def test_the_briefs_on_policy_config_runs_on_tinker(stack, fake_tinker, tmp_path):
+    """The product brief's on-policy YAML, with model names swapped for small ones the fake Tinker
+    service serves (a mock: the hosted service cannot be reached from here) and the key in
+    `on_policy_options.api_key`, as users type it."""
+    text = (Path(__file__).parent / "data" / "brief_on_policy.yaml").read_text()
+    text = text.replace("Qwen/Qwen3-8B", fake_tinker.student).replace("Qwen/Qwen3-30B-A3B", fake_tinker.teacher)
+    text = text.replace("api_key: \n", f"api_key: {fake_tinker.key}\n", 1)
+    data = __import__("yaml").safe_load(io.StringIO(text))
+    data["server"] = {"base_url": stack.url, "api_key": ALICE, "request_timeout": 180}
+    data["job"]["source"] = {"dataset": str(SAMPLE_PROMPTS), "split": "train[0:8]", "field": "question"}
+    data["job"]["output"] = {"mode": "return"}  # the Hub upload is tested against the stand-in Hub
+    options = data["job"]["generation"]["on_policy_options"]
+    options["max_tokens"] = 16  # the tiny models' context; every other value is the brief's
+    config = AppConfig.parse(data)
+    job_id, status, events, archive, steps = run(config, tmp_path)
+    assert status["status"] == "completed", status
+    assert "TINKER_API_KEY" in status["secret_names"] and fake_tinker.key not in json.dumps(status)
+    trained = [s for s in steps if s["step"] > 0]
+    assert len(trained) == 1  # 8 rows, 4 held out for eval_every: 5, 4 per step: one pass is one step
+    assert all(s.get("post_kl") is not None for s in trained)  # compute_post_kl: true
+    routes = {route.rsplit("/", 1)[-1] for route, _key in fake_tinker.server.requests}
+    assert {"forward_backward", "optim_step", "asample"} <= routes, routes
+    assert all(key == fake_tinker.key for _route, key in fake_tinker.server.requests if key)
+    with tarfile.open(archive) as tar:
+        assert "adapter/adapter_model.safetensors" in tar.getnames()
