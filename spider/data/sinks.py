@@ -1,20 +1,52 @@
-"""Writing a job's result: merged shards as JSONL or Parquet, and pushing it to the Hugging Face Hub."""
+"""Writing a job's result: merged shards as JSONL or Parquet; and pushing a job's output to the
+Hugging Face Hub: a dataset job's records into a dataset repo, an on-policy job's trained adapter
+into a model repo."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, TypeVar
+
+import yaml
 
 from spider.config import HFOutput
 from spider.errors import SpiderError
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# JSON's own whitespace: a line of only these is blank. (str.strip would also take U+2028 and the like.)
+JSON_WHITESPACE = " \t\r\n"
+# Characters that str.splitlines and many other readers take for line breaks but JSON leaves raw in a
+# string: written escaped, so that a JSONL line stays one line for any reader.
+LINE_BREAKS_IN_STRINGS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
+    """The records of a JSONL file: lines end at \\n only (not at \\r, U+2028 and the like, which
+    may sit raw in a line), blank lines are skipped."""
+    with open(path, encoding="utf-8", newline="\n") as handle:
         for line in handle:
-            if line.strip():
+            if line.strip(JSON_WHITESPACE):
                 yield json.loads(line)
+
+
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSONL line for `record`, ending in \\n: non-ASCII text kept as it is, except the line
+    breaks of LINE_BREAKS_IN_STRINGS, which are escaped."""
+    line = json.dumps(record, ensure_ascii=False)
+    for raw, escaped in LINE_BREAKS_IN_STRINGS.items():
+        line = line.replace(raw, escaped)
+    return line + "\n"
 
 
 def write_result(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> int:
@@ -23,9 +55,9 @@ def write_result(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> int
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(jsonl_line(record))
                 count += 1
     elif fmt == "parquet":
         import pyarrow as pa
@@ -50,30 +82,457 @@ def _flatten_for_parquet(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def upload_to_hub(result: Path, metadata: Path, hf: HFOutput, token: str | None, job_id: str) -> str:
-    """Push the result and metadata to the Hub repo `hf.repo_id`; returns the commit URL."""
-    from huggingface_hub import HfApi
+# -- the Hugging Face Hub -------------------------------------------------------------------------
 
+CARD = "README.md"
+SPLIT = "train"
+DEFAULT_CONFIG = "default"
+JOBS_BEGIN = "<!-- spider:jobs -->"
+JOBS_END = "<!-- /spider:jobs -->"
+CARD_HEADER = re.compile(r"\A---[ \t]*\n(?:(?P<yaml>.*?)\n)?---[ \t]*(?:\n|\Z)", re.DOTALL)
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+CONFLICT_TRIES = 5  # commits raced by another job writing to the same repo, re-read and rebuilt
+
+
+@dataclass(frozen=True)
+class HubRetry:
+    """How transient Hub failures (5xx, 429, a lost connection) are retried: `tries` attempts in
+    all, waiting `first_wait_s` after the first failure and twice as long after each next one,
+    at most `max_wait_s`."""
+
+    tries: int = 4
+    first_wait_s: float = 1.0
+    max_wait_s: float = 8.0
+
+    def waits(self) -> Iterator[float]:
+        wait = self.first_wait_s
+        for _ in range(self.tries - 1):
+            yield wait
+            wait = min(wait * 2, self.max_wait_s)
+
+
+HUB_RETRY = HubRetry()
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset job's files go in its repo. A config's files share its folder (`data/` for
+    the default config, else the config's name) and are found by one glob per format; each file
+    is named by the job id, so jobs writing to one repo never touch each other's files: the
+    result (`<job>.jsonl`) or its shards (`<job>-000003.jsonl`), and `<job>.metadata.json`."""
+
+    config_name: str
+    folder: str
+    fmt: str
+    job_id: str
+
+    @classmethod
+    def of(cls, hf: HFOutput, fmt: str, job_id: str) -> "DatasetLayout":
+        if fmt not in ("jsonl", "parquet"):
+            raise ValueError(f"unknown result format {fmt!r}")
+        name = hf.config_name or DEFAULT_CONFIG
+        return cls(name, "data" if name == DEFAULT_CONFIG else name, fmt, job_id)
+
+    @property
+    def data_files(self) -> str:
+        return f"{self.folder}/*.{self.fmt}"
+
+    @property
+    def result(self) -> str:
+        return f"{self.folder}/{self.job_id}.{self.fmt}"
+
+    @property
+    def metadata(self) -> str:
+        return f"{self.folder}/{self.job_id}.metadata.json"
+
+    def shard(self, index: int) -> str:
+        return f"{self.folder}/{self.job_id}-{index:06d}.{self.fmt}"
+
+
+@dataclass(frozen=True)
+class RepoState:
+    """What a commit is built on: the repo's head commit, its files there, its dataset card."""
+
+    sha: str
+    private: bool
+    files: frozenset[str]
+    card: str | None
+
+
+def hub_endpoint() -> str:
+    """The Hub uploads go to: `HF_ENDPOINT`, as huggingface_hub reads it, but read at each upload
+    (huggingface_hub reads it once, at import), else huggingface.co."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def upload_to_hub(
+    result: Path,
+    metadata: Path,
+    hf: HFOutput,
+    token: str | None,
+    job_id: str,
+    shards: Mapping[int, Path] | None = None,
+) -> str:
+    """Commit a dataset job's output to the dataset repo `hf.repo_id` (created, private when asked,
+    if missing) as the config `hf.config_name` (else `default`): its records, its metadata and the
+    dataset card, merged with the card already there. Returns the commit's URL.
+
+    The records are `result` (the merged file), or, when `hf.upload_every` had `upload_shards`
+    send them batch by batch, the `shards` (batch index -> JSONL shard) the repo still lacks: the
+    whole result is never sent again. One commit, so a reader sees the job's files all or none."""
+    _check_target(hf, token, "dataset", "a dataset job's records")
+    if hf.upload_every is not None and shards is None:
+        raise ValueError("hf.upload_every is set: pass the job's `shards`, most of which are on the Hub already")
+    layout = DatasetLayout.of(hf, result.suffix.lstrip("."), job_id)
+    summary = json.loads(metadata.read_text())
+    row = _job_row(layout, summary)
+
+    with tempfile.TemporaryDirectory(prefix="spider-hub-") as scratch:
+        shard_files = _ShardFiles(shards or {}, layout, Path(scratch))
+
+        def operations(state: RepoState) -> list[Any]:
+            from huggingface_hub import CommitOperationAdd
+
+            card = merge_dataset_card(state.card, hf.repo_id, layout, row)
+            if shards is None:
+                records = [CommitOperationAdd(path_in_repo=layout.result, path_or_fileobj=str(result))]
+            else:
+                records = shard_files.missing(state.files)
+            return [
+                *records,
+                CommitOperationAdd(path_in_repo=layout.metadata, path_or_fileobj=str(metadata)),
+                CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()),
+            ]
+
+        return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: {summary.get('counts', {}).get('records', '?')} records")
+
+
+def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str | None, job_id: str) -> list[int]:
+    """Commit the completed batches' shards (batch index -> JSONL shard) that the dataset repo does
+    not hold yet, in the job's `fmt`, with the config in the dataset card; returns the batch
+    indices sent. What is on the Hub decides, so a call after a crash or a redelivered task sends
+    nothing twice. Shards without records are skipped; `upload_to_hub(..., shards=...)` finishes."""
+    _check_target(hf, token, "dataset", "a dataset job's records")
+    layout = DatasetLayout.of(hf, fmt, job_id)
+    sent: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="spider-hub-") as scratch:
+        shard_files = _ShardFiles(shards, layout, Path(scratch))
+
+        def operations(state: RepoState) -> list[Any]:
+            from huggingface_hub import CommitOperationAdd
+
+            records = shard_files.missing(state.files)
+            sent[:] = shard_files.indices(records)
+            if not records:
+                return []
+            card = merge_dataset_card(state.card, hf.repo_id, layout, None)
+            return [*records] + ([CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode())]
+                                 if card != state.card else [])
+
+        _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: shards")
+    return sent
+
+
+def upload_folder_to_hub(folder: Path, hf: HFOutput, token: str | None, job_id: str) -> str:
+    """Commit an exported model folder (a PEFT adapter: adapter_config.json,
+    adapter_model.safetensors, tokenizer files and its README.md model card; or whole weights) to
+    the root of the model repo `hf.repo_id` (created, private when asked, if missing), where
+    `PeftModel.from_pretrained(repo_id)` finds it. Returns the commit's URL."""
+    _check_target(hf, token, "model", "a trained adapter")
+    folder = Path(folder)
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    names = {p.relative_to(folder).as_posix() for p in files}
+    if not names & {"adapter_config.json", "config.json"}:
+        raise SpiderError(f"{folder} is not an exported model folder (no adapter_config.json or config.json)")
+
+    def operations(state: RepoState) -> list[Any]:
+        from huggingface_hub import CommitOperationAdd
+
+        return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+
+    return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: trained weights")
+
+
+def merge_dataset_card(card: str | None, repo_id: str, layout: DatasetLayout, job_row: str | None) -> str:
+    """The dataset card with `layout`'s config among its `configs` (the others kept as they are)
+    and, when given, the job's row in the table of jobs; the rest of an existing card is kept.
+    A config of that name that reads other files (another format, or files a person chose) is
+    refused: the job would either be invisible in it or break it."""
+    header, body = _split_card(card)
+    configs = header.get("configs")
+    configs = list(configs) if isinstance(configs, list) else []
+    ours = next((c for c in configs if isinstance(c, dict) and c.get("config_name") == layout.config_name), None)
+    if ours is None:
+        configs.append({"config_name": layout.config_name, "data_files": [{"split": SPLIT, "path": layout.data_files}]})
+    elif layout.data_files not in _data_file_patterns(ours.get("data_files")):
+        raise SpiderError(
+            f"the config {layout.config_name!r} of the dataset repo {repo_id} reads "
+            f"{_data_file_patterns(ours.get('data_files')) or 'no files'}, not {layout.data_files}: "
+            "choose another output.hf.config_name (or the output.format its files have)"
+        )
+    header["configs"] = configs
+    if body is None:
+        body = _card_body(repo_id)
+    if job_row is not None:
+        body = _with_job_row(body, job_row)
+    return f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n{body}"
+
+
+def _data_file_patterns(data_files: Any) -> list[str]:
+    if isinstance(data_files, str):
+        return [data_files]
+    patterns: list[str] = []
+    for item in data_files if isinstance(data_files, list) else []:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif isinstance(item, dict):
+            path = item.get("path")
+            patterns.extend([path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)])
+    return patterns
+
+
+def _split_card(card: str | None) -> tuple[dict[str, Any], str | None]:
+    if card is None:
+        return {}, None
+    match = CARD_HEADER.match(card)
+    if match is None:
+        return {}, card
+    header = yaml.safe_load(match.group("yaml") or "") or {}
+    return (header if isinstance(header, dict) else {}), card[match.end():]
+
+
+def _card_body(repo_id: str) -> str:
+    name = repo_id.rsplit("/", 1)[-1]
+    return (
+        f"\n# {name}\n\n"
+        "Records generated with Spider, an engine for LLM knowledge distillation: each record is a "
+        "model's completion (or whole conversation) for one row of a source dataset, with the row's "
+        "index, the model's token usage, and an error where a row failed.\n\n"
+        f'Each config is a subset: `datasets.load_dataset("{repo_id}", "<config>")`. Every Spider job '
+        "writing here adds its own files, named by its job id (`<job>.metadata.json` holds its "
+        "full config and counts), and a row below.\n\n"
+        f"{JOBS_BEGIN}\n| config | job | model | source | records |\n|---|---|---|---|---|\n{JOBS_END}\n"
+    )
+
+
+def _job_row(layout: DatasetLayout, metadata: Mapping[str, Any]) -> str:
+    config = metadata.get("config") or {}
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    model = (config.get("model") or {}).get("name", "")
+    source = (config.get("source") or {}).get("dataset", "")
+    records = (metadata.get("counts") or {}).get("records", "")
+    return f"| `{layout.config_name}` | `{layout.job_id}` | {cell(model)} | {cell(source)} | {cell(records)} |"
+
+
+def _with_job_row(body: str, row: str) -> str:
+    job = row.split("|")[2]
+    start, end = body.find(JOBS_BEGIN), body.find(JOBS_END)
+    if start < 0 or end < start:
+        table = f"{JOBS_BEGIN}\n| config | job | model | source | records |\n|---|---|---|---|---|\n{row}\n{JOBS_END}\n"
+        return body.rstrip("\n") + "\n\n## Spider jobs\n\n" + table
+    section = body[start:end]
+    if job in section:  # the same job finalized again: its row is there
+        return body
+    return body[:end] + row + "\n" + body[end:]
+
+
+class _ShardFiles:
+    """A job's shards as files to commit in its format (Parquet ones converted once, in
+    `scratch`), and which of them the repo lacks."""
+
+    def __init__(self, shards: Mapping[int, Path], layout: DatasetLayout, scratch: Path):
+        self.shards = dict(shards)
+        self.layout = layout
+        self.scratch = scratch
+        self._converted: dict[int, Path] = {}
+
+    def missing(self, present: frozenset[str]) -> list[Any]:
+        from huggingface_hub import CommitOperationAdd
+
+        operations = []
+        for index in sorted(self.shards):
+            path = self.layout.shard(index)
+            if path in present or self.shards[index].stat().st_size == 0:
+                continue
+            operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(self._file(index))))
+        return operations
+
+    def indices(self, operations: Iterable[Any]) -> list[int]:
+        by_path = {self.layout.shard(i): i for i in self.shards}
+        return [by_path[op.path_in_repo] for op in operations]
+
+    def _file(self, index: int) -> Path:
+        if self.layout.fmt == "jsonl":
+            return self.shards[index]
+        if index not in self._converted:
+            target = self.scratch / f"{index:06d}.{self.layout.fmt}"
+            write_result(read_jsonl(self.shards[index]), target, self.layout.fmt)
+            self._converted[index] = target
+        return self._converted[index]
+
+
+def _check_target(hf: HFOutput, token: str | None, repo_type: str, what: str) -> None:
     if not token:
         raise SpiderError(
-            f"output.mode is 'upload_hf' but no token was sent: pass env=({hf.token_env!r},) to the client "
-            f"with {hf.token_env} set in your environment"
+            f"output.mode is 'upload_hf' but no token was sent to upload to {hf.repo_id}: pass "
+            f"env=({hf.token_env!r},) to the client with {hf.token_env} set in your environment"
         )
-    api = HfApi(token=token)
-    api.create_repo(hf.repo_id, repo_type=hf.repo_type, private=hf.private, exist_ok=True)
-    folder = f"data/{hf.config_name}" if hf.config_name else "data"
-    api.upload_file(
-        path_or_fileobj=str(result),
-        path_in_repo=f"{folder}/{job_id}{result.suffix}",
-        repo_id=hf.repo_id,
-        repo_type=hf.repo_type,
-        commit_message=f"Spider job {job_id}: result",
-    )
-    info = api.upload_file(
-        path_or_fileobj=str(metadata),
-        path_in_repo=f"{folder}/{job_id}.metadata.json",
-        repo_id=hf.repo_id,
-        repo_type=hf.repo_type,
-        commit_message=f"Spider job {job_id}: metadata",
-    )
-    return str(getattr(info, "commit_url", info))
+    if hf.repo_type != repo_type:
+        raise SpiderError(
+            f"{what} go to a {repo_type} repo, but output.hf.repo_type is {hf.repo_type!r} for {hf.repo_id}: "
+            f"set output.hf.repo_type: {repo_type}"
+        )
+
+
+class _Conflict(Exception):
+    """Another commit landed on the repo between reading it and committing."""
+
+
+class _HubRepo:
+    """The repo an upload writes to: created when missing, read and committed to with retries of
+    transient failures; every failure that is not transient becomes a SpiderError naming it."""
+
+    def __init__(self, hf: HFOutput, token: str):
+        from huggingface_hub import HfApi
+
+        self.hf = hf
+        self.token = token
+        self.api = HfApi(endpoint=hub_endpoint(), token=token, library_name="spider")
+        self.name = f"the {hf.repo_type} repo {hf.repo_id}"
+
+    def commit(self, operations: Callable[[RepoState], list[Any]], message: str) -> str:
+        """Build the commit's operations on the repo's current state and commit them on top of that
+        state; a commit that lost a race with another is built again on the new state."""
+        self._retrying(lambda: self.api.create_repo(
+            self.hf.repo_id, repo_type=self.hf.repo_type, private=self.hf.private, exist_ok=True))
+
+        def attempt() -> str:
+            state = self._state()
+            if self.hf.private and not state.private:
+                raise SpiderError(
+                    f"{self.name} exists and is public, but output.hf.private is true: make it private on the "
+                    "Hub, or set output.hf.private: false"
+                )
+            ops = operations(state)
+            if not ops:
+                return self._commit_url(state.sha)
+            try:
+                info = self.api.create_commit(
+                    self.hf.repo_id, ops, commit_message=message, repo_type=self.hf.repo_type, parent_commit=state.sha
+                )
+            except Exception as exc:
+                if _status(exc) == 412:
+                    raise _Conflict() from exc
+                raise
+            log.info("uploaded %d files to %s: %s", len(ops), self.name, info.commit_url)
+            return info.commit_url
+
+        for _ in range(CONFLICT_TRIES):
+            try:
+                return self._retrying(attempt)
+            except _Conflict:
+                log.info("%s changed while committing to it: building the commit again", self.name)
+        raise SpiderError(f"{self.name} kept changing under {CONFLICT_TRIES} commits in a row: try again later")
+
+    def _state(self) -> RepoState:
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        info = self.api.repo_info(self.hf.repo_id, repo_type=self.hf.repo_type)
+        files = frozenset(s.rfilename for s in info.siblings or [])
+        card = None
+        if CARD in files:
+            from huggingface_hub import hf_hub_url
+
+            url = hf_hub_url(self.hf.repo_id, CARD, repo_type=self.hf.repo_type, revision=info.sha,
+                             endpoint=self.api.endpoint)
+            response = get_session().get(url, headers=build_hf_headers(token=self.token), follow_redirects=True)
+            hf_raise_for_status(response)
+            card = response.text
+        return RepoState(sha=info.sha, private=bool(info.private), files=files, card=card)
+
+    def _commit_url(self, sha: str) -> str:
+        prefix = "" if self.hf.repo_type == "model" else f"{self.hf.repo_type}s/"
+        return f"{self.api.endpoint}/{prefix}{self.hf.repo_id}/commit/{sha}"
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        waits = HUB_RETRY.waits()
+        while True:
+            try:
+                return call()
+            except (SpiderError, _Conflict):
+                raise
+            except Exception as exc:
+                if not self._transient(exc):
+                    raise self._error(exc) from exc
+                wait = next(waits, None)
+                if wait is None:
+                    raise SpiderError(
+                        f"the Hub at {self.api.endpoint} did not take the upload to {self.name} "
+                        f"after {HUB_RETRY.tries} tries: {_describe(exc)}"
+                    ) from exc
+                log.warning("%s: %s; trying again in %.1fs", self.name, _describe(exc), wait)
+                time.sleep(wait)
+
+    @staticmethod
+    def _transient(exc: BaseException) -> bool:
+        from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
+
+        for cause in _causes(exc):
+            if isinstance(cause, OfflineModeIsEnabled):
+                return False
+            if isinstance(cause, HfHubHTTPError):
+                return _status(cause) in TRANSIENT_STATUS
+            if isinstance(cause, HTTPError):  # the transport's: a refused or lost connection, a timeout
+                return True
+        return False
+
+    def _error(self, exc: BaseException) -> SpiderError:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        status = next((s for s in map(_status, _causes(exc)) if s is not None), None)
+        env = self.hf.token_env
+        if any(isinstance(c, OfflineModeIsEnabled) for c in _causes(exc)):
+            return SpiderError(f"cannot upload to {self.name}: HF_HUB_OFFLINE is set on the server, so the Hub is not reached")
+        if status == 401:
+            return SpiderError(
+                f"the Hub refused the token in {env} for {self.name} (401 Unauthorized): it is invalid or "
+                f"expired; send a valid write token as {env}"
+            )
+        if status == 403:
+            return SpiderError(
+                f"the token in {env} may not write to {self.name} (403 Forbidden): use a write token of the "
+                f"namespace {self.hf.repo_id.split('/')[0]!r}, or a repo_id in your own namespace"
+            )
+        if status == 404:
+            return SpiderError(
+                f"{self.name} was not found, or the token in {env} cannot see it (404): check output.hf.repo_id "
+                "and output.hf.repo_type"
+            )
+        return SpiderError(f"the Hub refused the upload to {self.name}: {_describe(exc)}")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
