@@ -518,11 +518,31 @@ class GenerationConfig(Strict):
 
 
 class HFOutput(Strict):
+    """Where on the Hugging Face Hub a job's output goes: a dataset job's records into a dataset
+    repo (as the subset `config_name` when given), an on-policy job's adapter into a model repo."""
+
     repo_id: str = Field(min_length=1)
     repo_type: Literal["dataset", "model"] = "dataset"
-    private: bool = False
-    config_name: str | None = None
+    private: bool = Field(False, description="create the repo private; an existing public repo is refused")
+    config_name: str | None = Field(
+        None, description="the dataset subset (`load_dataset(repo_id, config_name)`); its files go under `<config_name>/`"
+    )
     token_env: str = "HF_TOKEN"
+    upload_every: int | None = Field(
+        None, ge=1, description="upload the new shards every N completed batches instead of the whole result at the end"
+    )
+
+    @field_validator("config_name")
+    @classmethod
+    def _config_name_is_a_folder(cls, value: str | None) -> str | None:
+        # The name becomes a folder and a glob in the dataset card: plain characters only.
+        if value is None:
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"config_name {value!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+        if value == "data":
+            raise ValueError("config_name 'data' is the folder of the default config: choose another name, or none")
+        return value
 
 
 class OutputConfig(Strict):
