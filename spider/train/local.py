@@ -308,7 +308,7 @@ class LocalBackend(TrainingBackend):
             for param in snapshot.parameters():
                 param.requires_grad_(False)
                 param.grad = None
-            model = snapshot.get_base_model()
+            model = _frozen_lora_layers(snapshot.get_base_model())
         else:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype).to(self.device)
             model.requires_grad_(False)
@@ -427,6 +427,49 @@ class _WithAdapter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
+
+
+class FrozenLoraLinear(torch.nn.Module):
+    """A sampler's LoRA linear layer: the operations of peft's `lora.Linear.forward` for one adapter
+    in eval mode (the base layer's output; the input cast to the adapter's dtype; B(A x), times the
+    scale unless it is 1, added; the sum cast back to the base output's dtype), so its outputs are
+    peft's bit for bit, without peft's per-call dispatch, which dominates decoding on a GPU (a
+    decode step runs this once per adapted layer)."""
+
+    def __init__(self, layer: Any, adapter: str):
+        super().__init__()
+        self.base_layer = layer.base_layer
+        self.lora_A = layer.lora_A[adapter]
+        self.lora_B = layer.lora_B[adapter]
+        self.scaling = float(layer.scaling[adapter])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+        if self.scaling != 1.0:
+            delta = delta * self.scaling
+        return (result + delta).to(result.dtype)
+
+
+def _frozen_lora_layers(model: Any) -> Any:
+    """`model` (a sampler's snapshot) with each plain LoRA linear layer of one active adapter
+    replaced by a `FrozenLoraLinear` over the same tensors; other adapter layers stay peft's."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, LoraLinear) or child.merged:
+                continue
+            adapters = [a for a in child.active_adapters if a in child.lora_A]
+            plain = (
+                len(adapters) == 1
+                and not getattr(child, "lora_variant", None)  # DoRA and the like keep peft's forward
+                and not getattr(child, "use_dora", {}).get(adapters[0], False)
+                and getattr(child, "cast_input_dtype_enabled", True)
+            )
+            if plain:
+                setattr(parent, name, FrozenLoraLinear(child, adapters[0]))
+    return model
 
 
 def _load_adapter(peft_model: Any, folder: Path, lora: LoraSpec, alpha: float) -> None:
