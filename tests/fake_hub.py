@@ -18,7 +18,7 @@ in Authorization header") on every route, a write needs a token whose user owns 
 namespace only (404 RepoNotFound to everyone else).
 
 Routes (those huggingface_hub 2.4 uses to create, upload, list and download):
-`POST /api/repos/create`, `POST /api/validate-yaml`, `GET /api/{type}s/{repo}[/revision/{rev}]`,
+`POST /api/repos/create`, `DELETE /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`, `GET /api/{type}s/{repo}[/revision/{rev}]`,
 `POST /api/{type}s/{repo}/preupload/{rev}`, the LFS batch API
 `POST /[datasets/]{repo}.git/info/lfs/objects/batch` with its basic-transfer `PUT` and verify,
 `POST /api/{type}s/{repo}/commit/{rev}` (ndjson: regular files, LFS files, deletions; a stale
@@ -291,6 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle("PUT")
 
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
     # -- dispatch ------------------------------------------------------------------------------
 
     def _handle(self, method: str) -> None:
@@ -412,6 +415,22 @@ class _Handler(BaseHTTPRequestHandler):
             # The Hub names the existing repo, and the client reads it from there.
             raise HubError(409, f"You already created this {repo_type} repo", extra={"url": hub.repo_url(repo)})
         return self._json({"url": hub.repo_url(repo), "name": repo.repo_id, "id": repo.repo_id})
+
+    def delete_repo(self, method: str) -> int:
+        hub = self.server.hub
+        payload = json.loads(self.body or b"{}")
+        repo_id = f"{payload.get('organization') or (self.user.name if self.user else '')}/{payload.get('name')}"
+        repo = self._writable(payload.get("type") or "model", repo_id)
+        with hub.lock:
+            del hub.repos[(repo.type, repo.repo_id)]
+        return self._json({})
+
+    def whoami(self, method: str) -> int:
+        if self.user is None:
+            raise HubError(401, "Invalid credentials in Authorization header",
+                           header_message="Invalid credentials in Authorization header")
+        return self._json({"type": "user", "name": self.user.name, "orgs": [{"name": o} for o in self.user.orgs],
+                           "auth": {"accessToken": {"role": "write" if self.user.write else "read"}}})
 
     def validate_yaml(self, method: str) -> int:
         import yaml
@@ -602,6 +621,8 @@ ROUTES = [
     (method, re.compile(pattern), name)
     for method, pattern, name in (
         ("POST", r"/api/repos/create", "create_repo"),
+        ("DELETE", r"/api/repos/delete", "delete_repo"),
+        ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("GET", rf"/api/{KIND}/{REPO}(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
         ("POST", rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
@@ -639,3 +660,30 @@ def fake_hub_server(tokens: Mapping[str, HubUser], root: str | Path | None = Non
         finally:
             httpd.shutdown()
             httpd.server_close()
+
+
+def load_dataset_in_subprocess(
+    endpoint: str, token: str, wanted: list[tuple[str, str | None]], home: Path, xet: bool = False
+) -> list[list[dict[str, Any]]]:
+    """The records `datasets.load_dataset(repo, config, split="train")` reads for each wanted
+    pair, from the Hub at `endpoint`, in a fresh process (huggingface_hub and datasets read
+    HF_ENDPOINT and the offline flags at import) with its own cache under `home`."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import datasets, json, sys\n"
+        "wanted = json.loads(sys.argv[1])\n"
+        "print(json.dumps([datasets.load_dataset(r, c, split='train').to_list() for r, c in wanted], default=str))\n"
+    )
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0",
+               HF_HOME=str(home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if not xet:
+        env["HF_HUB_DISABLE_XET"] = "1"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(wanted)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"load_dataset failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+

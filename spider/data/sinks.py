@@ -91,6 +91,8 @@ JOBS_BEGIN = "<!-- spider:jobs -->"
 JOBS_END = "<!-- /spider:jobs -->"
 CARD_HEADER = re.compile(r"\A---[ \t]*\n(?:(?P<yaml>.*?)\n)?---[ \t]*(?:\n|\Z)", re.DOTALL)
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DATASETS_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv",
+                     "txt": "text", "arrow": "arrow"}
 CONFLICT_TRIES = 5  # commits raced by another job writing to the same repo, re-read and rebuilt
 
 
@@ -212,8 +214,10 @@ def upload_to_hub(
 def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str | None, job_id: str) -> list[int]:
     """Commit the completed batches' shards (batch index -> JSONL shard) that the dataset repo does
     not hold yet, in the job's `fmt`, with the config in the dataset card; returns the batch
-    indices sent. What is on the Hub decides, so a call after a crash or a redelivered task sends
-    nothing twice. Shards without records are skipped; `upload_to_hub(..., shards=...)` finishes."""
+    indices whose shards the repo lacked and now holds. What is on the Hub decides, so a call
+    after a crash or a redelivered task sends nothing twice, and two calls racing commit each
+    shard once (both may list it). Shards without records are skipped;
+    `upload_to_hub(..., shards=...)` finishes the job."""
     _check_target(hf, token, "dataset", "a dataset job's records")
     layout = DatasetLayout.of(hf, fmt, job_id)
     sent: list[int] = []
@@ -261,26 +265,42 @@ def upload_folder_to_hub(folder: Path, hf: HFOutput, token: str | None, job_id: 
 def merge_dataset_card(card: str | None, repo_id: str, layout: DatasetLayout, job_row: str | None) -> str:
     """The dataset card with `layout`'s config among its `configs` (the others kept as they are)
     and, when given, the job's row in the table of jobs; the rest of an existing card is kept.
-    A config of that name that reads other files (another format, or files a person chose) is
-    refused: the job would either be invisible in it or break it."""
+
+    Refused, as the job's records would not load: a config of that name that reads other files
+    (another format, or files a person chose), and a repo whose first config holds another
+    format (`datasets` reads every config of a repo with the builder its first config needs)."""
     header, body = _split_card(card)
     configs = header.get("configs")
-    configs = list(configs) if isinstance(configs, list) else []
-    ours = next((c for c in configs if isinstance(c, dict) and c.get("config_name") == layout.config_name), None)
-    if ours is None:
-        configs.append({"config_name": layout.config_name, "data_files": [{"split": SPLIT, "path": layout.data_files}]})
-    elif layout.data_files not in _data_file_patterns(ours.get("data_files")):
+    configs = [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
+    ours = next((c for c in configs if c.get("config_name") == layout.config_name), None)
+    if ours is not None and layout.data_files not in _data_file_patterns(ours.get("data_files")):
         raise SpiderError(
             f"the config {layout.config_name!r} of the dataset repo {repo_id} reads "
             f"{_data_file_patterns(ours.get('data_files')) or 'no files'}, not {layout.data_files}: "
             "choose another output.hf.config_name (or the output.format its files have)"
         )
+    first = configs[0] if configs else None
+    builders = {_builder(p) for p in _data_file_patterns(first.get("data_files"))} - {None} if first else set()
+    if builders and builders != {_builder(layout.data_files)}:
+        raise SpiderError(
+            f"the dataset repo {repo_id} is read as {'/'.join(sorted(builders))} files (its first config, "
+            f"{first.get('config_name')!r}, reads {_data_file_patterns(first.get('data_files'))}), and `datasets` "
+            f"reads all of a repo's configs alike: this job's {layout.fmt} files would not load; choose the "
+            "output.format of the repo's files, or another output.hf.repo_id"
+        )
+    if ours is None:
+        configs.append({"config_name": layout.config_name, "data_files": [{"split": SPLIT, "path": layout.data_files}]})
     header["configs"] = configs
     if body is None:
         body = _card_body(repo_id)
     if job_row is not None:
         body = _with_job_row(body, job_row)
     return f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n{body}"
+
+
+def _builder(pattern: str) -> str | None:
+    """The `datasets` builder that reads files matching `pattern`, when its extension says."""
+    return DATASETS_BUILDERS.get(pattern.rsplit("/", 1)[-1].rpartition(".")[2].lower())
 
 
 def _data_file_patterns(data_files: Any) -> list[str]:
