@@ -18,7 +18,8 @@ in Authorization header") on every route, a write needs a token whose user owns 
 namespace only (404 RepoNotFound to everyone else).
 
 Routes (those huggingface_hub 2.4 uses to create, upload, list and download):
-`POST /api/repos/create`, `DELETE /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`, `GET /api/{type}s/{repo}[/revision/{rev}]`,
+`POST /api/repos/create`, `DELETE /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`,
+`GET /api/{type}s/{repo}[/revision/{rev}]`,
 `POST /api/{type}s/{repo}/preupload/{rev}`, the LFS batch API
 `POST /[datasets/]{repo}.git/info/lfs/objects/batch` with its basic-transfer `PUT` and verify,
 `POST /api/{type}s/{repo}/commit/{rev}` (ndjson: regular files, LFS files, deletions; a stale
@@ -231,7 +232,7 @@ class FakeHub:
                     files[path] = Entry(self.put_blob(data), len(data), lfs=False)
                 elif key == "lfsFile":
                     if not self.has_blob(value["oid"]):
-                        raise HubError(422, f"Your push was rejected: LFS file {path} ({value['oid']}) was not uploaded")
+                        raise HubError(422, f"Your push was rejected: the LFS file {path} was not uploaded")
                     files[path] = Entry(value["oid"], (self.store / value["oid"]).stat().st_size, lfs=True)
                 elif key == "deletedFile":
                     if files.pop(path, None) is None:
@@ -473,7 +474,10 @@ class _Handler(BaseHTTPRequestHandler):
         if entry is None:
             return None
         match = re.match(r"^---\s*\n(.*?)\n---\s*\n", (repo.store / entry.sha256).read_text(), re.DOTALL)
-        data = yaml.safe_load(match.group(1)) if match else None
+        try:
+            data = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError:  # a card committed around validate-yaml: the Hub shows no metadata
+            return None
         return data if isinstance(data, dict) else None
 
     def preupload(self, method: str, kind: str, repo: str, rev: str) -> int:
@@ -532,8 +536,8 @@ class _Handler(BaseHTTPRequestHandler):
             hub.before_commit(found)
         changes = [(line["key"], line["value"]) for line in lines if line["key"] != "header"]
         commit = hub.commit(found, header.get("summary", ""), header.get("parentCommit"), changes)
-        return self._json({"success": True, "commitOid": commit.oid, "commitUrl": f"{hub.repo_url(found)}/commit/{commit.oid}",
-                           "pullRequestUrl": None, "hookOutput": ""})
+        return self._json({"success": True, "commitOid": commit.oid, "pullRequestUrl": None, "hookOutput": "",
+                           "commitUrl": f"{hub.repo_url(found)}/commit/{commit.oid}"})
 
     def tree(self, method: str, kind: str, repo: str, rev: str, path: str = "") -> int:
         found = self._readable(TYPES[kind], repo)

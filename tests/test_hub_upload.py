@@ -34,7 +34,8 @@ FAST_RETRY = HubRetry(tries=3, first_wait_s=0.01, max_wait_s=0.02)
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    tokens = {ALICE: HubUser("alice", orgs=("lab",)), ALICE_READ_ONLY: HubUser("alice", write=False), BOB: HubUser("bob")}
+    tokens = {ALICE: HubUser("alice", orgs=("lab",)), ALICE_READ_ONLY: HubUser("alice", write=False),
+              BOB: HubUser("bob")}
     with fake_hub_server(tokens, tmp_path_factory.mktemp("fake-hub")) as server:
         yield server
 
@@ -126,8 +127,8 @@ def test_jobs_share_a_repo_as_configs_that_load_dataset_reads(ctx, tiny_model, h
     secrets = {"HF_TOKEN": ALICE}
     first = run_job(ctx, tiny_model, "0:3", {"mode": "upload_hf", "hf": {"repo_id": "alice/distilled"}}, secrets)
     first_files = hub.repo("dataset", "alice/distilled").files()
-    v1 = run_job(ctx, tiny_model, "3:6", {"mode": "upload_hf", "hf": {"repo_id": "alice/distilled", "config_name": "v1"}},
-                 secrets)
+    v1 = run_job(ctx, tiny_model, "3:6",
+                 {"mode": "upload_hf", "hf": {"repo_id": "alice/distilled", "config_name": "v1"}}, secrets)
     second = run_job(ctx, tiny_model, "6:8", {"mode": "upload_hf", "hf": {"repo_id": "alice/distilled"}}, secrets)
     for job_id in (first, v1, second):
         assert ctx.store.get(job_id).status == "completed", ctx.store.get(job_id).error
@@ -176,7 +177,8 @@ def test_the_card_already_there_is_merged_not_replaced(finished_job, hub):
     api.create_repo("alice/curated", repo_type="dataset")
     card = ("---\nlicense: mit\nconfigs:\n- config_name: human\n  data_files: human/*.jsonl\n---\n"
             "# Curated\n\nWritten by hand.\n")
-    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="alice/curated", repo_type="dataset")
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="alice/curated",
+                    repo_type="dataset")
 
     upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/curated", config_name="spider"),
                   ALICE, job_id)
@@ -202,6 +204,19 @@ def test_a_config_reading_other_files_is_refused_before_anything_is_sent(finishe
     assert hub.repo("dataset", "alice/formats").head.oid == head
 
 
+def test_a_card_whose_header_does_not_parse_is_a_clear_error(finished_job, hub):
+    from huggingface_hub import HfApi
+
+    job_id, files = finished_job
+    HfApi(endpoint=hub.url, token=ALICE).create_repo("alice/broken-card", repo_type="dataset")
+    repo = hub.repo("dataset", "alice/broken-card")
+    hub.add_file(repo, "README.md", b"---\nconfigs: [unclosed\n---\n# Broken\n")
+    head = repo.head.oid
+    with pytest.raises(SpiderError, match=r"card \(README.md\) of alice/broken-card has a YAML header that does not parse"):
+        upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/broken-card"), ALICE, job_id)
+    assert repo.head.oid == head
+
+
 def test_a_repo_read_as_another_format_is_refused_before_anything_is_sent(finished_job, hub):
     """`datasets` reads all of a repo's configs with the builder of the first one's files."""
     from huggingface_hub import HfApi
@@ -210,9 +225,10 @@ def test_a_repo_read_as_another_format_is_refused_before_anything_is_sent(finish
     api = HfApi(endpoint=hub.url, token=ALICE)
     api.create_repo("alice/tables", repo_type="dataset")
     card = "---\nconfigs:\n- config_name: sheets\n  data_files: sheets/*.csv\n---\n# Tables\n"
-    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="alice/tables", repo_type="dataset")
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="alice/tables",
+                    repo_type="dataset")
     head = hub.repo("dataset", "alice/tables").head.oid
-    with pytest.raises(SpiderError, match=r"dataset repo alice/tables is read as csv files .*'sheets'.*jsonl files would not"):
+    with pytest.raises(SpiderError, match=r"repo alice/tables is read as csv files .*'sheets'.*jsonl files would not"):
         upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/tables", config_name="gen"),
                       ALICE, job_id)
     assert hub.repo("dataset", "alice/tables").head.oid == head
@@ -231,7 +247,7 @@ def test_private_is_honoured_on_creation_and_a_public_repo_is_not_taken_for_priv
     assert HfApi(endpoint=hub.url, token=BOB).dataset_info("alice/open").id == "alice/open"
 
     head = hub.repo("dataset", "alice/open").head.oid
-    with pytest.raises(SpiderError, match=r"dataset repo alice/open exists and is public, but output.hf.private is true"):
+    with pytest.raises(SpiderError, match=r"repo alice/open exists and is public, but output.hf.private is true"):
         upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/open", private=True), ALICE,
                       "0000000000000002")
     assert hub.repo("dataset", "alice/open").head.oid == head
@@ -380,10 +396,11 @@ def test_an_adapter_folder_goes_to_a_model_repo_and_loads_from_it(adapter_folder
 def test_the_wrong_repo_type_is_refused_before_anything_is_sent(adapter_folder, finished_job, hub):
     job_id, files = finished_job
     before = len(hub.requests)
-    with pytest.raises(SpiderError, match=r"a trained adapter go to a model repo, .* 'dataset' for alice/ds.*repo_type: model"):
+    with pytest.raises(SpiderError, match=r"a trained adapter goes to a model repo, .* 'dataset' for alice/ds"):
         upload_folder_to_hub(adapter_folder, HFOutput(repo_id="alice/ds"), ALICE, job_id)
     with pytest.raises(SpiderError, match=r"records go to a dataset repo, .* 'model' for alice/m.*repo_type: dataset"):
-        upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/m", repo_type="model"), ALICE, job_id)
+        upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/m", repo_type="model"), ALICE,
+                      job_id)
     with pytest.raises(SpiderError, match="not an exported model folder"):
         upload_folder_to_hub(files.root / "shards", HFOutput(repo_id="alice/m", repo_type="model"), ALICE, job_id)
     assert len(hub.requests) == before
@@ -396,7 +413,8 @@ def test_no_token_is_a_clear_error(finished_job, hub):
     job_id, files = finished_job
     before = len(hub.requests)
     with pytest.raises(SpiderError, match=r"no token was sent to upload to alice/x: pass env=\('MY_HF',\)"):
-        upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/x", token_env="MY_HF"), None, job_id)
+        upload_to_hub(files.result("jsonl"), files.metadata, HFOutput(repo_id="alice/x", token_env="MY_HF"), None,
+                      job_id)
     assert len(hub.requests) == before
 
 

@@ -89,6 +89,7 @@ SPLIT = "train"
 DEFAULT_CONFIG = "default"
 JOBS_BEGIN = "<!-- spider:jobs -->"
 JOBS_END = "<!-- /spider:jobs -->"
+JOBS_TABLE_HEAD = "| config | job | model | source | records |\n|---|---|---|---|---|\n"
 CARD_HEADER = re.compile(r"\A---[ \t]*\n(?:(?P<yaml>.*?)\n)?---[ \t]*(?:\n|\Z)", re.DOTALL)
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DATASETS_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv",
@@ -184,7 +185,7 @@ def upload_to_hub(
     The records are `result` (the merged file), or, when `hf.upload_every` had `upload_shards`
     send them batch by batch, the `shards` (batch index -> JSONL shard) the repo still lacks: the
     whole result is never sent again. One commit, so a reader sees the job's files all or none."""
-    _check_target(hf, token, "dataset", "a dataset job's records")
+    _check_target(hf, token, "dataset", "a dataset job's records go")
     if hf.upload_every is not None and shards is None:
         raise ValueError("hf.upload_every is set: pass the job's `shards`, most of which are on the Hub already")
     layout = DatasetLayout.of(hf, result.suffix.lstrip("."), job_id)
@@ -208,7 +209,8 @@ def upload_to_hub(
                 CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()),
             ]
 
-        return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: {summary.get('counts', {}).get('records', '?')} records")
+        records = (summary.get("counts") or {}).get("records", "?")
+        return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: {records} records")
 
 
 def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str | None, job_id: str) -> list[int]:
@@ -218,7 +220,7 @@ def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str
     after a crash or a redelivered task sends nothing twice, and two calls racing commit each
     shard once (both may list it). Shards without records are skipped;
     `upload_to_hub(..., shards=...)` finishes the job."""
-    _check_target(hf, token, "dataset", "a dataset job's records")
+    _check_target(hf, token, "dataset", "a dataset job's records go")
     layout = DatasetLayout.of(hf, fmt, job_id)
     sent: list[int] = []
     with tempfile.TemporaryDirectory(prefix="spider-hub-") as scratch:
@@ -232,8 +234,9 @@ def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str
             if not records:
                 return []
             card = merge_dataset_card(state.card, hf.repo_id, layout, None)
-            return [*records] + ([CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode())]
-                                 if card != state.card else [])
+            if card != state.card:
+                records.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
+            return records
 
         _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: shards")
     return sent
@@ -244,20 +247,19 @@ def upload_folder_to_hub(folder: Path, hf: HFOutput, token: str | None, job_id: 
     adapter_model.safetensors, tokenizer files and its README.md model card; or whole weights) to
     the root of the model repo `hf.repo_id` (created, private when asked, if missing), where
     `PeftModel.from_pretrained(repo_id)` finds it. Returns the commit's URL."""
-    _check_target(hf, token, "model", "a trained adapter")
+    _check_target(hf, token, "model", "a trained adapter goes")
     folder = Path(folder)
-    files = sorted(
-        p for p in folder.rglob("*")
+    files = {
+        p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    names = {p.relative_to(folder).as_posix() for p in files}
-    if not names & {"adapter_config.json", "config.json"}:
+    }
+    if not files.keys() & {"adapter_config.json", "config.json"}:
         raise SpiderError(f"{folder} is not an exported model folder (no adapter_config.json or config.json)")
 
     def operations(state: RepoState) -> list[Any]:
         from huggingface_hub import CommitOperationAdd
 
-        return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+        return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in files.items()]
 
     return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: trained weights")
 
@@ -269,7 +271,7 @@ def merge_dataset_card(card: str | None, repo_id: str, layout: DatasetLayout, jo
     Refused, as the job's records would not load: a config of that name that reads other files
     (another format, or files a person chose), and a repo whose first config holds another
     format (`datasets` reads every config of a repo with the builder its first config needs)."""
-    header, body = _split_card(card)
+    header, body = _split_card(card, repo_id)
     configs = header.get("configs")
     configs = [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
     ours = next((c for c in configs if c.get("config_name") == layout.config_name), None)
@@ -294,7 +296,7 @@ def merge_dataset_card(card: str | None, repo_id: str, layout: DatasetLayout, jo
     if body is None:
         body = _card_body(repo_id)
     if job_row is not None:
-        body = _with_job_row(body, job_row)
+        body = _with_job_row(body, layout.job_id, job_row)
     return f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n{body}"
 
 
@@ -316,14 +318,21 @@ def _data_file_patterns(data_files: Any) -> list[str]:
     return patterns
 
 
-def _split_card(card: str | None) -> tuple[dict[str, Any], str | None]:
+def _split_card(card: str | None, repo_id: str) -> tuple[dict[str, Any], str | None]:
+    """A card's YAML header and the text after it (None: no card yet)."""
     if card is None:
         return {}, None
     match = CARD_HEADER.match(card)
     if match is None:
         return {}, card
-    header = yaml.safe_load(match.group("yaml") or "") or {}
-    return (header if isinstance(header, dict) else {}), card[match.end():]
+    try:
+        header = yaml.safe_load(match.group("yaml") or "") or {}
+    except yaml.YAMLError as exc:
+        raise SpiderError(f"the dataset card (README.md) of {repo_id} has a YAML header that does not parse: "
+                          f"{exc}; fix it on the Hub") from exc
+    if not isinstance(header, dict):
+        raise SpiderError(f"the dataset card (README.md) of {repo_id} has a YAML header that is not a mapping")
+    return header, card[match.end():]
 
 
 def _card_body(repo_id: str) -> str:
@@ -336,11 +345,12 @@ def _card_body(repo_id: str) -> str:
         f'Each config is a subset: `datasets.load_dataset("{repo_id}", "<config>")`. Every Spider job '
         "writing here adds its own files, named by its job id (`<job>.metadata.json` holds its "
         "full config and counts), and a row below.\n\n"
-        f"{JOBS_BEGIN}\n| config | job | model | source | records |\n|---|---|---|---|---|\n{JOBS_END}\n"
+        f"{JOBS_BEGIN}\n{JOBS_TABLE_HEAD}{JOBS_END}\n"
     )
 
 
 def _job_row(layout: DatasetLayout, metadata: Mapping[str, Any]) -> str:
+    """The job's row in the card's table of jobs: its config, id, model, source and record count."""
     config = metadata.get("config") or {}
 
     def cell(value: Any) -> str:
@@ -352,14 +362,13 @@ def _job_row(layout: DatasetLayout, metadata: Mapping[str, Any]) -> str:
     return f"| `{layout.config_name}` | `{layout.job_id}` | {cell(model)} | {cell(source)} | {cell(records)} |"
 
 
-def _with_job_row(body: str, row: str) -> str:
-    job = row.split("|")[2]
+def _with_job_row(body: str, job_id: str, row: str) -> str:
+    """The card's text with `row` in its table of jobs (added at the end of a card without one)."""
     start, end = body.find(JOBS_BEGIN), body.find(JOBS_END)
     if start < 0 or end < start:
-        table = f"{JOBS_BEGIN}\n| config | job | model | source | records |\n|---|---|---|---|---|\n{row}\n{JOBS_END}\n"
+        table = f"{JOBS_BEGIN}\n{JOBS_TABLE_HEAD}{row}\n{JOBS_END}\n"
         return body.rstrip("\n") + "\n\n## Spider jobs\n\n" + table
-    section = body[start:end]
-    if job in section:  # the same job finalized again: its row is there
+    if f"`{job_id}`" in body[start:end]:  # the same job finalized again: its row is there
         return body
     return body[:end] + row + "\n" + body[end:]
 
@@ -407,7 +416,7 @@ def _check_target(hf: HFOutput, token: str | None, repo_type: str, what: str) ->
         )
     if hf.repo_type != repo_type:
         raise SpiderError(
-            f"{what} go to a {repo_type} repo, but output.hf.repo_type is {hf.repo_type!r} for {hf.repo_id}: "
+            f"{what} to a {repo_type} repo, but output.hf.repo_type is {hf.repo_type!r} for {hf.repo_id}: "
             f"set output.hf.repo_type: {repo_type}"
         )
 
@@ -475,7 +484,7 @@ class _HubRepo:
                              endpoint=self.api.endpoint)
             response = get_session().get(url, headers=build_hf_headers(token=self.token), follow_redirects=True)
             hf_raise_for_status(response)
-            card = response.text
+            card = response.content.decode("utf-8")
         return RepoState(sha=info.sha, private=bool(info.private), files=files, card=card)
 
     def _commit_url(self, sha: str) -> str:
@@ -520,7 +529,7 @@ class _HubRepo:
         status = next((s for s in map(_status, _causes(exc)) if s is not None), None)
         env = self.hf.token_env
         if any(isinstance(c, OfflineModeIsEnabled) for c in _causes(exc)):
-            return SpiderError(f"cannot upload to {self.name}: HF_HUB_OFFLINE is set on the server, so the Hub is not reached")
+            return SpiderError(f"cannot upload to {self.name}: HF_HUB_OFFLINE is set on the server")
         if status == 401:
             return SpiderError(
                 f"the Hub refused the token in {env} for {self.name} (401 Unauthorized): it is invalid or "
