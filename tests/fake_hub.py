@@ -10,8 +10,8 @@ client, and `datasets.load_dataset` through it, talk to it as they talk to huggi
         hub.fail_next(2, 503, r"/commit/")            # the next 2 matching requests answer 503
         hub.before_commit = lambda repo: ...          # runs as a commit request arrives (to race it)
 
-Repos live under a temporary folder: each commit is a JSON tree (path -> content hash) over a
-folder of content-addressed blobs, so history is kept and a revision can be a commit id. Tokens
+Each repo keeps its history of commits (each a tree: path -> content hash) in memory, and file
+contents as content-addressed blobs in a folder, so a revision can be any commit's id. Tokens
 are checked as the Hub checks them: an unknown bearer token is refused (401 "Invalid credentials
 in Authorization header") on every route, a write needs a token whose user owns the namespace
 (or belongs to it as an org) and may write (403 otherwise), a private repo is visible to its
@@ -309,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.user = self._user()
             for route_method, pattern, name in ROUTES:
                 match = pattern.fullmatch(url.path)
-                if match and route_method == method or (match and method == "HEAD" and route_method == "GET"):
+                if match and (route_method == method or (method == "HEAD" and route_method == "GET")):
                     status = getattr(self, name)(method, **{k: unquote(v) for k, v in match.groupdict().items() if v})
                     break
             else:
