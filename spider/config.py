@@ -605,6 +605,8 @@ class JobConfig(Strict):
     def _on_policy_fits_the_job(self) -> "JobConfig":
         options = self.generation.on_policy_options
         if options is None:
+            if self.output.hf is not None and self.output.hf.repo_type != "dataset":
+                raise ValueError("output.hf.repo_type must be 'dataset': a dataset job uploads records")
             return self
         student, teacher = self.model, options.teacher
         where = "generation.on_policy_options"
@@ -630,6 +632,8 @@ class JobConfig(Strict):
                 problems.append("output.hf.repo_type must be 'model': an on-policy job uploads the trained adapter")
             if self.output.hf.config_name is not None:
                 problems.append("output.hf.config_name names a dataset configuration; an adapter upload has none")
+            if self.output.hf.upload_every is not None:
+                problems.append("output.hf.upload_every uploads a dataset's shards as they come; an adapter is uploaded once")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -72,36 +72,6 @@ def test_stages_are_idempotent_and_finalize_once(ctx, tiny_model):
     assert kinds.count("batch.completed") == 3 and kinds.count("job.completed") == 1
 
 
-def test_upload_hf_pushes_result_and_metadata(ctx, tiny_model, monkeypatch):
-    """The Hub cannot be reached from here: HfApi is replaced by a recorder (the only mock)."""
-    import huggingface_hub
-
-    uploads = []
-
-    class FakeHfApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, repo_type, private, exist_ok):
-            uploads.append(("create", repo_id, repo_type, private, self.token))
-
-        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type, commit_message):
-            uploads.append(("upload", Path(path_or_fileobj).name, path_in_repo, repo_id))
-            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    config = job(tiny_model, mode="upload_hf", hf={"repo_id": "me/data", "private": True, "config_name": "v1"})
-    record = ctx.store.create("owner", config.model_dump(mode="json"), {"HF_TOKEN": "hf_x"}, has_bundle=False)
-    run_all(ctx, record.id)
-    assert ctx.store.get(record.id).status == "completed"
-    assert uploads[0] == ("create", "me/data", "dataset", True, "hf_x")
-    assert uploads[1] == ("upload", "result.jsonl", f"data/v1/{record.id}.jsonl", "me/data")
-    assert uploads[2] == ("upload", "metadata.json", f"data/v1/{record.id}.metadata.json", "me/data")
-    metadata = json.loads(ctx.files(record.id).metadata.read_text())
-    assert metadata["hub"]["repo_id"] == "me/data"
-    assert not ctx.store.secrets(record.id)  # secrets are gone once the job ends
-
-
 def test_upload_hf_without_a_token_fails_clearly(ctx, tiny_model):
     config = job(tiny_model, mode="upload_hf", hf={"repo_id": "me/data"})
     record = ctx.store.create("owner", config.model_dump(mode="json"), {}, has_bundle=False)

@@ -318,6 +318,15 @@ def complete_batch(ctx: Context, job_id: str, batch_index: int, stats: BatchStat
     if limit is not None and totals.row_errors > limit:
         fail_job(ctx, job_id, f"{totals.row_errors} rows failed, more than generation.max_row_errors={limit}")
         return
+    hf = config.output.hf
+    if (config.output.mode == "upload_hf" and hf is not None and hf.upload_every
+            and done % hf.upload_every == 0 and done < (record.batches_total or 0)):
+        # New shards go up as they come; finalize sends the rest, never the whole result again.
+        from spider.data.sinks import upload_shards
+
+        files = ctx.files(job_id)
+        upload_shards({i: files.shard(i) for i in ctx.store.done_batches(job_id)}, config.output.format,
+                      hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
     if record.batches_total is not None and done >= record.batches_total and ctx.store.claim_finalize(job_id):
         ctx.dispatch(FINALIZE, job_id)
 
@@ -374,7 +383,8 @@ def finalize_job(ctx: Context, job_id: str) -> None:
         hf = config.output.hf
         write_atomic(files.metadata, json.dumps(metadata, indent=2))
         ctx.bus.publish(job_id, EventKind.UPLOAD_STARTED, f"uploading to the Hub repo {hf.repo_id}")
-        url = upload_to_hub(result, files.metadata, hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
+        url = upload_to_hub(result, files.metadata, hf, ctx.store.secrets(job_id).get(hf.token_env), job_id,
+                            shards={i: files.shard(i) for i in range(batches)} if hf.upload_every else None)
         metadata["hub"] = {"repo_id": hf.repo_id, "repo_type": hf.repo_type, "commit": url}
         ctx.bus.publish(job_id, EventKind.UPLOAD_COMPLETED, f"uploaded to {hf.repo_id}", data=metadata["hub"])
     write_atomic(files.metadata, json.dumps(metadata, indent=2))
