@@ -46,8 +46,11 @@ import torch  # noqa: E402
 from spider.train.backend import LoraSpec  # noqa: E402
 from spider.train.local import LocalBackend  # noqa: E402
 
-RUNS = ("spider-same", "trl-same", "spider-cross", "trl-cross")
-BASELINE = {"spider-same": "trl-same", "spider-cross": "trl-cross"}
+# "-merged": the student's sampler decodes the adapter merged into a float32 copy (LocalBackend's
+# hf sampler parameter `merged`); otherwise through its LoRA layers.
+RUNS = ("spider-same", "spider-same-merged", "trl-same", "spider-cross", "spider-cross-merged", "trl-cross")
+BASELINE = {"spider-same": "trl-same", "spider-same-merged": "trl-same",
+            "spider-cross": "trl-cross", "spider-cross-merged": "trl-cross"}
 PROMPT_TOKENS_MAX = 192  # room for the longest rendered prompt below, system prompt included
 
 PROMPTS = [
@@ -266,16 +269,16 @@ def spider_settings(setup: Setup):
     )
 
 
-def spider_backend(env: Env, work: Path) -> TimedBackend:
+def spider_backend(env: Env, work: Path, merged: bool = False) -> TimedBackend:
     setup = env.setup
     return TimedBackend(
         env.models.student, LoraSpec(rank=setup.lora_rank), work_dir=work, device=env.device, dtype=env.dtype,
         micro_batch_tokens=setup.batch * (PROMPT_TOKENS_MAX + setup.max_tokens),  # the whole batch in one pass, as TRL's
-        sampler_engine="hf", sampler_parameters={"batch_size": setup.batch},
+        sampler_engine="hf", sampler_parameters={"batch_size": setup.batch, "merged": merged},
     )
 
 
-def spider_run(env: Env, name: str, teacher_folder: Path) -> RunResult:
+def spider_run(env: Env, name: str, teacher_folder: Path, merged: bool) -> RunResult:
     from spider.engines.hf_engine import HFEngine
     from spider.engines.loop import engine_loop
     from spider.train.loop import Prompt, TrainData, TrainRun, on_policy_step
@@ -284,7 +287,7 @@ def spider_run(env: Env, name: str, teacher_folder: Path) -> RunResult:
 
     setup = env.setup
     result = RunResult(name, setup.warmup)
-    backend = spider_backend(env, env.work / name)
+    backend = spider_backend(env, env.work / name, merged)
     engine = TimedScores(HFEngine(str(teacher_folder), {"dtype": env.dtype_name, "device": str(env.device)}))
     rows = [Prompt(i, [Message("user", text)]) for i, text in enumerate(PROMPTS[: setup.prompts])]
     run = TrainRun(
@@ -326,84 +329,94 @@ def spider_run(env: Env, name: str, teacher_folder: Path) -> RunResult:
 # -- the sampler alone ------------------------------------------------------------------------
 
 
-def sampler_probe(env: Env, profile_to: Path | None) -> dict[str, Any]:
-    """One batch decoded by the student's sampler three ways: Spider's (FrozenLoraLinear layers),
-    the same snapshot with peft's own LoRA layers, and the base model with no adapter (the floor
-    an adapter cannot go under). With `profile_to`, torch.profiler's table of Spider's decoding."""
-    import copy
+def probe_requests(setup: Setup) -> list[Any]:
+    from spider.engines.base import GenerationRequest
 
-    from spider.engines.base import GenerationRequest, SamplingParams
-    from spider.engines.hf_engine import HFEngine
-    from spider.train.local import _load_adapter
-
-    setup = env.setup
-    backend = spider_backend(env, env.work / "probe")
-    path = backend.save_weights_for_sampler("probe")
-    requests = [
+    return [
         GenerationRequest(f"{i}:{k}", [{"role": "user", "content": text}], seed=97 * i + k)
         for i, text in enumerate(PROMPTS[: setup.prompts]) for k in range(setup.group_size)
     ]
-    params = SamplingParams(temperature=1.0, max_tokens=setup.max_tokens, logprobs=True)
 
-    def peft_snapshot() -> HFEngine:
+
+def sampler_variants(env: Env, backend: TimedBackend, path: str) -> dict[str, Callable[[], Any]]:
+    """The student's sampler for the weights at `path`: Spider's two (LoRA layers; merged float32)
+    and the same snapshot decoding through peft's own LoRA layers."""
+    import copy
+
+    from spider.engines.hf_engine import HFEngine
+    from spider.train.local import _load_adapter
+
+    def with_parameters(merged: bool) -> Any:
+        backend.sampler_parameters["merged"] = merged
+        return backend.sampler(path)
+
+    def peft_layers() -> HFEngine:
         shared = {id(t): t for t in list(backend.model.parameters()) + list(backend.model.buffers()) if not t.requires_grad}
         snapshot = copy.deepcopy(backend.peft, memo=shared)
         with torch.no_grad():
             _load_adapter(snapshot, Path(path), backend.lora, backend.lora_alpha)
         snapshot.requires_grad_(False)
-        return HFEngine.from_model(snapshot.get_base_model(), backend.tokenizer(), name="peft", batch_size=setup.batch)
+        return HFEngine.from_model(snapshot.get_base_model(), backend.tokenizer(), name="peft", batch_size=env.setup.batch)
 
-    def base_model() -> HFEngine:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(env.models.student), dtype=env.dtype).to(env.device)
-        return HFEngine.from_model(model, backend.tokenizer(), name="base", batch_size=setup.batch)
-
-    variants: dict[str, Callable[[], Any]] = {
-        "spider sampler (FrozenLoraLinear)": lambda: backend.sampler(path),
-        "same snapshot, peft LoRA layers": peft_snapshot,
-        "base model, no adapter": base_model,
+    return {
+        "LoRA layers (FrozenLoraLinear)": lambda: with_parameters(False),
+        "merged float32": lambda: with_parameters(True),
+        "peft's LoRA layers": peft_layers,
     }
+
+
+def sampler_probe(env: Env, profile_to: Path | None, timed: bool) -> dict[str, Any]:
+    """The student's sampler alone, each variant of `sampler_variants` on one batch: with `timed`, the
+    seconds of a full-length decode; with `profile_to`, torch.profiler's tables of 16 decoding steps of
+    Spider's two variants (the file names go in the answer)."""
+    from spider.engines.base import SamplingParams
+
+    setup = env.setup
+    backend = spider_backend(env, env.work / "probe")
+    path = backend.save_weights_for_sampler("probe")
+    requests = probe_requests(setup)
+    params = SamplingParams(temperature=1.0, max_tokens=setup.max_tokens, logprobs=True)
     out: dict[str, Any] = {}
-    tokens: dict[str, list[list[int]]] = {}
     try:
-        for label, make in variants.items():
+        for label, make in sampler_variants(env, backend, path).items():
+            if not timed and label.startswith("peft"):
+                continue
             engine = make()
-            engine.generate(requests[:2], SamplingParams(temperature=1.0, max_tokens=4))  # kernels and caches warm
-            env.sync()
-            start = time.perf_counter()
-            results = engine.generate(requests, params)
-            env.sync()
-            seconds = time.perf_counter() - start
-            tokens[label] = [c.token_ids for r in results for c in r.completions]
-            count = sum(len(t) for t in tokens[label])
-            out[label] = {"seconds": seconds, "tokens": count, "tokens_per_s": count / seconds}
-            if profile_to is not None and label.startswith("spider"):
-                out["profile"] = profile_decoding(engine, requests, profile_to)
+            engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=4))  # kernels and caches warm
+            if profile_to is not None and not label.startswith("peft"):
+                out[f"profile: {label}"] = profile_decoding(engine, requests, profile_to / f"profile_{label.split()[0]}.txt")
+            if timed:
+                env.sync()
+                start = time.perf_counter()
+                results = engine.generate(requests, params)
+                env.sync()
+                seconds = time.perf_counter() - start
+                count = sum(len(c.token_ids) for r in results for c in r.completions)
+                out[label] = {"seconds": seconds, "tokens": count, "tokens_per_s": count / seconds}
             engine.close()
-        spider_label, peft_label = list(variants)[:2]
-        out["spider_equals_peft"] = tokens[spider_label] == tokens[peft_label]
     finally:
         backend.close()
     return out
 
 
-def profile_decoding(engine: Any, requests: list[Any], folder: Path) -> str:
-    """torch.profiler over 32 decoding steps of the batch; the table goes to `folder`."""
+def profile_decoding(engine: Any, requests: list[Any], file: Path) -> str:
+    """torch.profiler over 16 decoding steps of the batch, its tables (by host time, by device time)
+    written to `file`; returns the kernel launches per decoding step."""
     from torch.profiler import ProfilerActivity, profile
 
     from spider.engines.base import SamplingParams
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    steps = 16
+    on_gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
-        engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=32, logprobs=True))
-    folder.mkdir(parents=True, exist_ok=True)
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    table_device = prof.key_averages().table(sort_by=sort, row_limit=25)
-    file = folder / "sampler_profile.txt"
-    file.write_text(table + "\n\n" + table_device)
-    return str(file)
+        engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=steps, logprobs=True))
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(events.table(sort_by="cpu_time_total", row_limit=30) + "\n\n"
+                    + events.table(sort_by="cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=20))
+    return f"{file.name}: {launches / steps:.0f} kernel launches per decoding step"
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -431,8 +444,10 @@ def run_one(env: Env, name: str) -> RunResult:
 
     models = env.models
     runners: dict[str, Callable[[], RunResult]] = {
-        "spider-same": lambda: spider_run(env, name, models.teacher),
-        "spider-cross": lambda: spider_run(env, name, models.cross_teacher),
+        "spider-same": lambda: spider_run(env, name, models.teacher, merged=False),
+        "spider-same-merged": lambda: spider_run(env, name, models.teacher, merged=True),
+        "spider-cross": lambda: spider_run(env, name, models.cross_teacher, merged=False),
+        "spider-cross-merged": lambda: spider_run(env, name, models.cross_teacher, merged=True),
         "trl-same": lambda: RunResult(name, env.setup.warmup, train_trl.distillation(env, name, PROMPTS)),
         "trl-cross": lambda: RunResult(name, env.setup.warmup, train_trl.gold(env, name, PROMPTS)),
     }
@@ -464,10 +479,11 @@ def report(results: dict[str, RunResult], env: Env) -> str:
         if spider in results and trl in results and results[spider].tokens_per_s and results[trl].tokens_per_s:
             ratio = results[spider].tokens_per_s / results[trl].tokens_per_s
             lines.append(f"{spider} / {trl} step throughput: {ratio:.2f}x (target >= 1.5x)")
-    cross = results.get("spider-cross")
-    if cross and not cross.error:
-        lines.append(f"alignment (render + re-tokenize + align) in spider-cross: {fmt(100 * cross.share('align_s'), '.2f')}% "
-                     f"of step time (target < 5%); aligned fraction {fmt(cross.median('aligned_fraction'), '.3f')}")
+    for name in ("spider-cross", "spider-cross-merged"):
+        cross = results.get(name)
+        if cross and not cross.error:
+            lines.append(f"alignment (render + re-tokenize + align) in {name}: {fmt(100 * cross.share('align_s'), '.2f')}% "
+                         f"of step time (target < 5%); aligned fraction {fmt(cross.median('aligned_fraction'), '.3f')}")
     return "\n".join(lines)
 
 
@@ -481,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="models and checkpoints (default: a fresh temp folder)")
     parser.add_argument("--out", type=Path, help="write every step's numbers here (JSON)")
     parser.add_argument("--probe", action="store_true", help="also time the student's sampler alone, three ways")
-    parser.add_argument("--profile", type=Path, help="with --probe: write torch.profiler's table of the sampler here")
+    parser.add_argument("--profile", type=Path, help="first profile the student's sampler; the tables go in this folder")
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -506,17 +522,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {setup.prompts} prompts x {setup.group_size} samples, max_tokens {setup.max_tokens}, "
           f"LoRA rank {setup.lora_rank}; {setup.warmup} warm-up + {setup.steps} measured steps", flush=True)
 
+    probe: dict[str, Any] = {}
+    if args.profile:
+        probe.update(sampler_probe(env, args.profile, timed=False))
+        for label, value in probe.items():
+            print(f"sampler {label}: {value}", flush=True)
     results: dict[str, RunResult] = {}
     for name in args.runs:
         started = time.perf_counter()
         results[name] = run_one(env, name)
         print(f"{name}: {time.perf_counter() - started:.1f}s", flush=True)
         if args.out:
-            write(args.out, env, results, None)
-    probe = None
+            write(args.out, env, results, probe)
     if args.probe:
-        probe = sampler_probe(env, args.profile)
-        for label, value in probe.items():
+        timed = sampler_probe(env, None, timed=True)
+        probe.update(timed)
+        for label, value in timed.items():
             print(f"sampler probe: {label}: {value}", flush=True)
     if args.out:
         write(args.out, env, results, probe)
@@ -538,7 +559,7 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def write(out: Path, env: Env, results: dict[str, RunResult], probe: dict[str, Any] | None) -> None:
+def write(out: Path, env: Env, results: dict[str, RunResult], probe: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "setup": asdict(env.setup),
