@@ -103,14 +103,14 @@ def test_a_student_with_another_tokenizer_learns_from_smollm2(stack, tiny_model,
 
 def test_a_same_tokenizer_student_learns_with_lora_and_the_teacher_on_rollout_workers(stack, smollm2, tmp_path,
                                                                                       model_dirs):
-    """A 4-layer cut of SmolLM2 (its tokenizer, a quarter of its depth) as the student, LoRA, and the
-    teacher scoring as tasks on the rollout queue: the identity path, no alignment groups."""
+    """The first 2 of SmolLM2's 30 layers as the student (its tokenizer: the identity path), LoRA, and
+    the teacher scoring as tasks on the rollout queue."""
     from spider.testing import build_truncated_model
 
-    student = build_truncated_model(smollm2, model_dirs / "smollm2-4-layers", layers=4)
+    student = build_truncated_model(smollm2, model_dirs / "smollm2-2-layers", layers=2)
     config = on_policy_config(stack, student, {"provider": "hf", "name": SMOLLM2_135M_INSTRUCT},
-                              lora_rank=16, learning_rate=2e-3, max_steps=16, teacher_in_process=False,
-                              **{**LEARNING, "eval_every": 8})
+                              lora_rank=16, learning_rate=3e-3, max_steps=10, teacher_in_process=False,
+                              **{**LEARNING, "eval_every": 5, "max_tokens": 16})
     job_id, status, events, archive, steps = run(config, tmp_path)
     assert status["status"] == "completed", status
     curve = evals(steps)
