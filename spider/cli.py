@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -121,10 +122,27 @@ class Progress:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from spider.client import SpiderClient
     from spider.config import AppConfig
+    from spider.local import Stopped, stop_signals_raise
 
     config = AppConfig.load(args.config, overrides=_overrides(args.set))
+    try:
+        # Installed before the local stack starts: whatever signal ends the command, every `with`
+        # unwinds and the stack stops.
+        with stop_signals_raise():
+            return _run(args, config)
+    except Stopped as stop:
+        with contextlib.suppress(OSError):  # a closed terminal's SIGHUP leaves no stderr to write to
+            print(f"stopped by {stop}", file=sys.stderr)
+        return stop.exit_code
+
+
+def _run(args: argparse.Namespace, config) -> int:
+    import httpx
+
+    from spider.client import SpiderClient
+    from spider.local import Stopped
+
     env = list(args.env or [])
     if config.job.output.mode == "upload_hf" and config.job.output.hf is not None:
         env.append(config.job.output.hf.token_env)
@@ -152,6 +170,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"job {job_id} submitted", file=sys.stderr)
             with Progress() as progress:
                 status = client.poll_job(job_id, on_event=progress)
+        except Stopped:
+            # A server's job would run on with no one to collect its result; a local stack's job
+            # ends with the stack.
+            if job_id is not None and client.local_stack is None:
+                with contextlib.suppress(SpiderError, httpx.HTTPError):
+                    client.cancel_job(job_id)
+            raise
         finally:
             signal.signal(signal.SIGINT, previous)
         if status["status"] != JobStatus.COMPLETED:
@@ -166,20 +191,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from spider.local import LocalStack
+    from spider.local import LocalStack, Stopped, stop_signals_raise
 
     stack = LocalStack(
         port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port
     )
-    with stack:
-        print(f"Spider is up at {stack.url} (Redis {stack.redis_url}, data in {stack.data_dir}); Ctrl-C stops it",
-              flush=True)
-        if args.flower_port:
-            print(f"Flower: http://127.0.0.1:{args.flower_port} (FLOWER_BASIC_AUTH={stack.flower_auth})", flush=True)
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+    # Ctrl-C, SIGTERM and SIGHUP all stop the stack, during its start too.
+    try:
+        with stop_signals_raise(), stack:
+            print(f"Spider is up at {stack.url} (Redis {stack.redis_url}, data in {stack.data_dir}); Ctrl-C stops it",
+                  flush=True)
+            if args.flower_port:
+                print(f"Flower: http://127.0.0.1:{args.flower_port} (FLOWER_BASIC_AUTH={stack.flower_auth})",
+                      flush=True)
+            while True:
+                signal.pause()
+    except (KeyboardInterrupt, Stopped):
+        pass
     return 0
 
 

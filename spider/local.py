@@ -1,5 +1,5 @@
-"""The local stack: Redis, the API and one worker per queue that has tasks (control, rollout,
-sandbox) on this machine, as child processes.
+"""The local stack: Redis, the API and one worker per queue (control, rollout, sandbox, train) on
+this machine, as child processes that never outlive the process that started them.
 
 `spider run` with no `server.base_url`, `spider up`, and the test suite all start Spider this way:
 the same processes as a distributed deployment, on one machine.
@@ -7,6 +7,7 @@ the same processes as a distributed deployment, on one machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -18,15 +19,57 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 
 from spider.errors import SpiderError
 from spider.settings import cache_dir
+from spider.watchdog import Watchdog
 
 # Server-wide secrets that only the API reads: workers and Flower never get them.
 API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE")
+
+
+# The signals that ask a command to stop, besides Ctrl-C's SIGINT: kill, docker stop and systemd send
+# SIGTERM, a closed terminal SIGHUP.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """A stop signal reached the command. Raised in its main thread, as Ctrl-C raises
+    KeyboardInterrupt, so that every `with` unwinds and stops what it started; like
+    KeyboardInterrupt, `except Exception` does not catch it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a command ended by this signal."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within, SIGTERM and SIGHUP raise `Stopped`: the first of them only, as a repeat arriving
+    while the command stops must not cut its stopping short."""
+    raised = False
+
+    def on_stop_signal(signum: int, _frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:
@@ -50,37 +93,50 @@ def redis_server_binary() -> str:
         ) from None
 
 
-def start_redis(directory: Path, log: Path | None = None, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
-    """A private Redis on a free loopback port that keeps nothing on disk and requires a fresh
-    random password; returns (process, url), the url carrying the password
-    (`redis://:<password>@127.0.0.1:<port>/0`)."""
+def start_redis(
+    directory: Path, log: Path | None = None, timeout: float = 15.0, port: int | None = None,
+    password: str | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """A private Redis on a loopback port (a free one, unless given) that requires a password (a
+    fresh random one, unless given) and keeps its data in `directory`: an append-only file,
+    fsynced every second, so that a Redis started again on the same folder has every job.
+    Returns (process, url), the url carrying the password (`redis://:<password>@127.0.0.1:<port>/0`)."""
     import redis
 
-    port = free_port()
-    password = secrets.token_hex(24)
+    port = port or free_port()
+    password = password or secrets.token_hex(24)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)  # the append-only file holds job secrets
     # The password goes in a config file only this user can read, not on the command line that
-    # every local user can see.
-    config = Path(directory) / f"redis-{port}.conf"
+    # every local user can see, and the file goes once Redis has read it.
+    config = directory / f"redis-{port}.conf"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(f"requirepass {password}\n")
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [redis_server_binary(), str(config), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory)],
+        [redis_server_binary(), str(config), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    if log:
+        out.close()
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(url).ping()  # answers only once the append-only file is loaded
+                return proc, url
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+    finally:
+        config.unlink(missing_ok=True)
     proc.kill()
+    proc.wait()
     raise SpiderError(f"a local redis-server did not start{f'; see {log}' if log else ''}")
 
 
@@ -116,7 +172,11 @@ DEFAULT_WORKERS = (
 
 @dataclass
 class LocalStack:
-    """Start with `with LocalStack() as stack:`; `stack.url` is the API's base URL."""
+    """Start with `with LocalStack() as stack:`; `stack.url` is the API's base URL.
+
+    None of its processes outlives the process that started it: leaving the `with` stops them, and
+    a watchdog (spider.watchdog) stops them when that process dies without leaving it (SIGKILL, an
+    unhandled SIGTERM). Its Redis keeps its data in `data_dir/redis`."""
 
     port: int | None = None
     redis_url: str | None = None
@@ -130,11 +190,18 @@ class LocalStack:
     flower_port: int | None = None
     # `user:password` for Flower's basic auth; generated when Flower runs, unless given.
     flower_auth: str | None = None
+    # How long each process has to exit after SIGTERM before it is killed: when the stack stops,
+    # and (orphan_grace) when the watchdog stops it because its starter is gone, with no one
+    # left to wait on its work.
+    grace: float = 15.0
+    orphan_grace: float = 5.0
 
     def __post_init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self._argv: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="spider-local-"))
+        self._watchdog: Watchdog | None = None
+        self._redis: tuple[int, str] | None = None  # the port and password of the Redis it started
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = Path(self.data_dir or self._tmp / "data")
@@ -151,15 +218,26 @@ class LocalStack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def redis_dir(self) -> Path:
+        """Where the stack's own Redis keeps its append-only file."""
+        return self.data_dir / "redis"
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
         # Quiet: each process logs to its own file. Otherwise their logs go to this process's stderr.
         out = log if self.quiet else sys.stderr
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
+        log.close()
+        self._adopt(name, proc)
         self._argv[name] = (argv, env)
         return proc
+
+    def _adopt(self, name: str, proc: subprocess.Popen) -> None:
+        self.procs[name] = proc
+        # Redis goes last, so that nothing loses its broker mid-task.
+        self._watchdog.watch(proc.pid, stage=1 if name == "redis" else 0)
 
     def environment(self, name: str) -> dict[str, str]:
         """The environment the stack started its process `name` with (`api`, `worker-<queues>`, ...)."""
@@ -173,11 +251,18 @@ class LocalStack:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+        self._watchdog.forget(proc.pid)
 
     def restart(self, name: str) -> None:
-        """Start a process of the stack again after `kill`, and wait until it serves."""
-        argv, env = self._argv[name]
-        self._spawn(name, argv, env)
+        """Start a process of the stack again after `kill`, and wait until it serves. Redis comes
+        back on its port, with its password and its data."""
+        if name == "redis":
+            if self._redis is None:
+                raise SpiderError("this stack did not start its Redis (SPIDER_REDIS_URL or redis_url was given)")
+            self._start_redis(*self._redis)
+        else:
+            argv, env = self._argv[name]
+            self._spawn(name, argv, env)
         self._wait_ready()
 
     def start(self) -> None:
@@ -189,6 +274,10 @@ class LocalStack:
                 "starting the local stack needs the server parts: pip install 'spider[server]' "
                 "(or set server.base_url to use a running server)"
             ) from None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Before any process: from here on, none outlives this one.
+        self._watchdog = Watchdog(self.orphan_grace, remove=self._tmp if self.cleanup else None,
+                                  log=self.log_dir / "watchdog.log")
         if self.redis_url is None:
             self.redis_url = os.environ.get("SPIDER_REDIS_URL") or self._start_redis()
         shared = {
@@ -222,10 +311,11 @@ class LocalStack:
             )
         self._wait_ready()
 
-    def _start_redis(self) -> str:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        proc, url = start_redis(self._tmp, self.log_dir / "redis.log")
-        self.procs["redis"] = proc
+    def _start_redis(self, port: int | None = None, password: str | None = None) -> str:
+        proc, url = start_redis(self.redis_dir, self.log_dir / "redis.log", port=port, password=password)
+        self._adopt("redis", proc)
+        parsed = urlsplit(url)
+        self._redis = (parsed.port, parsed.password)
         return url
 
     def _check_alive(self) -> None:
@@ -239,24 +329,34 @@ class LocalStack:
 
         deadline = time.monotonic() + timeout
         wait_http(f"{self.url}/healthz", self._check_alive, timeout, "the local API")
-        probe = Celery(broker=self.redis_url)
         want = {f"worker-{w.queues.replace(',', '-')}-{self.port}" for w in self.workers}
-        while True:
-            self._check_alive()
-            replies = probe.control.ping(timeout=0.5) or []
-            seen = {name.split("@")[0] for reply in replies for name in reply}
-            if want <= seen:
-                return
-            if time.monotonic() > deadline:
-                raise SpiderError(f"local workers not ready: missing {sorted(want - seen)}")
+        with Celery(broker=self.redis_url) as probe:
+            errors = probe.connection_for_write().connection_errors
+            while True:
+                self._check_alive()
+                try:
+                    replies = probe.control.ping(timeout=0.5) or []
+                except errors:
+                    replies = []  # a pooled connection to a Redis that was restarted since
+                seen = {name.split("@")[0] for reply in replies for name in reply}
+                if want <= seen:
+                    return
+                if time.monotonic() > deadline:
+                    raise SpiderError(f"local workers not ready: missing {sorted(want - seen)}")
 
     def stop(self) -> None:
-        """Stop the API and workers first, then Redis, so nothing loses its broker mid-task."""
+        """Stop the API and workers first, then Redis, so nothing loses its broker mid-task; then
+        the watchdog, after it has stopped whatever their processes left behind."""
         workers = [proc for name, proc in self.procs.items() if name != "redis"]
         broker = [proc for name, proc in self.procs.items() if name == "redis"]
         for group in (workers, broker):
-            terminate(group)
+            terminate(group, self.grace)
+            for proc in group:
+                self._watchdog.forget(proc.pid)
         self.procs.clear()
+        if self._watchdog is not None:
+            self._watchdog.finish()
+            self._watchdog = None
         if self.cleanup:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

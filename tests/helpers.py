@@ -35,7 +35,10 @@ def make_config(url: str, api_key: str | None, model: str | Path, provider: str 
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSONL file. Lines end at \\n only: \\r, U+2028 and the like may sit raw in
+    a line (read_text would translate \\r, splitlines would break at all of them)."""
+    lines = Path(path).read_bytes().decode("utf-8").split("\n")
+    return [json.loads(line) for line in lines if line.strip(" \t\r")]
 
 
 def require_firejail(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> str:

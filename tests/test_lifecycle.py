@@ -1,0 +1,172 @@
+"""The local stack's lifecycle: no process of it outlives the command that started it (`spider up`,
+`spider run`), whatever signal ends that command, SIGKILL included. (What its Redis keeps across a
+restart: tests/test_stack_data.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from spider.local import free_port
+from tests.helpers import ROOT, make_config
+
+SPIDER = [sys.executable, "-m", "spider"]
+SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL]
+
+
+def command_env() -> dict[str, str]:
+    """This environment without a server to talk to: the command starts its own stack."""
+    return {k: v for k, v in os.environ.items() if k not in ("SPIDER_URL", "SPIDER_API_KEY", "SPIDER_REDIS_URL")}
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return str(proc.pid)
+
+
+def survivors(procs: list[psutil.Process], timeout: float) -> list[str]:
+    """The processes of `procs` still alive once they have all gone, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [describe(p) for p in procs if alive(p)]
+
+
+def stack_tree(pid: int) -> list[psutil.Process]:
+    """Every descendant of the command `pid`, after checking that the whole stack is among them."""
+    procs = psutil.Process(pid).children(recursive=True)
+    lines = " | ".join(describe(p) for p in procs)
+    for part in ("redis-server", "spider.watchdog", "spider serve", "worker-control", "worker-rollout",
+                 "worker-sandbox", "worker-train"):
+        assert part in lines, f"{part} is not running: {lines}"
+    return procs
+
+
+def end(command: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    """Kill what a failed test left behind, so that it does not load the machine for the next."""
+    if command.poll() is None:
+        command.kill()
+        command.wait()
+    for proc in procs:
+        if alive(proc):
+            proc.kill()
+
+
+def start_up(folder: Path) -> subprocess.Popen:
+    folder.mkdir()
+    with open(folder / "up.log", "wb") as err:
+        return subprocess.Popen([*SPIDER, "up", "--port", str(free_port()), "--data-dir", str(folder / "data")],
+                                cwd=ROOT, env=command_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def up_tree(command: subprocess.Popen, folder: Path) -> list[psutil.Process]:
+    line = command.stdout.readline()
+    assert "Spider is up at http://127.0.0.1:" in line, (folder / "up.log").read_text()[-3000:]
+    return stack_tree(command.pid)
+
+
+def job_file(path: Path, tiny_model: Path, **overrides) -> Path:
+    """A job for `spider run` with no server: the command starts the local stack."""
+    config = make_config(None, None, tiny_model, **overrides)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def start_run(job: Path, folder: Path) -> subprocess.Popen:
+    folder.mkdir()
+    with open(folder / "run.log", "wb") as err:
+        return subprocess.Popen([*SPIDER, "run", str(job), "-o", str(folder / "out.jsonl")], cwd=ROOT,
+                                env=command_env(), stdout=subprocess.DEVNULL, stderr=err)
+
+
+def run_tree(command: subprocess.Popen, folder: Path, until: str = "submitted", timeout: float = 120) -> list[psutil.Process]:
+    """The stack of `spider run`, once its stderr shows `until`."""
+    log = folder / "run.log"
+    deadline = time.monotonic() + timeout
+    while until not in log.read_text() and command.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert until in log.read_text(), f"`spider run` ({command.poll()}) did not show {until!r}:\n{log.read_text()[-3000:]}"
+    return stack_tree(command.pid)
+
+
+@pytest.mark.slow
+def test_spider_up_leaves_no_process_behind_whatever_ends_it(tmp_path):
+    # One `spider up` per signal, started together: they wait on each other's start-up less.
+    commands = {sig: start_up(tmp_path / signal.Signals(sig).name) for sig in SIGNALS}
+    trees: dict[int, list[psutil.Process]] = {}
+    try:
+        trees = {sig: up_tree(command, tmp_path / signal.Signals(sig).name) for sig, command in commands.items()}
+        for sig, command in commands.items():
+            command.send_signal(sig)
+        exits = {sig: command.wait(timeout=60) for sig, command in commands.items()}
+        assert exits == {sig: -signal.SIGKILL if sig == signal.SIGKILL else 0 for sig in SIGNALS}
+        assert {sig: survivors(tree, timeout=45) for sig, tree in trees.items()} == {sig: [] for sig in SIGNALS}
+    finally:
+        for sig, command in commands.items():
+            end(command, trees.get(sig, []))
+
+
+def engine_core(worker: psutil.Process, command: subprocess.Popen, timeout: float = 180) -> list[psutil.Process]:
+    """The processes of vLLM's engine core under `worker`, once it has started one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and command.poll() is None:
+        procs = worker.children(recursive=True)
+        if any("EngineCore" in describe(p) for p in procs):
+            return procs
+        time.sleep(0.5)
+    raise AssertionError(f"no vLLM engine core under the rollout worker (command: {command.poll()})")
+
+
+# Exit statuses: a stop signal is reported as the shell does (128 + its number); Ctrl-C cancels
+# the job, which then ends cancelled (1).
+RUN_EXIT = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGHUP: 128 + signal.SIGHUP, signal.SIGINT: 1,
+            signal.SIGKILL: -signal.SIGKILL}
+
+
+@pytest.mark.slow
+def test_spider_run_leaves_no_process_behind_whatever_ends_it(tiny_model, tmp_path):
+    """TERM, HUP and Ctrl-C come while a job runs on the hf engine. SIGKILL comes while the job's
+    vLLM engine loads: its engine core is the rollout worker's child, with a worker process of its
+    own, and only the watchdog is left to stop them."""
+    folders = {sig: tmp_path / signal.Signals(sig).name for sig in SIGNALS}
+    # Long enough to be running when the signal comes: 64 rows of 64 tokens, one at a time.
+    hf_job = job_file(tmp_path / "hf.yaml", tiny_model, **{
+        "source.split": "train", "generation.max_batch_size": 1, "generation.duplications": 2,
+        "generation.parameters.max_tokens": 64})
+    vllm_job = job_file(tmp_path / "vllm.yaml", tiny_model, **{
+        "model.provider": "vllm", "model.parameters": {"dtype": "float32", "max_model_len": 512}})
+    # Started together: they wait on each other's start-up less.
+    commands = {sig: start_run(vllm_job if sig == signal.SIGKILL else hf_job, folder) for sig, folder in folders.items()}
+    trees: dict[int, list[psutil.Process]] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            trees[sig] = run_tree(commands[sig], folders[sig])
+            commands[sig].send_signal(sig)
+        trees[signal.SIGKILL] = run_tree(commands[signal.SIGKILL], folders[signal.SIGKILL])
+        rollout = next(p for p in trees[signal.SIGKILL] if "worker-rollout" in describe(p))
+        trees[signal.SIGKILL] += engine_core(rollout, commands[signal.SIGKILL])
+        commands[signal.SIGKILL].kill()
+        exits = {sig: command.wait(timeout=90) for sig, command in commands.items()}
+        assert exits == RUN_EXIT
+        assert {sig: survivors(tree, timeout=45) for sig, tree in trees.items()} == {sig: [] for sig in SIGNALS}
+        assert not any((folder / "out.jsonl").exists() for folder in folders.values())
+    finally:
+        for sig, command in commands.items():
+            end(command, trees.get(sig, []))
