@@ -297,6 +297,9 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease:
             _forget(job_id)
             return None  # cancelled or failed meanwhile: train nothing more
         metrics = on_policy_step(run, step, loop)
+        if ctx.store.status(job_id) != JobStatus.RUNNING:
+            _forget(job_id)
+            return None  # cancelled during the step: its update is not kept
         step += 1
         tokens += int(metrics["tokens_trained"])
         warm.step, warm.tokens_trained = step, tokens
