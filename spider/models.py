@@ -25,6 +25,9 @@ from spider.settings import cache_dir
 logger = logging.getLogger(__name__)
 
 SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# A tiny random chat model (spider.testing.build_tiny_model): a 1024-token byte-level BPE of its own,
+# ChatML template. A student to try on-policy distillation with on a CPU, across tokenizers.
+TINY_RANDOM_CHAT = "spider/tiny-random-chat"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
@@ -237,6 +240,13 @@ def _build_smollm2_135m_instruct(dest: Path) -> None:
     tokenizer.save_pretrained(str(dest))
 
 
+def _build_tiny_random_chat(dest: Path) -> None:
+    from spider.testing import build_tiny_model
+
+    build_tiny_model(dest, seed=0)
+
+
 MATERIALIZERS: dict[str, Callable[[Path], None]] = {
     SMOLLM2_135M_INSTRUCT: _build_smollm2_135m_instruct,
+    TINY_RANDOM_CHAT: _build_tiny_random_chat,
 }
