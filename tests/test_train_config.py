@@ -479,3 +479,20 @@ def test_the_key_reaches_the_jobs_secrets_and_is_never_shown(redis_url, tmp_path
     for text in shown + [stored_config]:
         assert TINKER_KEY not in text
     assert r.hgetall(f"spider:job:{job_id}:secrets") == {}  # cancelled: its secrets are gone
+
+
+def keep(record):
+    return record
+
+
+def test_an_on_policy_job_with_a_post_processor_is_refused(tmp_path):
+    from spider.bundle import build_bundle
+
+    settings = Settings(data_dir=tmp_path, policy=Policy())
+    body = json.loads(body_of(brief_job(), {TINKER_KEY_SECRET: TINKER_KEY}))
+    body["bundle"] = base64.b64encode(build_bundle(post_processor=keep)).decode()
+    with pytest.raises(HTTPException) as info:
+        parse_submission(json.dumps(body).encode(), settings)
+    assert info.value.status_code == 422 and "post_processor" in info.value.detail
+    body["bundle"] = base64.b64encode(build_bundle(pre_processor=keep)).decode()
+    assert parse_submission(json.dumps(body).encode(), settings).bundle is not None

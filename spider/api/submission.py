@@ -85,6 +85,9 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
         raise HTTPException(422, str(exc)) from None
     bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
     _check_tool_choice(job, bundle.manifest.tools if bundle is not None else [])
+    if job.generation.on_policy and bundle is not None and bundle.manifest.has_post_processor:
+        raise HTTPException(422, "post_processor: it reshapes a dataset's records, and an on-policy job writes none; "
+                                 "shape its prompts with a pre_processor")
     return Submission(job, env, bundle, source_files)
 
 
