@@ -263,6 +263,7 @@ class EventKind(StrEnum):
     TRAIN_EVAL = "train.eval"
     TRAIN_CHECKPOINT = "train.checkpoint"
     TRAIN_EXPORTED = "train.exported"
+    TRAIN_TEMPLATE = "train.template"
     UPLOAD_STARTED = "upload.started"
     UPLOAD_COMPLETED = "upload.completed"
     SANDBOX_UNSAFE = "sandbox.unsafe"

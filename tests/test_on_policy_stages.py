@@ -43,11 +43,11 @@ def teacher(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("teacher") / "tiny-teacher", seed=1)
 
 
-def submit(ctx, student, teacher, **options):
+def submit(ctx, student, teacher, generation=None, **options):
     config = JobConfig.parse({
         "model": {"provider": "hf", "name": str(student)},
         "source": {"dataset": str(SAMPLE_PROMPTS), "split": "train[0:12]", "field": "question"},
-        "generation": {"on_policy": True, "on_policy_options": {
+        "generation": {"on_policy": True, **(generation or {}), "on_policy_options": {
             "teacher": {"provider": "hf", "name": str(teacher)}, "groups_per_batch": 2, "group_size": 2,
             "max_tokens": 8, "lora_rank": 4, "learning_rate": 1e-2, "seed": 3, **options}},
     })
@@ -166,3 +166,21 @@ def test_a_source_with_no_rows_left_to_train_on_fails_clearly(ctx, tiny_model, t
     drive(ctx, job_id)
     record = ctx.store.get(job_id)
     assert record.status == JobStatus.FAILED and "nothing is left to train on" in record.error
+
+
+def test_multi_turn_conversations_train_every_student_turn_and_report_how(ctx, tiny_model, teacher):
+    """A simulated user answers once: two student turns per conversation, both scored by the
+    teacher and trained; the user's turn and the template between are context. A turn whose prompt
+    does not extend the previous one token for token (a re-rendered answer tokenized otherwise)
+    trains as its own sequence and is counted."""
+    user = {"model": {"provider": "hf", "name": str(teacher)}, "max_turns": 1,
+            "parameters": {"max_tokens": 6, "temperature": 1.0}}
+    job_id = submit(ctx, tiny_model, teacher, generation={"user": user}, max_steps=2, steps_per_task=2)
+    drive(ctx, job_id)
+    record = ctx.store.get(job_id)
+    assert record.status == JobStatus.COMPLETED, record.error
+    for step in metrics(ctx, job_id):
+        conversations = 2 * 2
+        assert step["sequences"] == conversations + step["separate_turns"]
+        assert step["tokens_trained"] == step["tokens_sampled"] > 8 * conversations  # both turns' tokens
+        assert step["score_errors"] == 0

@@ -14,7 +14,7 @@ from spider.errors import SpiderError
 from spider.jobs.stages import Context, bundle_manifest, job_engine
 from spider.jobs.store import JobFiles
 from spider.train.loop import Prompt, Settings, TrainData, TrainRun
-from spider.types import Message
+from spider.types import EventKind, Message
 
 SCORE_WAIT_S = 3600.0
 
@@ -137,6 +137,11 @@ def build_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
             from spider.jobs.conversations import simulated_user
 
             user = simulated_user(config, job_engine(ctx, job_id, config.generation.user.model, secrets))
+        if (tools is not None or user is not None) and not _prefix_preserving(student_tokenizer):
+            ctx.bus.publish(
+                job_id, EventKind.TRAIN_TEMPLATE, "the student's chat template is not prefix-preserving: each "
+                "assistant turn of a conversation trains as its own sequence (see separate_turns)", level="warning",
+            )
         run = TrainRun(settings_of(config, total), backend, teacher, train_data(files, config), sampler_path,
                        tools=tools, parser=parser, user=user)
         closers.insert(0, lambda: run.close_sampler())
@@ -145,6 +150,12 @@ def build_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
         for close in reversed(closers):
             close()
         raise
+
+
+def _prefix_preserving(tokenizer: Any) -> bool:
+    from spider.chat import Renderer
+
+    return Renderer(tokenizer).is_prefix_preserving()
 
 
 def model_card(config: dict[str, Any], final: dict[str, Any], base_model: str) -> str:
