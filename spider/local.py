@@ -251,7 +251,6 @@ class LocalStack:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
-        self._watchdog.forget(proc.pid)
 
     def restart(self, name: str) -> None:
         """Start a process of the stack again after `kill`, and wait until it serves. Redis comes
@@ -346,13 +345,12 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop the API and workers first, then Redis, so nothing loses its broker mid-task; then
-        the watchdog, after it has stopped whatever their processes left behind."""
+        the watchdog, once it has stopped whatever they left behind (a child still exiting after
+        its parent, a descendant in a session of its own)."""
         workers = [proc for name, proc in self.procs.items() if name != "redis"]
         broker = [proc for name, proc in self.procs.items() if name == "redis"]
         for group in (workers, broker):
             terminate(group, self.grace)
-            for proc in group:
-                self._watchdog.forget(proc.pid)
         self.procs.clear()
         if self._watchdog is not None:
             self._watchdog.finish()

@@ -1,14 +1,13 @@
 """The local stack's watchdog: a small process that stops the stack's processes once the process that
 started them is gone, however it ended (SIGKILL included), so that none of them outlives it.
 
-The starter holds the write end of the watchdog's stdin and writes one line per event:
-`watch <pid> <stage>` for each process it starts as the leader of its own process group, and
-`forget <pid>` once it has stopped and reaped that process itself. The end of that input (the
-starter closed it, or died) or a new parent (the starter died while a forked copy of it still holds
-the pipe) stops what is still watched: SIGTERM stage by stage (0 first: the API and workers before
-Redis), then SIGKILL after the grace period. Descendants that left their group (a jailed interpreter
-runs in a session of its own) are tracked from /proc while the starter lives and stopped with their
-stage, also after an orderly stop that left them behind.
+The starter holds the write end of the watchdog's stdin and writes `watch <pid> <stage>` for each
+process it starts as the leader of its own process group. The end of that input (the starter closed
+it after its own orderly stop, or died) or a new parent (the starter died while a forked copy of it
+still holds the pipe) stops what is left of the watched groups: SIGTERM stage by stage (0 first: the
+API and workers before Redis), then SIGKILL after the grace period. Descendants that left their
+group (a jailed interpreter runs in a session of its own) are tracked from /proc while the starter
+lives, and stopped with their stage.
 
     python -m spider.watchdog <starter pid> <grace seconds> [<folder to remove afterwards>]
 """
@@ -134,11 +133,8 @@ def serve(starter: int, grace: float, remove: Path | None) -> None:
                 break
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                verb, *args = line.decode().split()
-                if verb == "watch":
-                    watch.groups[int(args[0])] = int(args[1])
-                elif verb == "forget":
-                    watch.groups.pop(int(args[0]), None)
+                _watch, pid, stage = line.decode().split()
+                watch.groups[int(pid)] = int(stage)
         if os.getppid() != starter:
             break
         watch.note_strays()
@@ -148,8 +144,8 @@ def serve(starter: int, grace: float, remove: Path | None) -> None:
 
 
 class Watchdog:
-    """The starter's end of a watchdog process: `watch` each process group as it starts,
-    `forget` one it stopped itself, `finish` once it has stopped them all."""
+    """The starter's end of a watchdog process: `watch` each process group as it starts, `finish`
+    once it has stopped them."""
 
     def __init__(self, grace: float, remove: Path | None = None, log: Path | None = None):
         self.grace = grace
@@ -172,9 +168,6 @@ class Watchdog:
 
     def watch(self, pid: int, stage: int = 0) -> None:
         self._send(f"watch {pid} {stage}")
-
-    def forget(self, pid: int) -> None:
-        self._send(f"forget {pid}")
 
     def finish(self) -> None:
         """End the watch: the watchdog stops what the watched processes left behind, and exits."""

@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
 
-from spider.local import free_port
+from spider.local import LocalStack, WorkerSpec, free_port
 from tests.helpers import ROOT, make_config
 
 SPIDER = [sys.executable, "-m", "spider"]
@@ -83,26 +84,33 @@ def up_tree(command: subprocess.Popen, folder: Path) -> list[psutil.Process]:
 
 
 def job_file(path: Path, tiny_model: Path, **overrides) -> Path:
-    """A job for `spider run` with no server: the command starts the local stack."""
+    """A job for `spider run`, naming no server: the command starts the local stack unless given --url."""
     config = make_config(None, None, tiny_model, **overrides)
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return path
 
 
-def start_run(job: Path, folder: Path) -> subprocess.Popen:
+def start_run(job: Path, folder: Path, *options: str) -> subprocess.Popen:
     folder.mkdir()
     with open(folder / "run.log", "wb") as err:
-        return subprocess.Popen([*SPIDER, "run", str(job), "-o", str(folder / "out.jsonl")], cwd=ROOT,
+        return subprocess.Popen([*SPIDER, "run", str(job), "-o", str(folder / "out.jsonl"), *options], cwd=ROOT,
                                 env=command_env(), stdout=subprocess.DEVNULL, stderr=err)
 
 
-def run_tree(command: subprocess.Popen, folder: Path, until: str = "submitted", timeout: float = 120) -> list[psutil.Process]:
-    """The stack of `spider run`, once its stderr shows `until`."""
+def wait_for(command: subprocess.Popen, folder: Path, until: str, timeout: float = 120) -> str:
+    """The stderr of `spider run` once it shows `until`."""
     log = folder / "run.log"
     deadline = time.monotonic() + timeout
     while until not in log.read_text() and command.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert until in log.read_text(), f"`spider run` ({command.poll()}) did not show {until!r}:\n{log.read_text()[-3000:]}"
+    text = log.read_text()
+    assert until in text, f"`spider run` ({command.poll()}) did not show {until!r}:\n{text[-3000:]}"
+    return text
+
+
+def run_tree(command: subprocess.Popen, folder: Path) -> list[psutil.Process]:
+    """The stack of `spider run`, once its job is submitted."""
+    wait_for(command, folder, "submitted")
     return stack_tree(command.pid)
 
 
@@ -170,3 +178,60 @@ def test_spider_run_leaves_no_process_behind_whatever_ends_it(tiny_model, tmp_pa
     finally:
         for sig, command in commands.items():
             end(command, trees.get(sig, []))
+
+
+# A starter of one watched group, whose leader starts a child in its group and one in a session of
+# its own that outlives the leader (as a daemon's double fork does); prints the leader's pid.
+STARTER = """
+import subprocess, sys, time
+from spider.watchdog import Watchdog
+
+LEADER = '''
+import subprocess, time
+subprocess.Popen(["sleep", "300"])
+subprocess.Popen(["sleep", "301"], start_new_session=True)
+time.sleep(4)
+'''
+dog = Watchdog(grace=2)
+leader = subprocess.Popen([sys.executable, "-c", LEADER], start_new_session=True)
+dog.watch(leader.pid)
+print(leader.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_watchdog_stops_a_descendant_that_left_the_group_once_its_starter_is_killed():
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    procs: list[psutil.Process] = []
+    try:
+        leader = psutil.Process(int(starter.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while len(leader.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs = leader.children()
+        assert sorted(p.cmdline()[-1] for p in procs) == ["300", "301"]
+        # The leader exits: its child in a session of its own has no parent in the stack any more.
+        assert survivors([leader], timeout=30) == []
+        starter.kill()
+        starter.wait()
+        assert survivors(procs, timeout=20) == []
+    finally:
+        end(starter, procs)
+
+
+@pytest.mark.slow
+def test_spider_run_stopped_by_sigterm_cancels_its_job_on_a_server(tiny_model, tmp_path):
+    """A server's job would run on with no one to collect its result."""
+    workers = (WorkerSpec("control", "threads", 2), WorkerSpec("rollout", "threads", 1))
+    with LocalStack(workers=workers, log_dir=tmp_path / "logs") as stack:
+        job = job_file(tmp_path / "job.yaml", tiny_model, **{
+            "source.split": "train", "generation.max_batch_size": 1, "generation.parameters.max_tokens": 64})
+        command = start_run(job, tmp_path / "run", "--url", stack.url)
+        try:
+            job_id = wait_for(command, tmp_path / "run", "submitted").split("job ", 1)[1].split()[0]
+            command.send_signal(signal.SIGTERM)
+            assert command.wait(timeout=60) == 128 + signal.SIGTERM
+            assert "stopped by SIGTERM" in (tmp_path / "run" / "run.log").read_text()
+            assert httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        finally:
+            end(command, [])
