@@ -170,3 +170,28 @@ def test_progress_shows_model_loading_then_generation_tokens_per_second():
     assert progress.phase == "generating"
     progress(event("job.completed", records=8))
     assert progress.phase == "completed"
+
+
+def test_progress_counts_a_training_jobs_steps_and_shows_its_teacher_kl(capsys):
+    from spider.cli import Progress
+    from spider.types import Event
+
+    def event(kind, **data):
+        return Event(id="1-0", job_id="0123456789abcdef", ts=0.0, kind=kind, level="info", message=kind, data=data)
+
+    progress = Progress()
+    task = progress.bar.tasks[0]
+    progress(event("job.planned", steps=12, train_rows=24, eval_rows=8, groups_per_batch=2, group_size=4))
+    assert progress.phase == "training" and task.total == 12 and task.fields["unit"] == "steps"
+    progress(event("model.loading", model="s", backend="local"))
+    assert progress.phase == "loading model"
+    progress(event("train.step", step=1, steps_total=12, teacher_kl=2.5, loss=10.0, learning_rate=1e-4,
+                   grad_norm=3.0, tokens_trained=96, aligned_fraction=0.97, step_s=1.5))
+    assert progress.phase == "training" and task.completed == 1 and task.fields["tps"] == "KL 2.500"
+    progress(event("train.step", step=2, steps_total=12, teacher_kl=2.0, eval_teacher_kl=2.2, loss=8.0,
+                   learning_rate=1e-4, grad_norm=2.0, tokens_trained=90, aligned_fraction=1.0, step_s=1.4))
+    assert task.completed == 2 and task.fields["tps"] == "KL 2.000 (held-out 2.200)"
+    progress(event("job.completed", steps=12))
+    assert progress.phase == "completed"
+    printed = capsys.readouterr().err
+    assert "step 1: teacher KL 2.5000" in printed and "aligned 97.0%" in printed

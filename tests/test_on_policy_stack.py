@@ -151,6 +151,11 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_and_stops_at_max_step
     assert 5 in done[done.index(killed_after + 1) + 1 :] or killed_after == 8  # the lost step ran again
     assert json.loads(files.latest_checkpoint.read_text())["step"] == 10
     print(f"recovered and finished {recovered_s:.0f}s after the kill")
+    from spider.cli import main
+
+    png = tmp_path / "curves.png"
+    assert main(["plot", job_id, "-o", str(png), "--url", stack.url, "--api-key", ALICE]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_briefs_on_policy_config_runs_on_tinker(stack, fake_tinker, tmp_path):
