@@ -58,9 +58,6 @@ class RemoteScorer(Engine):
 
 def settings_of(config: JobConfig, total_steps: int) -> Settings:
     o = config.generation.on_policy_options
-    loss_config = None
-    if o.loss_fn == "ppo":
-        loss_config = {"clip_low_threshold": o.ppo_clip_low, "clip_high_threshold": o.ppo_clip_high}
     return Settings(
         group_size=o.group_size,
         max_tokens=o.max_tokens,
@@ -73,7 +70,7 @@ def settings_of(config: JobConfig, total_steps: int) -> Settings:
         kl_penalty_coef=o.kl_penalty_coef,
         kl_discount_factor=o.kl_discount_factor,
         loss_fn=o.loss_fn,
-        loss_fn_config=loss_config,
+        loss_fn_config=o.loss_fn_config(),
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps,
