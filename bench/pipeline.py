@@ -105,7 +105,7 @@ def main() -> None:
     if args.child is not None:
         config = make_config("http://unused", args.child / "tiny", args.provider, args.child / "prompts.jsonl",
                              args.rows, args.batch, args.max_tokens)
-        questions = [json.loads(line)["question"] for line in (args.child / "prompts.jsonl").read_text().splitlines()]
+        questions = [json.loads(line)["question"] for line in (args.child / "prompts.jsonl").read_text().split("\n") if line.strip()]
         seconds, tokens = in_process(config, questions)
         print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
         return

@@ -69,14 +69,11 @@ def test_deployment_commands_are_valid_cli_invocations():
     for command in commands:
         parser.parse_args(command[1:])
     queues = {c[c.index("--queues") + 1] for c in commands if "--queues" in c}
-    # No train worker until on-policy training brings train tasks; the queue's name stays reserved.
-    assert queues == {"control", "rollout", "sandbox"}
     from spider.local import DEFAULT_WORKERS
     from spider.workers.app import QUEUES
 
+    assert queues == {"control", "rollout", "sandbox", "train"} == set(QUEUES)
     assert {w.queues for w in DEFAULT_WORKERS} == queues
-    assert "train" in QUEUES
-    parser.parse_args(["worker", "--queues", "train"])
 
 
 @pytest.mark.slow
@@ -102,7 +99,7 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
         user, _, password = flower_line.split("FLOWER_BASIC_AUTH=")[1].rstrip(")\n").partition(":")
         deadline = time.monotonic() + 60
         workers = {}
-        while time.monotonic() < deadline and len(workers) < 3:
+        while time.monotonic() < deadline and len(workers) < 4:
             try:
                 workers = httpx.get(f"http://127.0.0.1:{flower}/api/workers", params={"refresh": "true"}, timeout=10,
                                     auth=(user, password)).json()
@@ -111,7 +108,7 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
         # Flower answers no one without the password.
         assert httpx.get(f"http://127.0.0.1:{flower}/api/workers", timeout=10).status_code == 401
         queues = {q["name"] for info in workers.values() for q in info.get("active_queues", [])}
-        assert queues == {"control", "rollout", "sandbox"}
+        assert queues == {"control", "rollout", "sandbox", "train"}
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

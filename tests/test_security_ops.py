@@ -191,7 +191,7 @@ def test_compose_redis_requires_a_password_everywhere():
     resolved = interpolate(services, FULL_ENV)
     urls = {name: svc["environment"]["SPIDER_REDIS_URL"] for name, svc in resolved.items()
             if "SPIDER_REDIS_URL" in svc.get("environment", {})}
-    assert set(urls) == {"api", "control", "rollout", "sandbox"}
+    assert set(urls) == {"api", "control", "rollout", "sandbox", "train"}
     assert set(urls.values()) == {"redis://:pw123@redis:6379/0"}
     flower = resolved["flower"]
     broker = flower["environment"].get("CELERY_BROKER_URL") or next(

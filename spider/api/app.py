@@ -205,8 +205,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not is_on_policy(record.config):
             raise HTTPException(404, f"job {job_id} is not a training job; it has no training metrics")
         path = JobFiles(settings.data_dir, job_id).metrics
-        lines = path.read_text().splitlines() if path.exists() else []
-        return {"job_id": job_id, "steps": [json.loads(line) for line in lines if line.strip()]}
+        from spider.data.sinks import read_jsonl
+
+        return {"job_id": job_id, "steps": list(read_jsonl(path)) if path.exists() else []}
 
     @app.get("/v1/jobs/{job_id}/metadata")
     def metadata(job_id: str, owner: str = Depends(caller)):

@@ -16,7 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from spider.config import JobConfig
-from spider.data.sinks import read_jsonl, upload_to_hub, write_result
+from spider.data.sinks import jsonl_line, read_jsonl, upload_to_hub, write_result
 from spider.data.sources import SourceAccess, load_source_rows, start_of
 from spider.engines.base import GenerationResult
 from spider.errors import SpiderError
@@ -163,7 +163,7 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
         records, elapsed = _single_turn_batch(ctx, job_id, batch_index, config, rows)
     dropped = int(files.dropped(batch_index).read_text()) if files.dropped(batch_index).exists() else 0
     stats = _batch_stats(rows, records, dropped, elapsed)
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
+    lines = "".join(jsonl_line(r.to_dict()) for r in records)
     if manifest is not None and manifest.has_post_processor:
         write_atomic(files.generated(batch_index), lines)
         write_atomic(files.generated_stats(batch_index), json.dumps(stats.to_dict()))
@@ -265,7 +265,7 @@ def postprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: Sandbox
     records = list(read_jsonl(files.generated(batch_index)))
     stats = BatchStats.from_dict(json.loads(files.generated_stats(batch_index).read_text()))
     kept, dropped = usercode.post_process_records(pool.job(job_id, config), config, records)
-    write_atomic(files.shard(batch_index), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    write_atomic(files.shard(batch_index), "".join(jsonl_line(r) for r in kept))
     stats.records = len(kept)
     stats.dropped += dropped
     complete_batch(ctx, job_id, batch_index, stats)

@@ -338,11 +338,10 @@ def _evaluate(ctx: Context, job_id: str, run: Any, step: int, loop: Any, teacher
 
 def _append_metrics(files: JobFiles, metrics: dict[str, Any]) -> None:
     """One line per step; a resumed segment first drops lines of steps it is about to redo."""
-    lines = []
-    if files.metrics.exists():
-        lines = [line for line in files.metrics.read_text().splitlines() if line.strip()]
-        lines = [line for line in lines if json.loads(line)["step"] < metrics["step"]]
-    lines.append(json.dumps(metrics, default=_plain))
+    from spider.data.sinks import read_jsonl
+
+    kept = [m for m in read_jsonl(files.metrics) if m["step"] < metrics["step"]] if files.metrics.exists() else []
+    lines = [json.dumps(m) for m in kept] + [json.dumps(metrics, default=_plain)]
     write_atomic(files.metrics, "\n".join(lines) + "\n")
 
 
@@ -451,7 +450,9 @@ def finalize_job(ctx: Context, job_id: str) -> None:
     if meta is None:
         raise SpiderError("cannot finalize: the job has no checkpoint")
     warm = _warm_run(ctx, job_id, config, meta)
-    metrics = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()] if files.metrics.exists() else []
+    from spider.data.sinks import read_jsonl
+
+    metrics = list(read_jsonl(files.metrics)) if files.metrics.exists() else []
     final = metrics[-1] if metrics else {}
     public = record.public()["config"]
     exported = export_run(warm.run, config, public, final, files)
