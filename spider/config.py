@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,16 +30,61 @@ SPLIT_PATTERN = re.compile(r"^[\w.\-]+(\[[^\]]*\])?(\+[\w.\-]+(\[[^\]]*\])?)*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are no one's setting, and would pass every one-sided bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Bounds on what a job may write. Every count, length and size in the schema has an upper bound, so
+# that nothing a submitter sends can make a worker allocate, loop or store without limit; the
+# operator's own ceilings (runtime.limits, SPIDER_MAX_*) are checked at admission.
+INT64_MAX = 2**63 - 1
+MAX_NAME_CHARS = 1000  # model names, dataset ids, paths
+MAX_TEXT_CHARS = 1_000_000  # one system prompt, one simulated user's prompt
+MAX_ENV_VALUE_CHARS = 64 * 1024
+MAX_ENV_VARS = 256
+MAX_LIST_ITEMS = 1024
+# Free-form values (engine parameters, source options, processor kwargs): how deep and how big.
+MAX_FREE_FORM_DEPTH = 32
+MAX_FREE_FORM_ITEMS = 10_000
+MAX_FREE_FORM_STRING = 1_000_000
+
+Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)]
+
+
+def bounded_free_form(value: dict[str, Any]) -> dict[str, Any]:
+    """A free-form mapping of JSON values, refused when it nests deeper than MAX_FREE_FORM_DEPTH,
+    holds more than MAX_FREE_FORM_ITEMS values or a string longer than MAX_FREE_FORM_STRING; the
+    error names the path inside the mapping. Walked without recursion, whatever its depth."""
+    pending: list[tuple[Any, str, int]] = [(value, "", 1)]
+    items = 0
+    while pending:
+        node, where, depth = pending.pop()
+        items += 1
+        if items > MAX_FREE_FORM_ITEMS:
+            raise ValueError(f"more than {MAX_FREE_FORM_ITEMS} values")
+        if depth > MAX_FREE_FORM_DEPTH:
+            raise ValueError(f"{where.lstrip('.')}: nested deeper than {MAX_FREE_FORM_DEPTH} levels")
+        if isinstance(node, str) and len(node) > MAX_FREE_FORM_STRING:
+            raise ValueError(f"{where.lstrip('.')}: a string longer than {MAX_FREE_FORM_STRING} characters")
+        if isinstance(node, dict):
+            pending.extend((child, f"{where}.{key}", depth + 1) for key, child in node.items())
+        elif isinstance(node, (list, tuple)):
+            pending.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(node))
+    return value
+
+
+FreeForm = Annotated[dict[str, Any], AfterValidator(bounded_free_form)]
 
 
 class ServerConfig(Strict):
     """Where the Spider API is. No `base_url` means: start the local stack on this machine."""
 
-    base_url: str | None = None
-    api_key: str | None = None
-    request_timeout: float = Field(120.0, gt=0)
-    headers: dict[str, str] = Field(default_factory=dict)
+    base_url: str | None = Field(None, max_length=2000)
+    api_key: str | None = Field(None, max_length=MAX_ENV_VALUE_CHARS)
+    request_timeout: float = Field(120.0, gt=0, le=7 * 24 * 3600)
+    headers: dict[Annotated[str, Field(max_length=256)], EnvValue] = Field(default_factory=dict, max_length=MAX_ENV_VARS)
     verify_tls: bool = True
 
 
@@ -63,12 +109,12 @@ class VLLMParameters(Strict):
     quantization: str | None = Field(None, pattern=r"^[a-z0-9_\-]{1,32}$")
     max_model_len: int | None = Field(None, ge=16, le=10_000_000)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    cpu_offload_gb: float = Field(0, ge=0)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1, le=2**50)
+    cpu_offload_gb: float = Field(0, ge=0, le=1_000_000)
     enforce_eager: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     max_num_seqs: int | None = Field(None, ge=1, le=100_000)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1, le=100_000_000)
     block_size: int | None = Field(None, ge=1, le=1024)
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
@@ -123,8 +169,8 @@ class ModelConfig(Strict):
     """
 
     provider: Literal["vllm", "openai", "hf", "tinker"] = "vllm"
-    name: str = Field(min_length=1, max_length=1000)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    parameters: FreeForm = Field(default_factory=dict)
 
     @field_validator("parameters")
     @classmethod
@@ -144,16 +190,16 @@ class SourceConfig(Strict):
     """Where prompts come from: a hub dataset id, a builder such as `json` with `options.data_files`,
     or a path to a local json/jsonl/parquet/csv file or directory."""
 
-    dataset: str = Field(min_length=1)
-    config_name: str | None = None
-    split: str = "train"
-    field: str = "prompt"
-    revision: str | None = None
+    dataset: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    config_name: str | None = Field(None, max_length=200)
+    split: str = Field("train", max_length=MAX_NAME_CHARS)
+    field: str = Field("prompt", max_length=MAX_NAME_CHARS)
+    revision: str | None = Field(None, max_length=200)
     streaming: bool = False
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1, le=INT64_MAX)
     shuffle: bool = False
-    seed: int | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    seed: Seed | None = None
+    options: FreeForm = Field(default_factory=dict)
 
     @field_validator("split")
     @classmethod
@@ -164,16 +210,16 @@ class SourceConfig(Strict):
 
 
 class GenerationParameters(Strict):
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=10_000_000)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int = Field(512, ge=1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = Field(None, gt=0)
+    max_tokens: int = Field(512, ge=1, le=1_000_000)
+    seed: Seed | None = None
+    stop: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+    presence_penalty: float = Field(0.0, ge=-100, le=100)
+    frequency_penalty: float = Field(0.0, ge=-100, le=100)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -232,7 +278,7 @@ class OnPolicyOptions(Strict):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="after warmup: constant (as the recipe), or a linear / cosine decay to 0 at the last step"
     )
-    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to learning_rate")
+    warmup_steps: int = Field(0, ge=0, le=INT64_MAX, description="steps of linear warmup from 0 to learning_rate")
     groups_per_batch: int = Field(
         64,
         ge=1,
@@ -259,7 +305,7 @@ class OnPolicyOptions(Strict):
     lora_alpha: float | None = Field(
         None, gt=0, le=100_000, description=f"LoRA scale (None: {TINKER_LORA_ALPHA}, Tinker's fixed value); local backend only"
     )
-    lora_target_modules: list[str] | None = Field(
+    lora_target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None,
         min_length=1,
         max_length=64,
@@ -279,7 +325,7 @@ class OnPolicyOptions(Strict):
     )
     ppo_clip_low: float = Field(0.8, gt=0, lt=1, description="lower bound of the probability ratio (ppo only)")
     ppo_clip_high: float = Field(1.2, gt=1, le=100, description="upper bound of the probability ratio (ppo only)")
-    max_grad_norm: float = Field(0.0, ge=0, description="clip the gradient's global norm to this (0: off, as Tinker's default)")
+    max_grad_norm: float = Field(0.0, ge=0, le=1e9, description="clip the gradient's global norm to this (0: off, as Tinker's default)")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam's beta1 (Tinker's 0.9)")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="Adam's beta2 (Tinker's 0.95)")
     adam_eps: float = Field(1e-12, gt=0, le=1, description="Adam's epsilon (Tinker's 1e-12)")
@@ -290,6 +336,7 @@ class OnPolicyOptions(Strict):
     eval_every: int = Field(
         0,
         ge=0,
+        le=INT64_MAX,
         description="steps between evaluations of the teacher KL on held-out prompts, also at the start and the "
         "end (0: off). The recipe uses 20 with a dataset's own test split; Spider's source is one slice, and "
         "holding rows out of it is the job's choice",
@@ -301,12 +348,12 @@ class OnPolicyOptions(Strict):
         description="held-out prompts, taken from the end of the source slice and never trained on. None: "
         f"min(groups_per_batch, {DEFAULT_EVAL_ROWS}) when eval_every is set, else 0",
     )
-    save_every: int = Field(20, ge=0, description="steps between kept checkpoints (0: only the last; the recipe's 20)")
+    save_every: int = Field(20, ge=0, le=INT64_MAX, description="steps between kept checkpoints (0: only the last; the recipe's 20)")
     max_steps: int | None = Field(
-        None, ge=1, description="steps to train (None: one pass over the training prompts, ceil(rows / groups_per_batch))"
+        None, ge=1, le=INT64_MAX, description="steps to train (None: one pass over the training prompts, ceil(rows / groups_per_batch))"
     )
     max_train_tokens: int | None = Field(
-        None, ge=1, description="stop after the step in which this many sampled tokens have been trained (None: no budget)"
+        None, ge=1, le=INT64_MAX, description="stop after the step in which this many sampled tokens have been trained (None: no budget)"
     )
     steps_per_task: int = Field(
         4,
@@ -425,9 +472,11 @@ class MCPServerConfig(Strict):
     sandbox, from its `runtime.packages`) or a remote `url` (needs `runtime.network: true`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
-    command: list[str] | None = Field(None, min_length=1, max_length=64)
+    command: list[Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)]] | None = Field(None, min_length=1, max_length=64)
     url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$", max_length=2000)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvValue] = Field(
+        default_factory=dict, max_length=MAX_ENV_VARS
+    )
     timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
@@ -442,14 +491,17 @@ TOOL_CHOICES = ("auto", "required", "none")
 
 class GenerationConfig(Strict):
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
-    duplications: int = Field(1, ge=1, description="samples per prompt")
+    duplications: int = Field(1, ge=1, le=1024, description="samples per prompt")
     system_prompt: str | list[str] | None = Field(
-        None, description="one system prompt, or a list to choose from per row (seeded)"
+        None,
+        description=f"one system prompt, or a list to choose from per row (seeded); at most {MAX_LIST_ITEMS} prompts "
+        f"of at most {MAX_TEXT_CHARS} characters each",
     )
-    max_batch_size: int = Field(32, ge=1, description="rows per rollout task")
+    max_batch_size: int = Field(32, ge=1, le=100_000, description="rows per rollout task")
     max_row_errors: int | None = Field(
         None,
         ge=0,
+        le=INT64_MAX,
         description="the job fails when more rows than this fail; None: fail only if every row fails",
     )
     tool_choice: str = Field(
@@ -482,6 +534,12 @@ class GenerationConfig(Strict):
     def _non_empty_list(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("system_prompt list is empty; give at least one prompt or leave it out")
+        if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
+            raise ValueError(f"{len(value)} system prompts, more than the limit of {MAX_LIST_ITEMS}")
+        for index, prompt in enumerate([value] if isinstance(value, str) else value or []):
+            if len(prompt) > MAX_TEXT_CHARS:
+                where = f"prompt {index}" if isinstance(value, list) else "the system prompt"
+                raise ValueError(f"{where} has {len(prompt)} characters, more than the limit of {MAX_TEXT_CHARS}")
         return value
 
     @model_validator(mode="after")
@@ -521,15 +579,15 @@ class HFOutput(Strict):
     """Where on the Hugging Face Hub a job's output goes: a dataset job's records into a dataset
     repo (as the subset `config_name` when given), an on-policy job's adapter into a model repo."""
 
-    repo_id: str = Field(min_length=1)
+    repo_id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     repo_type: Literal["dataset", "model"] = "dataset"
     private: bool = Field(False, description="create the repo private; an existing public repo is refused")
     config_name: str | None = Field(
-        None, description="the dataset subset (`load_dataset(repo_id, config_name)`); its files go under `<config_name>/`"
+        None, max_length=200, description="the dataset subset (`load_dataset(repo_id, config_name)`); its files go under `<config_name>/`"
     )
-    token_env: str = "HF_TOKEN"
+    token_env: str = Field("HF_TOKEN", max_length=256)
     upload_every: int | None = Field(
-        None, ge=1, description="upload the new shards every N completed batches instead of the whole result at the end"
+        None, ge=1, le=INT64_MAX, description="upload the new shards every N completed batches instead of the whole result at the end"
     )
 
     @field_validator("config_name")
@@ -551,6 +609,11 @@ class OutputConfig(Strict):
     mode: Literal["return", "upload_hf"] = "return"
     format: Literal["jsonl", "parquet"] = "jsonl"
     hf: HFOutput | None = None
+    keep_intermediate: bool = Field(
+        False,
+        description="keep the job's intermediate files once it completes (batches, shards, the source "
+        "copy; a training job's trainer states and earlier checkpoints), e.g. to inspect them",
+    )
 
     @model_validator(mode="after")
     def _hf_needed(self) -> "OutputConfig":
@@ -562,21 +625,21 @@ class OutputConfig(Strict):
 class SandboxLimits(Strict):
     """Per-job limits of user code. The operator sets a ceiling for each (`SPIDER_MAX_<FIELD>`)."""
 
-    memory_mb: int = Field(1024, ge=64, description="address space per process")
-    cpu_seconds: int = Field(60, ge=1, description="CPU time per call (a batch of n rows gets n)")
-    call_timeout_s: float = Field(30.0, gt=0, description="wall clock per call or row")
-    max_processes: int = Field(64, ge=1, description="processes of the job on the host")
-    file_size_mb: int = Field(64, ge=1, description="largest file written")
-    disk_mb: int = Field(256, ge=1, description="everything the job writes to its scratch dir")
-    max_files: int = Field(10_000, ge=16, description="files and directories in its scratch dir")
-    output_mb: int = Field(64, ge=1, description="what one call or batch may send back (its decoded cost)")
+    memory_mb: int = Field(1024, ge=64, le=INT64_MAX, description="address space per process")
+    cpu_seconds: int = Field(60, ge=1, le=INT64_MAX, description="CPU time per call (a batch of n rows gets n)")
+    call_timeout_s: float = Field(30.0, gt=0, le=1e9, description="wall clock per call or row")
+    max_processes: int = Field(64, ge=1, le=INT64_MAX, description="processes of the job on the host")
+    file_size_mb: int = Field(64, ge=1, le=INT64_MAX, description="largest file written")
+    disk_mb: int = Field(256, ge=1, le=INT64_MAX, description="everything the job writes to its scratch dir")
+    max_files: int = Field(10_000, ge=16, le=INT64_MAX, description="files and directories in its scratch dir")
+    output_mb: int = Field(64, ge=1, le=INT64_MAX, description="what one call or batch may send back (its decoded cost)")
 
 
 class RuntimeConfig(Strict):
     """Where user code runs: extra pip packages, non-secret variables, network and limits."""
 
-    packages: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    packages: list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    env: dict[Annotated[str, Field(max_length=256)], EnvValue] = Field(default_factory=dict, max_length=MAX_ENV_VARS)
     network: bool = False
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
 
@@ -584,8 +647,8 @@ class RuntimeConfig(Strict):
 class ProcessorsConfig(Strict):
     """Keyword arguments passed to the user's pre/post processors."""
 
-    pre_kwargs: dict[str, Any] = Field(default_factory=dict)
-    post_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pre_kwargs: FreeForm = Field(default_factory=dict)
+    post_kwargs: FreeForm = Field(default_factory=dict)
 
 
 class JobConfig(Strict):
