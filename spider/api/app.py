@@ -31,6 +31,13 @@ from spider.types import EventKind, JobStatus
 log = logging.getLogger(__name__)
 
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+UINT64_MAX = 2**64 - 1
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def is_event_id(value: str) -> bool:
+    """Whether `value` is a Redis stream id (`<ms>-<seq>`, each a 64-bit unsigned number)."""
+    return EVENT_ID.fullmatch(value) is not None and all(int(part) <= UINT64_MAX for part in value.split("-"))
 
 
 def owner_of(key: str) -> str:
@@ -52,6 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Spider", version=__version__, lifespan=lifespan)
     # The whole request body is bounded while it arrives, before anything parses it.
     app.add_middleware(BodyLimit, limit=settings.max_bundle_bytes)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # The job store is down or refused the command: the caller may try again; nothing is wrong with its request.
+        log.error("Redis error while answering %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"detail": "the job store (Redis) is unavailable; try again later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     def dispatcher():
         from spider.workers.tasks import CeleryDispatcher
@@ -157,8 +174,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> StreamingResponse:
         owned(job_id, owner)
         after = last_event_id or after
-        if after is not None and not EVENT_ID.fullmatch(after):
-            raise HTTPException(422, "after / Last-Event-ID must be an event id such as '1700000000000-0'")
+        if after is not None and not is_event_id(after):
+            # Refused before the stream starts: once it has, an error could only cut it short.
+            raise HTTPException(422, "after / Last-Event-ID must be an event id such as '1700000000000-0' "
+                                     "(two numbers below 2**64)")
         aredis = request.app.state.aredis
 
         async def finished() -> bool:
@@ -250,6 +269,7 @@ class ServerPaths:
 
 def _replaced(value: Any, pairs: list[tuple[str, str]]) -> Any:
     if isinstance(value, str):
+        value = _as_text(value)
         for old, new in pairs:
             if old in value:
                 value = value.replace(old, new)
@@ -258,6 +278,16 @@ def _replaced(value: Any, pairs: list[tuple[str, str]]) -> Any:
         return {_replaced(k, pairs): _replaced(v, pairs) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_replaced(v, pairs) for v in value]
+    return value
+
+
+def _as_text(value: str) -> str:
+    """`value` with any lone surrogate (which no answer can encode) shown as U+FFFD, so that a
+    stored record that holds one still reads."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return LONE_SURROGATE.sub("\ufffd", value)
     return value
 
 

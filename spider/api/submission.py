@@ -10,11 +10,12 @@ import logging
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 
-from spider.config import TINKER_KEY_SECRET, JobConfig
+from spider.config import MAX_ENV_VALUE_CHARS, MAX_ENV_VARS, TINKER_KEY_SECRET, JobConfig
 from spider.errors import BundleError, ConfigError
 from spider.jobs import admission
 from spider.jobs.dataset import PLAN as DATASET_PLAN
@@ -30,6 +31,9 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 MAX_SOURCE_FILES = 1000
 MAX_SOURCE_NAME_PART = 255
 MAX_SOURCE_NAME = 1024
+MAX_ENV_VALUE_BYTES = MAX_ENV_VALUE_CHARS
+# How deep a request body may nest: a job config is a few levels, its free-form values a few more.
+MAX_BODY_DEPTH = 64
 
 
 @dataclass
@@ -57,8 +61,11 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
     """Validate a submit request body completely, without side effects; every fault is a 4xx."""
     try:
         body = json.loads(raw)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise HTTPException(422, f"the request body nests deeper than {MAX_BODY_DEPTH} levels") from None
+    except ValueError:
         raise HTTPException(422, "the request body must be JSON: {job, env, bundle, source_files}") from None
+    _check_json_text(body)
     if not isinstance(body, dict) or "job" not in body:
         raise HTTPException(422, "the request body must be a JSON object with a `job` key")
     unknown = set(body) - BODY_KEYS
@@ -83,12 +90,61 @@ def parse_submission(raw: bytes, settings: Settings) -> Submission:
         admission.admit(job, settings.policy, source_files=sorted(source_files) or None, secret_names=sorted(env))
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
+    _check_source_types(job, source_files)  # after admission: only paths the job may read are looked at
     bundle = _decode_bundle(body.get("bundle"), settings.max_bundle_bytes)
     _check_tool_choice(job, bundle.manifest.tools if bundle is not None else [])
     if job.generation.on_policy and bundle is not None and bundle.manifest.has_post_processor:
         raise HTTPException(422, "post_processor: it reshapes a dataset's records, and an on-policy job writes none; "
                                  "shape its prompts with a pre_processor")
     return Submission(job, env, bundle, source_files)
+
+
+def _check_json_text(body: Any) -> None:
+    """Refuse a body that nests deeper than MAX_BODY_DEPTH, or whose strings (keys included) are
+    not text: JSON's \\ud800 escapes decode to lone surrogates, which no answer could encode. The
+    422 names the path of the first fault. Walked without recursion, whatever the depth."""
+    pending: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while pending:
+        node, where, depth = pending.pop()
+        if depth > MAX_BODY_DEPTH:
+            raise HTTPException(422, f"{where[:200]}: nested deeper than {MAX_BODY_DEPTH} levels")
+        if isinstance(node, str) and not _is_text(node):
+            raise HTTPException(422, f"{where[:200] or 'the request body'}: not valid Unicode text (a lone surrogate "
+                                     "such as \\ud800)")
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not _is_text(key):
+                    raise HTTPException(422, f"{where[:200] or 'the request body'}: a key is not valid Unicode text "
+                                             "(a lone surrogate such as \\ud800)")
+                pending.append((child, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(node, list):
+            pending.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(node))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_source_types(job: JobConfig, source_files: dict[str, bytes]) -> None:
+    """A source's files must be of a type Spider reads (LOCAL_BUILDERS); checked here, before the
+    plan stage would meet them."""
+    from spider.data.sources import LOCAL_BUILDERS
+
+    known = ", ".join(sorted(LOCAL_BUILDERS))
+    if source_files:
+        for name in source_files:
+            if Path(name).suffix.lower() not in LOCAL_BUILDERS:
+                raise HTTPException(422, f"source_files: {name[:80]!r} is not a file type Spider reads as a source "
+                                         f"(its name must end in one of {known})")
+        return
+    dataset = Path(job.source.dataset).expanduser()
+    if dataset.suffix and dataset.suffix.lower() not in LOCAL_BUILDERS and dataset.is_file():
+        raise HTTPException(422, f"job.source.dataset: {job.source.dataset[:200]!r} is not a file type Spider reads "
+                                 f"as a source (its name must end in one of {known})")
 
 
 def _check_tool_choice(job: JobConfig, tools: list[str]) -> None:
@@ -110,6 +166,8 @@ def _checked_env(env: Any) -> dict[str, str]:
     env = env or {}
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise HTTPException(422, "env must map variable names to string values")
+    if len(env) > MAX_ENV_VARS:
+        raise HTTPException(422, f"env: {len(env)} variables, more than the limit of {MAX_ENV_VARS}")
     for name, value in env.items():
         if not ENV_NAME.fullmatch(name):
             raise HTTPException(422, f"env: {name[:60]!r} is not a variable name (letters, digits and '_')")
@@ -119,6 +177,8 @@ def _checked_env(env: Any) -> dict[str, str]:
             value.encode()
         except UnicodeEncodeError:
             raise HTTPException(422, f"env: the value of {name} is not valid UTF-8 text") from None
+        if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            raise HTTPException(422, f"env.{name}: its value is longer than the limit of {MAX_ENV_VALUE_BYTES} bytes")
     return env
 
 
