@@ -311,6 +311,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    with _server_client(args) as client:
+        print(json.dumps(client.delete_job(args.job_id)))
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     with _server_client(args) as client:
         print(client.download_result(args.job_id, args.output))
@@ -384,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id", nargs="?" if name == "status" else None)
         server_args(p)
         p.set_defaults(func=func)
+
+    jobs = sub.add_parser("jobs", help="manage your jobs").add_subparsers(dest="jobs_command", required=True)
+    p = jobs.add_parser("delete", help="delete a job (cancelled first if it runs): its record, events and files")
+    p.add_argument("job_id")
+    server_args(p)
+    p.set_defaults(func=cmd_jobs_delete)
 
     p = sub.add_parser("logs", help="a job's events")
     p.add_argument("job_id")

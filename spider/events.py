@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 class EventBus:
     """Publishes and reads a job's events. `history` caps the stored events per job; `ended_ttl`
-    (seconds, None for never) is how long the history of an ended job is kept."""
+    (seconds, None or 0 for never) is how long the history of an ended job is kept: JobStore gives
+    the stream its job's own time to live when the job ends, and this one when the ending event
+    is published (Settings.event_ttl_s, never longer than the job's)."""
 
     def __init__(
         self, client: redis.Redis, history: int = 10_000, ended_ttl: int | None = None, keys: Keys = DEFAULT_KEYS
@@ -46,7 +48,7 @@ class EventBus:
         stream = self.keys.events(job_id)
         pipe = self.r.pipeline()
         pipe.xadd(stream, {"e": json.dumps(body)}, maxlen=self.history, approximate=True)
-        if kind in ENDING_KINDS and self.ended_ttl is not None:
+        if kind in ENDING_KINDS and self.ended_ttl:
             pipe.expire(stream, self.ended_ttl)  # the history of an ended job is kept this long
         event_id = pipe.execute()[0]
         if isinstance(event_id, bytes):

@@ -14,6 +14,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPIDER_CACHE_DIR") or Path.home() / ".cache" / "spider")
 
 
+DEFAULT_JOB_TTL_S = 30 * 24 * 3600
+
+
+def job_ttl_s() -> int:
+    """How long an ended job's Redis state is kept (`$SPIDER_JOB_TTL_S`, seconds; 0 keeps it forever)."""
+    return int(os.environ.get("SPIDER_JOB_TTL_S", DEFAULT_JOB_TTL_S))
+
+
+def event_ttl_s(job_ttl: int) -> int:
+    """How long an ended job's event history is kept (`$SPIDER_EVENT_TTL_S`, default the job's own
+    time): never longer than its record, since nobody can read the events of a job that is gone."""
+    events = int(os.environ.get("SPIDER_EVENT_TTL_S", job_ttl))
+    if job_ttl and (events == 0 or events > job_ttl):
+        return job_ttl
+    return events
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the API and the workers need to find each other.
@@ -27,8 +44,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_bundle_bytes: int = 64 * 1024 * 1024
     event_history: int = 10_000
-    # How long an ended job's event history is kept (seconds).
-    event_ttl_s: int = 7 * 24 * 3600
+    # How long an ended job's record, counters and secrets are kept, and its event history (seconds;
+    # 0 for forever). The events never outlive the record.
+    job_ttl_s: int = DEFAULT_JOB_TTL_S
+    event_ttl_s: int = DEFAULT_JOB_TTL_S
     visibility_timeout: int = 4 * 3600
     policy: Policy = field(default_factory=Policy)
 
@@ -43,7 +62,8 @@ class Settings:
             data_dir=Path(os.environ.get("SPIDER_DATA_DIR") or cache_dir() / "data"),
             api_keys=tuple(keys),
             max_bundle_bytes=int(os.environ.get("SPIDER_MAX_BUNDLE_BYTES", cls.max_bundle_bytes)),
-            event_ttl_s=int(os.environ.get("SPIDER_EVENT_TTL_S", cls.event_ttl_s)),
+            job_ttl_s=job_ttl_s(),
+            event_ttl_s=event_ttl_s(job_ttl_s()),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
             policy=Policy.from_env(),
         )

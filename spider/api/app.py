@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from spider import __version__
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
-from spider.jobs import stages
+from spider.jobs import retention, stages
 from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
@@ -162,6 +162,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         owned(job_id, owner)
         stages.cancel_job(context(), job_id)
         return shown(owned(job_id, owner))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def delete(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
+        """Remove the caller's job (cancelled first if it still runs): record, events and files."""
+        owned(job_id, owner)
+        retention.delete_job(context(), job_id)
+        return {"job_id": job_id, "deleted": True}
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(

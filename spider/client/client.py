@@ -175,6 +175,11 @@ class SpiderClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def delete_job(self, job_id: str) -> dict[str, Any]:
+        """Remove a job from the server (cancelling it first if it still runs): its record, events
+        and files, result included. JobNotFoundError if it is not one of yours."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+
     def stream_events(
         self, job_id: str, after: str | None = None, follow: bool = True, reconnect_delay: float = 2.0
     ) -> Iterator[Event]:

@@ -52,26 +52,30 @@ def jsonl_line(record: dict[str, Any]) -> str:
 def write_result(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> int:
     """Write records to `path` (temp file + rename) and return how many were written."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"unknown result format {fmt!r}")
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            for record in records:
-                handle.write(jsonl_line(record))
-                count += 1
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+                for record in records:
+                    handle.write(jsonl_line(record))
+                    count += 1
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        rows = list(records)
-        count = len(rows)
-        # Nested free-form fields (source rows, usage) vary per row: keep them as JSON text so one
-        # odd row cannot break the schema.
-        table = pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows])
-        pq.write_table(table, tmp)
-    else:
-        raise ValueError(f"unknown result format {fmt!r}")
-    tmp.replace(path)
+            rows = list(records)
+            count = len(rows)
+            # Nested free-form fields (source rows, usage) vary per row: keep them as JSON text so
+            # one odd row cannot break the schema.
+            table = pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows])
+            pq.write_table(table, tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no half result beside the job's files
+        raise
     return count
 
 

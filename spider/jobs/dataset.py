@@ -20,6 +20,7 @@ from spider.data.sinks import jsonl_line, read_jsonl, upload_to_hub, write_resul
 from spider.data.sources import SourceAccess, load_source_rows, start_of
 from spider.engines.base import GenerationResult
 from spider.errors import SpiderError
+from spider.jobs import retention
 from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
 from spider.rollouts.single_turn import build_requests, records_for
@@ -339,6 +340,7 @@ def finalize_job(ctx: Context, job_id: str) -> None:
     """Merge shards in row order into the result, write metadata, upload if asked, complete the job."""
     config, record = load_job(ctx, job_id)
     if record.status.ended:
+        retention.after_finalize(ctx, job_id, config)  # a redelivery after the job completed
         return
     files = ctx.files(job_id)
     batches = record.batches_total or 0
@@ -396,6 +398,7 @@ def finalize_job(ctx: Context, job_id: str) -> None:
             f"{count} records written ({totals.row_errors} row errors)",
             data={"records": count, **metadata["counts"], **metadata["usage"]},
         )
+    retention.after_finalize(ctx, job_id, config)
 
 
 def _first_error(files: JobFiles, batches: int) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from spider.config import JobConfig
 from spider.errors import SpiderError
+from spider.jobs import retention
 from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
 from spider.types import BatchRow, EventKind, JobStatus, Message
@@ -491,6 +492,7 @@ def finalize_job(ctx: Context, job_id: str) -> None:
             data={"steps": metadata["steps"], "tokens_trained": metadata["tokens_trained"],
                   "teacher_kl": metadata["teacher_kl"], "eval_teacher_kl": metadata["eval_teacher_kl"]},
         )
+    retention.after_finalize(ctx, job_id, config)
 
 
 def _archive(files: JobFiles) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -13,12 +14,16 @@ from typing import Any, Iterable
 import redis
 
 from spider.keys import DEFAULT_KEYS, Keys, checked_job_id, is_job_id, new_job_id
+from spider.settings import job_ttl_s
 from spider.types import ACTIVE_STATUSES, BatchStats, JobStatus
 
 __all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
 
 # The job's progress counters: what its batches add up to, as the API shows them.
 COUNTERS = ("batches_done",) + BatchStats.COUNTERS
+
+# Every key of a job besides its event stream: the record hash, then its parts (see Keys.job).
+JOB_PARTS = ("", "secrets", "progress", "done", "finalize", "train-lease")
 
 
 # Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
@@ -84,11 +89,16 @@ def redact(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobStore:
-    """All job state that must survive any one process: records, counters, secrets, batch completion."""
+    """All job state that must survive any one process: records, counters, secrets, batch completion.
 
-    def __init__(self, client: redis.Redis, keys: Keys = DEFAULT_KEYS):
+    Once a job ends, its keys and event stream expire after `ended_ttl` seconds (default
+    `$SPIDER_JOB_TTL_S`; 0 keeps them forever); an owner's index drops the ids whose record is gone
+    the next time it is listed."""
+
+    def __init__(self, client: redis.Redis, keys: Keys = DEFAULT_KEYS, ended_ttl: int | None = None):
         self.r = client
         self.keys = keys
+        self.ended_ttl = job_ttl_s() if ended_ttl is None else ended_ttl
         self._transition = client.register_script(_TRANSITION)
 
     @classmethod
@@ -133,9 +143,12 @@ class JobStore:
     def discard(self, job_id: str, owner: str) -> None:
         """Remove every trace of a job that was never handed out (a submit that failed half-way):
         its record, secrets, counters and owner index entry."""
-        parts = ("", "secrets", "progress", "done", "finalize")
+        self.delete(job_id, owner)
+
+    def delete(self, job_id: str, owner: str) -> None:
+        """Remove a job's record, every part of it, its event stream and its owner index entry."""
         pipe = self.r.pipeline()
-        pipe.delete(*(self._key(job_id, part) for part in parts))
+        pipe.delete(*(self._key(job_id, part) for part in JOB_PARTS), self.keys.events(job_id))
         pipe.zrem(self._owner_index(owner), job_id)
         pipe.execute()
 
@@ -173,7 +186,11 @@ class JobStore:
         if limit < 1:
             return []
         ids = self.r.zrevrange(self._owner_index(owner), 0, limit - 1)
-        return [job for job in (self.get(i) for i in ids) if job is not None]
+        jobs = {i: self.get(i) for i in ids}
+        gone = [i for i, job in jobs.items() if job is None]
+        if gone:  # their records expired: so do their index entries
+            self.r.zrem(self._owner_index(owner), *gone)
+        return [job for job in jobs.values() if job is not None]
 
     def transition(self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus]) -> bool:
         """Atomically move a job to status `to` if its current status is one of `allowed_from`."""
@@ -183,7 +200,23 @@ class JobStore:
             stamp = "started_at" if to == JobStatus.RUNNING else "finished_at" if to.ended else None
             if stamp:
                 self.r.hset(self._key(job_id), stamp, time.time())
+            if to.ended:
+                self._expire(job_id)
         return changed
+
+    def _expire(self, job_id: str) -> None:
+        """Give an ended job's keys and event stream their time to live."""
+        if not self.ended_ttl:
+            return
+        pipe = self.r.pipeline()
+        for key in [self._key(job_id, part) for part in JOB_PARTS] + [self.keys.events(job_id)]:
+            pipe.expire(key, self.ended_ttl)
+        pipe.execute()
+
+    def _expire_late(self, key: str, record_ttl: int) -> None:
+        """A part written after its job ended (a redelivered batch finishing) expires with the record."""
+        if record_ttl > 0:
+            self.r.expire(key, record_ttl)
 
     def status(self, job_id: str) -> JobStatus | None:
         if not is_job_id(job_id):
@@ -216,14 +249,19 @@ class JobStore:
         pipe.hincrby(key, "batches_done", 1)
         pipe.hincrbyfloat(key, "generation_seconds", stats.generation_seconds)
         pipe.hgetall(key)
-        return BatchStats.from_dict(pipe.execute()[-1])
+        pipe.ttl(self._key(job_id))
+        *_, totals, record_ttl = pipe.execute()
+        self._expire_late(key, record_ttl)
+        return BatchStats.from_dict(totals)
 
     def mark_batch_done(self, job_id: str, batch_index: int) -> tuple[bool, int]:
         """Record a finished batch. Returns (first time this batch finished, batches finished so far)."""
         pipe = self.r.pipeline()
         pipe.sadd(self._key(job_id, "done"), batch_index)
         pipe.scard(self._key(job_id, "done"))
-        added, done = pipe.execute()
+        pipe.ttl(self._key(job_id))
+        added, done, record_ttl = pipe.execute()
+        self._expire_late(self._key(job_id, "done"), record_ttl)
         return bool(added), int(done)
 
     def done_batches(self, job_id: str) -> set[int]:

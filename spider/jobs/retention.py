@@ -1,0 +1,88 @@
+"""What a job keeps once it ends, and deleting a job outright.
+
+A completed job keeps its result, metadata and (for a training job) its exported adapter, metrics
+and last checkpoint; what only led there is removed unless `output.keep_intermediate` asks to keep
+it. Its Redis state expires by itself (JobStore.ended_ttl); `delete_job` removes everything now.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from spider.config import JobConfig
+from spider.jobs.stages import Context, cancel_job
+from spider.jobs.store import JobFiles
+from spider.types import JobStatus
+
+log = logging.getLogger(__name__)
+
+
+def intermediate_paths(files: JobFiles) -> list[Path]:
+    """A job's files on the way to its result: batches in each of their forms, the source copy and
+    the `datasets` cache it was read with."""
+    root = files.root
+    return [root / "inputs", root / "batches", root / "generated", root / "shards", files.source_dir,
+            files.datasets_cache]
+
+
+def remove_intermediate(files: JobFiles) -> None:
+    """Remove a finished dataset job's intermediate files."""
+    for path in intermediate_paths(files):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_training_intermediate(files: JobFiles) -> None:
+    """Remove a finished training job's intermediate files: its prompts' copies, the checkpoints
+    before the last, and in the trainer's folder everything but the last checkpoint's state."""
+    remove_intermediate(files)
+    last = json.loads(files.latest_checkpoint.read_text()) if files.latest_checkpoint.exists() else None
+    if files.checkpoints.exists():
+        for meta in files.checkpoints.glob("step-*.json"):
+            if last is None or int(meta.stem.split("-")[1]) != int(last["step"]):
+                meta.unlink(missing_ok=True)
+    kept = Path(last["state"]) if last is not None else None
+    if files.trainer.exists():
+        _prune(files.trainer, kept.resolve() if kept is not None else None)
+
+
+def _prune(folder: Path, kept: Path | None) -> None:
+    """Remove what is in `folder` except `kept` and the folders that lead to it."""
+    for entry in folder.iterdir():
+        resolved = entry.resolve()
+        if kept is not None and resolved == kept:
+            continue
+        if kept is not None and entry.is_dir() and not entry.is_symlink() and kept.is_relative_to(resolved):
+            _prune(entry, kept)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def after_finalize(ctx: Context, job_id: str, config: JobConfig) -> None:
+    """Remove a job's intermediate files once it completed, unless the job asked to keep them.
+    Safe to run twice; a job that did not complete (cancelled while finalizing) is left as it is."""
+    if config.output.keep_intermediate or ctx.store.status(job_id) != JobStatus.COMPLETED:
+        return
+    files = ctx.files(job_id)
+    if config.generation.on_policy:
+        remove_training_intermediate(files)
+    else:
+        remove_intermediate(files)
+
+
+def delete_job(ctx: Context, job_id: str) -> bool:
+    """Remove a job: cancel it if it still runs, then its record, keys, event stream and files.
+    False when there was no such job."""
+    record = ctx.store.get(job_id)
+    if record is None:
+        return False
+    if not record.status.ended:
+        cancel_job(ctx, job_id)
+    ctx.store.delete(job_id, record.owner)
+    shutil.rmtree(ctx.files(job_id).root, ignore_errors=True)
+    log.info("job %s deleted", job_id)
+    return True
