@@ -13,7 +13,7 @@ trainer (completion tokens, the stop token included). Reported: medians over the
 warm-up, each Spider stage's share, peak GPU memory, and Spider / TRL ratios from the same run.
 
     .venv/bin/python bench/train.py --tiny              # smoke run, tiny models (CPU here)
-    PYTHONPATH=. python3 bench/train.py                  # ~0.5B student, ~1B teachers, on a GPU
+    PYTHONPATH=. python3 bench/train.py                  # ~0.5B student, ~1B teachers, on a GPU (~15 min)
     python3 bench/train.py --runs spider-same trl-same   # a subset
 
 Tokenizers come from tests/tokenizers_offline.py (SmolLM2's byte-level BPE for the student and the
@@ -458,7 +458,7 @@ def fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
-def report(results: dict[str, RunResult], env: Env) -> str:
+def report(results: dict[str, RunResult]) -> str:
     lines = [
         "| run | step s (median) | tokens / step | tokens/s | peak GPU GiB | sample | sampler build | teacher score |"
         " render+align | train | save | other |",
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write(args.out, env, results, probe)
     print(versions())
-    print(report(results, env))
+    print(report(results))
     return 1 if any(r.error for r in results.values()) else 0
 
 
