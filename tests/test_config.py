@@ -98,6 +98,8 @@ SHIPPED_CONFIGS = {
     name: {"provider": "vllm", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset": "examples/data/prompts.jsonl"}
     for name in ("quickstart.yaml", "tool_calling.yaml", "simulated_user.yaml", "prompt_variations.yaml")
 }
+SHIPPED_CONFIGS["on_policy.yaml"] = {"provider": "hf", "model": "spider/tiny-random-chat",
+                                     "dataset": "examples/data/prompts.jsonl"}
 
 
 def test_the_shipped_configs_exist_and_load():

@@ -442,8 +442,8 @@ def test_answers_never_show_the_data_dir_and_the_config_stays_as_submitted(stack
     record = admin(stack).hgetall(f"spider:job:{job_id}")
     assert json.loads(record["source_upload"]) == ["prompts.jsonl"]
     assert json.loads(record["config"]) == submitted
-    stored = JobFiles(stack.data_dir, job_id).source_dir / "prompts.jsonl"
-    assert stored.read_bytes() == SAMPLE_PROMPTS.read_bytes()
+    # The uploaded copy was read from the job's own folder, and removed with its other intermediates.
+    assert not JobFiles(stack.data_dir, job_id).source_dir.exists()
 
 
 # -- 6. admission at submit -------------------------------------------------------------------------
