@@ -56,7 +56,9 @@ def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path, res
         # a float32 copy on a GPU (1.6x the step throughput measured on an H200, see BENCHMARKS.md)
         device = None if parameters.get("device") in (None, "auto") else parameters["device"]
         dtype = None if parameters.get("dtype") in (None, "auto") else parameters["dtype"]
-        sampler = {"batch_size": parameters.get("batch_size", 16), "merged": _on_gpu(device)}
+        # a whole step's samples decode as one batch unless the job says otherwise
+        batch = parameters.get("batch_size") or min(256, o.groups_per_batch * o.group_size)
+        sampler = {"batch_size": batch, "merged": _on_gpu(device)}
     backend = LocalBackend(
         folder,
         lora_spec(config),
