@@ -10,7 +10,7 @@ import json
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -183,3 +183,38 @@ def test_the_briefs_on_policy_config_runs_on_tinker(stack, fake_tinker, tmp_path
     assert all(key == fake_tinker.key for _route, key in fake_tinker.server.requests if key)
     with tarfile.open(archive) as tar:
         assert "adapter/adapter_model.safetensors" in tar.getnames()
+
+
+def get_weather(city: Literal["Paris", "Tokyo"]) -> str:
+    """Current weather of a city.
+
+    Args:
+        city: The city's name.
+    """
+    import os
+
+    return json.dumps({"city": city, "temperature_c": 21, "uid": os.getuid()})
+
+
+def test_the_student_calls_a_tool_in_the_jail_and_trains_on_its_own_turns_only(stack, tiny_model, firejail, tmp_path):
+    """Multi-turn tool on-policy: the student samples on the worker's vLLM engine with a new LoRA
+    adapter each step, its first turn is constrained to a call of the job's tool, the call runs in
+    the sandbox, and the tool's answer is context: both student turns train, nothing else."""
+    config = on_policy_config(stack, tiny_model, {"provider": "hf", "name": str(tiny_model)}, provider="vllm",
+                              split="train[0:4]", lora_rank=4, learning_rate=1e-3, max_steps=2, groups_per_batch=2,
+                              group_size=2, max_tokens=32, steps_per_task=2, save_every=0)
+    data = config.model_dump(mode="json")
+    data["job"]["model"]["parameters"] = {"max_model_len": 1024, "dtype": "float32"}
+    data["job"]["generation"].update(tool_choice="get_weather", max_tool_turns=1)
+    config = AppConfig.parse(data)
+    with SpiderClient(config=config) as client:
+        client.add_tool(get_weather)
+        job_id = client.submit_job()["job_id"]
+        status = client.poll_job(job_id, interval=0.5, on_event=lambda e: None)
+        steps = client.training_metrics(job_id)
+    assert status["status"] == "completed", status.get("error")
+    for step in steps:
+        # The first turn is constrained to a call (its argument an enum: a random student finishes it).
+        assert step["tool_calls"] == 4 and step["tool_errors"] == 0
+        assert step["tokens_trained"] == step["tokens_sampled"]  # the student's turns: call and answer
+        assert step["sequences"] == 4 + step["separate_turns"] and step["score_errors"] == 0

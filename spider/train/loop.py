@@ -362,6 +362,7 @@ def substeps(assembled: Assembled, count: int) -> list[list[Datum]]:
 
 def teacher_kl_of(run: TrainRun, prompts: list[Prompt], step: int, loop: Any) -> tuple[float | None, int]:
     """The teacher's reverse KL on fresh student samples of `prompts` (one each): eval."""
+    run.sampler()  # made here, off the loop: an engine may start on the loop and wait for it
     groups = loop.run(sample_groups(run, prompts, step, 1))
     assembled = assemble(score_turns(run, groups), 1.0, 0.0)
     return assembled.teacher_kl, assembled.kl_tokens
@@ -374,6 +375,7 @@ def on_policy_step(run: TrainRun, step: int, loop: Any) -> dict[str, Any]:
     times: dict[str, float] = {}
     started = time.perf_counter()
     prompts = run.data.batch(step)
+    run.sampler()  # made here, off the loop: an engine may start on the loop and wait for it
     groups = loop.run(sample_groups(run, prompts, step, s.group_size))
     times["sample_s"] = time.perf_counter() - started
 
