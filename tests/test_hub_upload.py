@@ -98,8 +98,9 @@ def run_job(ctx, tiny_model, rows: str, output: dict, secrets: dict) -> str:
 
 @pytest.fixture(scope="module")
 def finished_job(ctx, tiny_model):
-    """A job kept to itself (output `return`): its result, metadata and three shards of records."""
-    job_id = run_job(ctx, tiny_model, "0:5", {"mode": "return"}, {})
+    """A job kept to itself (output `return`): its result, metadata and three shards of records
+    (kept after finalize: the tests upload them as a job with `upload_every` would, batch by batch)."""
+    job_id = run_job(ctx, tiny_model, "0:5", {"mode": "return", "keep_intermediate": True}, {})
     assert ctx.store.get(job_id).status == "completed"
     return job_id, ctx.files(job_id)
 
