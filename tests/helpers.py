@@ -90,3 +90,40 @@ def vllm_server_process(model: Path, log_dir: Path, dtype: str, max_model_len: i
         yield f"{base}/v1"
     finally:
         terminate([process], grace=20)
+
+
+class Recorder:
+    """A dispatcher that records the next stages instead of queueing them (stages driven by hand)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def dispatch(self, stage, job_id, *args):
+        self.calls.append((stage, job_id, *args))
+
+
+@contextlib.contextmanager
+def api_process(redis_url: str, data_dir: Path, log_dir: Path, api_keys: str):
+    """The real API (`spider serve`) in its own process on a free port, on the given Redis; yields
+    its base URL and the path of its log."""
+    import subprocess
+    import sys
+
+    from spider.local import free_port, terminate, wait_http
+
+    port = free_port()
+    env = {**os.environ, "SPIDER_REDIS_URL": redis_url, "SPIDER_DATA_DIR": str(data_dir), "SPIDER_API_KEYS": api_keys}
+    log = Path(log_dir) / "api.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "spider", "serve", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            pytest.fail(f"the API exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", alive, 90, "the API")
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        terminate([proc], grace=10)

@@ -6,10 +6,6 @@ adds the body's real shape (`job` is JobConfig's JSON schema) so that schemathes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +19,7 @@ from schemathesis.generation.modes import GenerationMode
 from spider.api.app import create_app
 from spider.config import JobConfig
 from spider.settings import Settings
-from spider.local import free_port, terminate, wait_http
+from tests.helpers import api_process
 
 KEY = "key-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -57,24 +53,11 @@ def with_submit_body(schema: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def api_url(redis_url, tmp_path_factory) -> str:
     """`spider serve` in its own process on a free port."""
-    port, root = free_port(), tmp_path_factory.mktemp("fuzz")
-    env = {**os.environ, "SPIDER_REDIS_URL": redis_url, "SPIDER_DATA_DIR": str(root / "data"), "SPIDER_API_KEYS": KEY}
-    log = Path(root) / "api.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spider", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive() -> None:
-        if proc.poll() is not None:
-            pytest.fail(f"the API exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", alive, 90, "the API")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        terminate([proc], grace=10)
-        errors = [line for line in log.read_text().splitlines() if " 500 " in line or "Traceback" in line]
-        assert not errors, "\n".join(errors[:20])
+    root = tmp_path_factory.mktemp("fuzz")
+    with api_process(redis_url, root / "data", root, KEY) as (url, log):
+        yield url
+    errors = [line for line in log.read_text().split("\n") if " 500 " in line or "Traceback" in line]
+    assert not errors, "\n".join(errors[:20])
 
 
 # The schema the server publishes, read from the app itself (building it connects to nothing).

@@ -24,7 +24,7 @@ from spider.jobs.store import JobStore
 from spider.policy import Policy
 from spider.settings import Settings
 from tests.fake_hub import HubUser, fake_hub_server, load_dataset_in_subprocess
-from tests.helpers import SAMPLE_PROMPTS
+from tests.helpers import Recorder, SAMPLE_PROMPTS
 
 ALICE = "hf_alice_write"
 ALICE_READ_ONLY = "hf_alice_read"
@@ -60,16 +60,6 @@ def no_faults_left(hub):
     hub.clear_faults()
     hub.before_commit = None
     assert not hub.errors, hub.errors[-1]
-
-
-class Recorder:
-    """A dispatcher that records the next stages instead of queueing them."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def dispatch(self, stage, job_id, *args):
-        self.calls.append((stage, job_id, *args))
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,7 @@ from spider.jobs.store import JobStore
 from spider.policy import Policy
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
-from tests.helpers import SAMPLE_PROMPTS
-
-
-class Recorder:
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def dispatch(self, stage, job_id, *args):
-        self.calls.append((stage, job_id, *args))
+from tests.helpers import Recorder, SAMPLE_PROMPTS
 
 
 @pytest.fixture

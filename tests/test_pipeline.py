@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import redis
@@ -17,17 +16,7 @@ from spider.keys import Keys
 from spider.policy import Policy
 from spider.settings import Settings
 from spider.types import EventKind
-from tests.helpers import SAMPLE_PROMPTS
-
-
-class Recorder:
-    """A dispatcher that records the next stages instead of queueing them."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def dispatch(self, stage, job_id, *args):
-        self.calls.append((stage, job_id, *args))
+from tests.helpers import Recorder, SAMPLE_PROMPTS
 
 
 @pytest.fixture

@@ -28,17 +28,9 @@ from spider.jobs.store import JOB_PARTS, JobStore
 from spider.policy import Policy
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
-from tests.helpers import SAMPLE_PROMPTS
+from tests.helpers import Recorder, SAMPLE_PROMPTS
 
 TTL = 3600
-
-
-class Recorder:
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def dispatch(self, stage, job_id, *args):
-        self.calls.append((stage, job_id, *args))
 
 
 @pytest.fixture

@@ -6,14 +6,10 @@ shown back) through a real API server."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -26,11 +22,10 @@ from spider.client.client import SpiderClient, job_and_secrets
 from spider.config import TINKER_KEY_SECRET, AppConfig, JobConfig, OnPolicyOptions, apply_override
 from spider.errors import ConfigError, SpiderError
 from spider.jobs.admission import admit
-from spider.local import free_port, terminate, wait_http
 from spider.policy import Policy
 from spider.settings import Settings
 from tests.conftest import API_KEYS
-from tests.helpers import SAMPLE_PROMPTS
+from tests.helpers import SAMPLE_PROMPTS, api_process
 from tests.test_config import ON_POLICY
 
 OPTIONS = "job.generation.on_policy_options"
@@ -422,31 +417,9 @@ def test_the_server_refuses_a_key_in_the_config_and_starts_on_policy_jobs_with_t
         parse_submission(body_of(dataset), settings)
 
 
-@contextlib.contextmanager
-def api_process(redis_url: str, data_dir: Path, log_dir: Path) -> Iterator[str]:
-    """The real API (`spider serve`) on a private Redis, with the tests' API keys."""
-    port = free_port()
-    env = {**os.environ, "SPIDER_REDIS_URL": redis_url, "SPIDER_DATA_DIR": str(data_dir),
-           "SPIDER_API_KEYS": ",".join(API_KEYS)}
-    log = log_dir / "api.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spider", "serve", "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive() -> None:
-        if proc.poll() is not None:
-            pytest.fail(f"the API exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", alive, 90, "the API")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        terminate([proc], grace=10)
-
-
 def test_the_key_reaches_the_jobs_secrets_and_is_never_shown(redis_url, tmp_path, monkeypatch):
     monkeypatch.delenv(TINKER_KEY_SECRET, raising=False)
-    with api_process(redis_url, tmp_path / "data", tmp_path) as url:
+    with api_process(redis_url, tmp_path / "data", tmp_path, ",".join(API_KEYS)) as (url, _log):
         headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
         data = yaml.safe_load(ON_POLICY)
         data["server"].update(base_url=url, api_key=API_KEYS[0])

@@ -31,9 +31,9 @@ from typing import Any
 from spider.config import JobConfig
 from spider.errors import SpiderError
 from spider.jobs import retention
-from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
+from spider.jobs.stages import Context, bundle_manifest, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
-from spider.types import BatchRow, EventKind, JobStatus, Message
+from spider.types import BatchRow, EventKind, JobStatus
 
 log = logging.getLogger(__name__)
 

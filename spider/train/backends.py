@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from spider.config import TINKER_KEY_SECRET, JobConfig
 from spider.train.backend import LoraSpec, TrainingBackend
