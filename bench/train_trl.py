@@ -122,18 +122,7 @@ def distillation(env: Env, name: str, prompts: list[str]) -> list[Step]:
     rows = [{"prompt": [{"role": "user", "content": text}]} for text in prompts[: setup.prompts] for _ in range(setup.group_size)]
     config = DistillationConfig(**common_args(env, name), beta=1.0, disable_dropout=True, shuffle_dataset=False)
     tokenizer = AutoTokenizer.from_pretrained(str(env.models.student), padding_side="left")
-    steps: list[Step] = []
-    trainer = Timed(
-        model=load(env.models.student, env),
-        teacher_model=load(env.models.teacher, env),
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora(env),
-        callbacks=[StepClock(meter, name, steps)],
-    )
-    trainer.train()
-    return steps
+    return train(Timed, env, name, meter, env.models.teacher, Dataset.from_list(rows), config, tokenizer)
 
 
 def gold(env: Env, name: str, prompts: list[str]) -> list[Step]:
@@ -161,12 +150,17 @@ def gold(env: Env, name: str, prompts: list[str]) -> list[Step]:
         max_length=setup.max_tokens + 256,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(env.models.student))
+    return train(Timed, env, name, meter, env.models.cross_teacher, Dataset.from_list(rows), config, tokenizer)
+
+
+def train(trainer_class, env: Env, name: str, meter: Meter, teacher, dataset, config, tokenizer) -> list[Step]:
+    """Run a TRL trainer on the bench's student and `teacher`; the timed steps."""
     steps: list[Step] = []
-    trainer = Timed(
+    trainer = trainer_class(
         model=load(env.models.student, env),
-        teacher_model=load(env.models.cross_teacher, env),
+        teacher_model=load(teacher, env),
         args=config,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora(env),
         callbacks=[StepClock(meter, name, steps)],
