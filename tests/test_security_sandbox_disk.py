@@ -123,7 +123,24 @@ def scratch_of(sandbox, job_id: str) -> Path:
 
 
 def bytes_used(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+    """What the files under `path` occupy; a file the quota poller removes meanwhile counts nothing."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def entries(path: Path) -> int:
+    """Files and folders under `path`, counted while the quota poller may be removing them."""
+    while True:
+        try:
+            return sum(1 for _ in path.rglob("*"))
+        except FileNotFoundError:
+            time.sleep(0.05)
 
 
 # -- the hard quota (a worker running as root) -------------------------------------------------
@@ -270,9 +287,9 @@ def test_polling_empties_a_scratch_dir_over_its_quota(base):
         assert call(job, "write_small", name="after.txt") == "still works"
         assert call(job, "make_files", count=2 * MAX_FILES) == f"made {2 * MAX_FILES} files"
         deadline = time.monotonic() + 5
-        while sum(1 for _ in scratch.rglob("*")) > MAX_FILES and time.monotonic() < deadline:
+        while entries(scratch) > MAX_FILES and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert sum(1 for _ in scratch.rglob("*")) <= MAX_FILES
+        assert entries(scratch) <= MAX_FILES
         assert call(job, "ping") == "pong"
     finally:
         box.close()
