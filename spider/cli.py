@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -311,6 +312,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resume a job; the secrets it was submitted with are sent again from this environment."""
+    with _server_client(args) as client:
+        names = client.get_job_status(args.job_id).get("secret_names") or []
+        missing = [name for name in names if name not in os.environ]
+        if missing:
+            print(f"spider: resuming {args.job_id} needs its secrets again; set {', '.join(missing)} in the environment",
+                  file=sys.stderr)
+            return 2
+        print(json.dumps(client.resume_job(args.job_id, {name: os.environ[name] for name in names})))
+    return 0
+
+
 def cmd_jobs_delete(args: argparse.Namespace) -> int:
     with _server_client(args) as client:
         print(json.dumps(client.delete_job(args.job_id)))
@@ -385,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     for name, func, helptext in (("status", cmd_status, "a job's status (or all your jobs)"),
-                                 ("cancel", cmd_cancel, "cancel a job")):
+                                 ("cancel", cmd_cancel, "cancel a job"),
+                                 ("resume", cmd_resume, "resume a failed job where it stopped, or hand out "
+                                                        "again what an active job lost")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("job_id", nargs="?" if name == "status" else None)
         server_args(p)

@@ -61,6 +61,11 @@ class EventBus:
     def replay(self, job_id: str, after: str | None = None) -> list[Event]:
         return [_decode(job_id, eid, fields) for eid, fields in self.r.xrange(self.keys.events(job_id), min=_bound(after))]
 
+    def last(self, job_id: str) -> Event | None:
+        """The job's newest stored event, if any."""
+        newest = self.r.xrevrange(self.keys.events(job_id), count=1)
+        return _decode(job_id, *newest[0]) if newest else None
+
     def delete(self, job_id: str) -> None:
         self.r.delete(self.keys.events(job_id))
 

@@ -43,6 +43,14 @@ class Keys:
         """The sorted set of an owner's job ids, by creation time."""
         return f"{self.prefix}:jobs:{owner}"
 
+    def active_jobs(self) -> str:
+        """The sorted set of queued and running job ids, by the time each last moved."""
+        return f"{self.prefix}:active"
+
+    def reconciler_lock(self) -> str:
+        """Held by the one control worker whose reconciler pass is running."""
+        return f"{self.prefix}:reconciler"
+
     def events(self, job_id: str) -> str:
         """The job's event history (a capped stream)."""
         return f"{self.prefix}:events:{checked_job_id(job_id)}"

@@ -49,6 +49,17 @@ class Settings:
     job_ttl_s: int = DEFAULT_JOB_TTL_S
     event_ttl_s: int = DEFAULT_JOB_TTL_S
     visibility_timeout: int = 4 * 3600
+    # The reconciler (spider.workers.reconciler): how often it looks, how long an active job must
+    # have been still to be re-examined, how often job folders Redis does not know are swept, and
+    # how old such a folder must be first (a younger one may be a submit in progress).
+    reconcile_interval_s: float = 30.0
+    reconcile_after_s: float = 120.0
+    sweep_interval_s: float = 3600.0
+    sweep_grace_s: float = 3600.0
+    # A stage that meets a transient fault is tried again this many times, after a backoff that
+    # starts at retry_backoff_s and doubles (with jitter, at most 300 s).
+    task_retries: int = 8
+    retry_backoff_s: float = 5.0
     policy: Policy = field(default_factory=Policy)
 
     @classmethod
@@ -65,5 +76,11 @@ class Settings:
             job_ttl_s=job_ttl_s(),
             event_ttl_s=event_ttl_s(job_ttl_s()),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
+            reconcile_interval_s=float(os.environ.get("SPIDER_RECONCILE_INTERVAL_S", cls.reconcile_interval_s)),
+            reconcile_after_s=float(os.environ.get("SPIDER_RECONCILE_AFTER_S", cls.reconcile_after_s)),
+            sweep_interval_s=float(os.environ.get("SPIDER_SWEEP_INTERVAL_S", cls.sweep_interval_s)),
+            sweep_grace_s=float(os.environ.get("SPIDER_SWEEP_GRACE_S", cls.sweep_grace_s)),
+            task_retries=int(os.environ.get("SPIDER_TASK_RETRIES", cls.task_retries)),
+            retry_backoff_s=float(os.environ.get("SPIDER_RETRY_BACKOFF_S", cls.retry_backoff_s)),
             policy=Policy.from_env(),
         )

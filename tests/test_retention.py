@@ -106,18 +106,18 @@ def test_an_ended_jobs_keys_and_events_expire_and_a_running_ones_do_not(ctx, tin
     assert ttls(ctx.store, cancelled) and all(0 < t <= TTL for t in ttls(ctx.store, cancelled).values())
 
     failed = ctx.store.create("alice", config, {}, has_bundle=False).id
-    ctx.store.add_progress(failed, ctx.store.get(failed).totals)
+    ctx.store.complete_batch(failed, 0, ctx.store.get(failed).totals)
     assert ctx.store.fail(failed, "it broke")
-    assert len(ttls(ctx.store, failed)) == 2 and all(0 < t <= TTL for t in ttls(ctx.store, failed).values())
+    # The record and what the batch wrote: the done set, its statistics, the counters.
+    assert len(ttls(ctx.store, failed)) == 4 and all(0 < t <= TTL for t in ttls(ctx.store, failed).values())
 
 
 def test_a_part_written_after_the_job_ended_expires_with_it(ctx, tiny_model):
     job_id = ctx.store.create("alice", dataset_job(tiny_model), {}, has_bundle=False).id
     assert cancel_job(ctx, job_id)
     # A batch that was already generating when the job was cancelled finishes now.
-    ctx.store.mark_batch_done(job_id, 0)
-    ctx.store.add_progress(job_id, ctx.store.get(job_id).totals)
-    for part in ("done", "progress"):
+    ctx.store.complete_batch(job_id, 0, ctx.store.get(job_id).totals)
+    for part in ("done", "batch-stats", "progress"):
         assert 0 < ctx.store.r.ttl(ctx.store.keys.job(job_id, part)) <= TTL
 
 
@@ -290,8 +290,7 @@ def api(redis_url, tmp_path):
 def stored_job(ctx, tiny_model, owner_key):
     job_id = submit_uploaded(ctx, dataset_job(tiny_model), owner=owner_of(owner_key))
     ctx.bus.publish(job_id, EventKind.JOB_QUEUED, "job queued")
-    ctx.store.add_progress(job_id, ctx.store.get(job_id).totals)
-    ctx.store.mark_batch_done(job_id, 0)
+    ctx.store.complete_batch(job_id, 0, ctx.store.get(job_id).totals)
     return job_id
 
 

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from spider import __version__
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
-from spider.jobs import retention, stages
+from spider.errors import SpiderError
+from spider.jobs import recovery, retention, stages
 from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
@@ -123,9 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 write_atomic(files.bundle_manifest, json.dumps(submission.bundle.manifest.to_dict()))
             stage = "recording the job"
             config = submission.job.model_dump(mode="json")
-            store.create(owner, config, submission.env, has_bundle=submission.bundle is not None, job_id=job_id)
-            if submission.source_files:
-                store.set_fields(job_id, source_upload=json.dumps(sorted(submission.source_files)))
+            record = store.create(owner, config, submission.env, has_bundle=submission.bundle is not None, job_id=job_id)
+            uploaded = sorted(submission.source_files) or None
+            if uploaded:
+                store.set_fields(job_id, source_upload=json.dumps(uploaded))
+            recovery.write_snapshot(files, record, uploaded)
             bus.publish(job_id, EventKind.JOB_QUEUED, "job queued")
             stage = "queueing the job"
             context().dispatch(submission.first_stage, job_id)
@@ -163,6 +166,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stages.cancel_job(context(), job_id)
         return shown(owned(job_id, owner))
 
+    @app.post("/v1/jobs/{job_id}/resume")
+    async def resume(job_id: str, request: Request, owner: str = Depends(caller)) -> dict[str, Any]:
+        """Bring the caller's job back to work: a failed one runs again from where it stopped (its
+        secrets sent again in `{"secrets": {...}}`: a failed job's are dropped), an active one has
+        whatever it lost handed out again now."""
+        owned(job_id, owner)
+        body = await request.body()
+        try:
+            given = json.loads(body) if body.strip() else {}
+            secrets = given.get("secrets") or {} if isinstance(given, dict) else None
+            if not isinstance(secrets, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in secrets.items()):
+                raise ValueError
+        except ValueError:
+            raise HTTPException(400, 'the body must be a JSON object like {"secrets": {"NAME": "value"}}') from None
+        try:
+            handed = await run_in_threadpool(recovery.resume, context(), job_id, secrets)
+        except SpiderError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {**shown(owned(job_id, owner)), "handed_out": handed}
+
     @app.delete("/v1/jobs/{job_id}")
     def delete(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
         """Remove the caller's job (cancelled first if it still runs): record, events and files."""
@@ -183,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         after = last_event_id or after
         if after is not None and not is_event_id(after):
             # Refused before the stream starts: once it has, an error could only cut it short.
-            raise HTTPException(422, "after / Last-Event-ID must be an event id such as '1700000000000-0' "
+            raise HTTPException(400, "after / Last-Event-ID must be an event id such as '1700000000000-0' "
                                      "(two numbers below 2**64)")
         aredis = request.app.state.aredis
 

@@ -175,6 +175,13 @@ class SpiderClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def resume_job(self, job_id: str, secrets: dict[str, str] | None = None) -> dict[str, Any]:
+        """Bring a job back to work: a failed one (its cause fixed: a full disk, Redis down) runs
+        again from where it stopped, an active one has whatever it lost handed out again now.
+        A failed job's secrets were dropped when it failed: pass them again (the status lists
+        their names in `secret_names`)."""
+        return self._call("POST", f"/v1/jobs/{job_id}/resume", json={"secrets": secrets or {}}).json()
+
     def delete_job(self, job_id: str) -> dict[str, Any]:
         """Remove a job from the server (cancelling it first if it still runs): its record, events
         and files, result included. JobNotFoundError if it is not one of yours."""

@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from spider import faults
 from spider.config import JobConfig
 from spider.data.sinks import jsonl_line, read_jsonl, upload_to_hub, write_result
 from spider.data.sources import SourceAccess, load_source_rows, start_of
@@ -22,7 +23,7 @@ from spider.engines.base import GenerationResult
 from spider.errors import SpiderError
 from spider.jobs import retention
 from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
-from spider.jobs.store import JobFiles, write_atomic
+from spider.jobs.store import JobFiles, JobRecord, write_atomic
 from spider.rollouts.single_turn import build_requests, records_for
 from spider.types import BatchRow, BatchStats, BundleManifest, EventKind, JobStatus, Record, RowError, Usage
 
@@ -155,6 +156,9 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return  # cancelled or failed: generate nothing more
+    if batch_index in ctx.store.done_batches(job_id):
+        finalize_when_done(ctx, job_id, record)  # a redelivered batch: whoever counted it may have died since
+        return
     files = ctx.files(job_id)
     rows = [BatchRow.from_dict(r) for r in json.loads(files.batch(batch_index).read_text())]
     manifest = bundle_manifest(ctx, job_id) if record.has_bundle else None
@@ -276,14 +280,51 @@ def postprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: Sandbox
 
 
 def complete_batch(ctx: Context, job_id: str, batch_index: int, stats: BatchStats) -> None:
-    """Count a finished batch once, report progress, enforce max_row_errors, maybe finalize."""
-    first, done = ctx.store.mark_batch_done(job_id, batch_index)
-    if not first:
-        return  # a redelivered task: its shard was rewritten identically, count nothing twice
-    totals = ctx.store.add_progress(job_id, stats)
+    """Count a finished batch once, report progress, enforce max_row_errors, maybe finalize.
+
+    Counting is one atomic Redis step (JobStore.complete_batch). A redelivered batch counts
+    nothing, but goes through every later step: the worker that counted it may have died before
+    it checked the row error limit or whether the job was done."""
+    faults.point("batch.before_complete", job_id)
+    first, done, totals = ctx.store.complete_batch(job_id, batch_index, stats)
+    faults.point("batch.after_complete", job_id)
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return  # cancelled or failed meanwhile: its history already ended
+    if first:
+        _report_batch(ctx, job_id, batch_index, stats, totals, done, record)
+    limit = config.generation.max_row_errors
+    if limit is not None and totals.row_errors > limit:
+        fail_job(ctx, job_id, f"{totals.row_errors} rows failed, more than generation.max_row_errors={limit}")
+        return
+    hf = config.output.hf
+    if (first and config.output.mode == "upload_hf" and hf is not None and hf.upload_every
+            and done % hf.upload_every == 0 and done < (record.batches_total or 0)):
+        # New shards go up as they come; finalize sends the rest, never the whole result again.
+        from spider.data.sinks import upload_shards
+
+        files = ctx.files(job_id)
+        upload_shards({i: files.shard(i) for i in ctx.store.done_batches(job_id)}, config.output.format,
+                      hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
+    faults.point("batch.before_claim", job_id)
+    finalize_when_done(ctx, job_id, record, done)
+
+
+def finalize_when_done(ctx: Context, job_id: str, record: JobRecord, done: int | None = None) -> bool:
+    """Hand out the job's finalize once every batch is done, exactly once (whoever claims it, or
+    the reconciler if that one died before it could). True when every batch is done."""
+    done = len(ctx.store.done_batches(job_id)) if done is None else done
+    if record.batches_total is None or done < record.batches_total:
+        return False
+    if ctx.store.claim_finalize(job_id):
+        faults.point("batch.after_claim", job_id)
+        ctx.dispatch(FINALIZE, job_id)
+    return True
+
+
+def _report_batch(
+    ctx: Context, job_id: str, batch_index: int, stats: BatchStats, totals: BatchStats, done: int, record: JobRecord
+) -> None:
     seconds = stats.generation_seconds
     ctx.bus.publish(
         job_id,
@@ -315,21 +356,6 @@ def complete_batch(ctx: Context, job_id: str, batch_index: int, stats: BatchStat
             level="warning",
             data={"batch": batch_index, "row_errors": stats.row_errors, "examples": stats.error_examples},
         )
-    limit = config.generation.max_row_errors
-    if limit is not None and totals.row_errors > limit:
-        fail_job(ctx, job_id, f"{totals.row_errors} rows failed, more than generation.max_row_errors={limit}")
-        return
-    hf = config.output.hf
-    if (config.output.mode == "upload_hf" and hf is not None and hf.upload_every
-            and done % hf.upload_every == 0 and done < (record.batches_total or 0)):
-        # New shards go up as they come; finalize sends the rest, never the whole result again.
-        from spider.data.sinks import upload_shards
-
-        files = ctx.files(job_id)
-        upload_shards({i: files.shard(i) for i in ctx.store.done_batches(job_id)}, config.output.format,
-                      hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
-    if record.batches_total is not None and done >= record.batches_total and ctx.store.claim_finalize(job_id):
-        ctx.dispatch(FINALIZE, job_id)
 
 
 # -- finalize -----------------------------------------------------------------------------------
@@ -340,7 +366,9 @@ def finalize_job(ctx: Context, job_id: str) -> None:
     """Merge shards in row order into the result, write metadata, upload if asked, complete the job."""
     config, record = load_job(ctx, job_id)
     if record.status.ended:
-        retention.after_finalize(ctx, job_id, config)  # a redelivery after the job completed
+        if record.status == JobStatus.COMPLETED:  # a redelivery: the finalize before it may have died half-way
+            _announce_completed(ctx, job_id)
+        retention.after_finalize(ctx, job_id, config)
         return
     files = ctx.files(job_id)
     batches = record.batches_total or 0
@@ -358,6 +386,7 @@ def finalize_job(ctx: Context, job_id: str) -> None:
 
     result = files.result(config.output.format)
     count = write_result(merged(), result, config.output.format)
+    faults.point("finalize.after_result", job_id)
     finished = time.time()
     metadata = {
         "job_id": job_id,
@@ -390,15 +419,33 @@ def finalize_job(ctx: Context, job_id: str) -> None:
         metadata["hub"] = {"repo_id": hf.repo_id, "repo_type": hf.repo_type, "commit": url}
         ctx.bus.publish(job_id, EventKind.UPLOAD_COMPLETED, f"uploaded to {hf.repo_id}", data=metadata["hub"])
     write_atomic(files.metadata, json.dumps(metadata, indent=2))
+    faults.point("finalize.before_complete", job_id)
     if ctx.store.transition(job_id, JobStatus.COMPLETED, [JobStatus.RUNNING]):
-        ctx.store.drop_secrets(job_id)
-        ctx.bus.publish(
-            job_id,
-            EventKind.JOB_COMPLETED,
-            f"{count} records written ({totals.row_errors} row errors)",
-            data={"records": count, **metadata["counts"], **metadata["usage"]},
-        )
+        faults.point("finalize.after_complete", job_id)
+        _announce_completed(ctx, job_id, metadata)
+    faults.point("finalize.before_cleanup", job_id)
     retention.after_finalize(ctx, job_id, config)
+
+
+def _announce_completed(ctx: Context, job_id: str, metadata: dict[str, Any] | None = None) -> None:
+    """Drop a completed job's secrets and publish its `job.completed` (once: a redelivered finalize
+    of a job whose finalize died after completing it publishes it only if it is missing)."""
+    ctx.store.drop_secrets(job_id)
+    if metadata is None:
+        last = ctx.bus.last(job_id)
+        if last is not None and last.kind == EventKind.JOB_COMPLETED:
+            return
+        files = ctx.files(job_id)
+        if not files.metadata.exists():
+            return
+        metadata = json.loads(files.metadata.read_text())
+    counts = metadata["counts"]
+    ctx.bus.publish(
+        job_id,
+        EventKind.JOB_COMPLETED,
+        f"{counts['records']} records written ({counts['row_errors']} row errors)",
+        data={**counts, **metadata["usage"]},
+    )
 
 
 def _first_error(files: JobFiles, batches: int) -> str:

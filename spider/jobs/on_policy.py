@@ -57,8 +57,8 @@ def start_job(ctx: Context, job_id: str) -> None:
     if record.status == JobStatus.RUNNING and (files.train_rows.exists() or record.rows_total is not None):
         _continue(ctx, job_id, files)  # a redelivered start
         return
-    if not ctx.store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED]):
-        return
+    if not ctx.store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED, JobStatus.RUNNING]):
+        return  # cancelled before it started, or already ended
     ctx.bus.publish(job_id, EventKind.JOB_STARTED, f"loading source {config.source.dataset!r}")
     rows = load_job_source(ctx, job_id, config)
     options = config.generation.on_policy_options
@@ -309,6 +309,7 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease:
             metrics["eval_teacher_kl"] = _evaluate(ctx, job_id, run, step, loop, teacher_kl_of)
         _append_metrics(files, metrics)
         _publish_step(ctx, job_id, metrics)
+        ctx.store.touch(job_id)
         if lease.lost.is_set():
             _forget(job_id)
             return None  # another worker trains this job now; its checkpoints are the ones that count

@@ -8,6 +8,7 @@ made of stages; this module knows none of them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -33,6 +34,10 @@ class Dispatcher(Protocol):
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None: ...
 
+    def holds(self, job_id: str) -> bool:
+        """Whether some stage of the job is queued or running (the reconciler hands out nothing then)."""
+        ...
+
 
 @dataclass
 class Context:
@@ -48,6 +53,7 @@ class Context:
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
         self.dispatcher.dispatch(stage, job_id, *args)
+        self.store.touch(job_id)
 
 
 def load_job(ctx: Context, job_id: str) -> tuple[JobConfig, JobRecord]:
@@ -77,16 +83,52 @@ def cancel_job(ctx: Context, job_id: str) -> bool:
     return False
 
 
+class TransientFault(Exception):
+    """A stage met a fault that may pass (Redis unreachable, a full or read-only disk, the Hub
+    answering 5xx): the stage is tried again later instead of failing its job (see
+    spider.workers.tasks), and fails it only once the tries are spent."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+# Disk faults an operator can fix (space, quota, a read-only remount, an I/O error), by errno.
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a fault of the infrastructure that may pass, rather than of the job."""
+    import redis
+
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+        return True
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith(("MISCONF", "LOADING", "READONLY")):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if type(exc).__name__ == "HfHubHTTPError" and (status is None or status == 429 or status >= 500):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
 def guarded(stage: Callable[..., None]) -> Callable[..., None]:
-    """Run a stage; a user-caused error fails the job with its message, anything else with its
+    """Run a stage; a user-caused error fails the job with its message, a transient fault is
+    raised as TransientFault for the task to try again later, anything else fails the job with its
     type and message (the traceback goes to the worker's log only)."""
 
     def run(ctx: Context, job_id: str, *args: Any) -> None:
         try:
             stage(ctx, job_id, *args)
         except SpiderError as exc:
+            if is_transient(exc):
+                raise TransientFault(stage.__name__, exc) from exc
             fail_job(ctx, job_id, str(exc))
         except Exception as exc:
+            if is_transient(exc):
+                raise TransientFault(stage.__name__, exc) from exc
             log.error("job %s: %s failed:\n%s", job_id, stage.__name__, traceback.format_exc())
             fail_job(ctx, job_id, f"internal error in {stage.__name__}: {type(exc).__name__}: {exc}")
 

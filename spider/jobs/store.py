@@ -22,7 +22,7 @@ __all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_jo
 COUNTERS = ("batches_done",) + BatchStats.COUNTERS
 
 # Every key of a job besides its event stream: the record hash, then its parts (see Keys.job).
-JOB_PARTS = ("", "secrets", "progress", "done", "finalize", "train-lease")
+JOB_PARTS = ("", "secrets", "progress", "done", "batch-stats", "finalize", "train-lease")
 
 
 # Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
@@ -35,6 +35,28 @@ for i = 2, #ARGV do
   end
 end
 return 0
+"""
+
+# Record a finished batch once, in one step: its index joins the done set, its statistics are kept
+# by index (so the totals can always be recounted) and added to the job's counters. A crash can
+# only come before or after this, never half-way. KEYS: done, batch-stats, progress, record.
+# ARGV: index, stats JSON, generation seconds, then counter name/value pairs. Returns
+# {1 if this call recorded it, batches done, the counters as a flat list}.
+_COMPLETE_BATCH = """
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  for i = 4, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+  redis.call('HINCRBY', KEYS[3], 'batches_done', 1)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'generation_seconds', ARGV[3])
+  local ttl = redis.call('TTL', KEYS[4])
+  if ttl > 0 then
+    for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
+  end
+end
+return {added, redis.call('SCARD', KEYS[1]), redis.call('HGETALL', KEYS[3])}
 """
 
 
@@ -99,6 +121,7 @@ class JobStore:
         self.keys = keys
         self.ended_ttl = job_ttl_s() if ended_ttl is None else ended_ttl
         self._transition = client.register_script(_TRANSITION)
+        self._complete_batch = client.register_script(_COMPLETE_BATCH)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -117,11 +140,14 @@ class JobStore:
         secrets: dict[str, str],
         has_bundle: bool,
         job_id: str | None = None,
+        created_at: float | None = None,
+        secret_names: list[str] | None = None,
     ) -> JobRecord:
         """Store a new queued job (record, secrets, owner index entry) in one transaction.
-        `job_id` is one from new_job_id(), when the caller needed it before the record existed."""
+        `job_id` is one from new_job_id(), when the caller needed it before the record existed;
+        `created_at` and `secret_names` are given when a record is restored from the job's files."""
         job_id = checked_job_id(job_id) if job_id is not None else new_job_id()
-        now = time.time()
+        now = created_at if created_at is not None else time.time()
         record = {
             "id": job_id,
             "owner": owner,
@@ -129,13 +155,14 @@ class JobStore:
             "created_at": now,
             "config": json.dumps(config),
             "has_bundle": int(has_bundle),
-            "secret_names": json.dumps(sorted(secrets)),
+            "secret_names": json.dumps(sorted(secrets) if secret_names is None else sorted(secret_names)),
         }
         pipe = self.r.pipeline()
         pipe.hset(self._key(job_id), mapping=record)
         if secrets:
             pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
         pipe.zadd(self._owner_index(owner), {job_id: now})
+        pipe.zadd(self.keys.active_jobs(), {job_id: now})
         pipe.execute()
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -149,6 +176,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.delete(*(self._key(job_id, part) for part in JOB_PARTS), self.keys.events(job_id))
         pipe.zrem(self._owner_index(owner), job_id)
+        pipe.zrem(self.keys.active_jobs(), job_id)
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -200,8 +228,33 @@ class JobStore:
             if stamp:
                 self.r.hset(self._key(job_id), stamp, time.time())
             if to.ended:
+                self.r.zrem(self.keys.active_jobs(), job_id)
                 self._expire(job_id)
+            else:
+                self.touch(job_id, only_active=False)
         return changed
+
+    # -- what is active, and whether it moves ----------------------------------------------------
+
+    def touch(self, job_id: str, only_active: bool = True) -> None:
+        """Note that an active job just moved (a stage dispatched or a batch completed): the
+        reconciler only looks at jobs that have not moved for a while."""
+        if only_active:
+            self.r.zadd(self.keys.active_jobs(), {job_id: time.time()}, xx=True)
+        else:
+            self.r.zadd(self.keys.active_jobs(), {job_id: time.time()})
+
+    def active_ids(self) -> list[str]:
+        """Every queued or running job, oldest move first."""
+        return list(self.r.zrange(self.keys.active_jobs(), 0, -1))
+
+    def still_since(self, seconds: float) -> list[str]:
+        """The active jobs that have not moved for `seconds`."""
+        return list(self.r.zrangebyscore(self.keys.active_jobs(), "-inf", time.time() - seconds))
+
+    def forget_active(self, job_id: str) -> None:
+        """Drop a job from the active index (its record is gone, or it ended meanwhile)."""
+        self.r.zrem(self.keys.active_jobs(), job_id)
 
     def _expire(self, job_id: str) -> None:
         """Give an ended job's keys and event stream their time to live."""
@@ -239,36 +292,60 @@ class JobStore:
             return True
         return False
 
-    def add_progress(self, job_id: str, stats: BatchStats) -> BatchStats:
-        """Add one finished batch to the job's counters; returns the job's totals."""
-        pipe = self.r.pipeline()
-        key = self._key(job_id, "progress")
-        for name, value in stats.counters().items():
-            pipe.hincrby(key, name, value)
-        pipe.hincrby(key, "batches_done", 1)
-        pipe.hincrbyfloat(key, "generation_seconds", stats.generation_seconds)
-        pipe.hgetall(key)
-        pipe.ttl(self._key(job_id))
-        *_, totals, record_ttl = pipe.execute()
-        self._expire_late(key, record_ttl)
-        return BatchStats.from_dict(totals)
+    def complete_batch(self, job_id: str, batch_index: int, stats: BatchStats) -> tuple[bool, int, BatchStats]:
+        """Record a finished batch and add its statistics to the job's counters, atomically.
+        Returns (first time this batch finished, batches finished so far, the job's totals);
+        a redelivered batch changes nothing."""
+        counters = [item for pair in stats.counters().items() for item in pair]
+        added, done, flat = self._complete_batch(
+            keys=[self._key(job_id, "done"), self._key(job_id, "batch-stats"), self._key(job_id, "progress"),
+                  self._key(job_id)],
+            args=[batch_index, json.dumps(stats.to_dict()), stats.generation_seconds, *counters],
+        )
+        totals = dict(zip(flat[::2], flat[1::2]))
+        if added:
+            self.touch(job_id)
+        return bool(added), int(done), BatchStats.from_dict(totals)
 
-    def mark_batch_done(self, job_id: str, batch_index: int) -> tuple[bool, int]:
-        """Record a finished batch. Returns (first time this batch finished, batches finished so far)."""
+    def recount(self, job_id: str) -> BatchStats:
+        """Recompute the job's counters from the statistics of its finished batches, and store them."""
+        per_batch = self.r.hgetall(self._key(job_id, "batch-stats"))
+        done = self.done_batches(job_id)
+        totals = BatchStats()
+        for index, raw in per_batch.items():
+            if int(index) not in done:
+                continue
+            stats = BatchStats.from_dict(json.loads(raw))
+            for name in BatchStats.COUNTERS:
+                setattr(totals, name, getattr(totals, name) + getattr(stats, name))
+            totals.generation_seconds += stats.generation_seconds
+        key = self._key(job_id, "progress")
         pipe = self.r.pipeline()
-        pipe.sadd(self._key(job_id, "done"), batch_index)
-        pipe.scard(self._key(job_id, "done"))
-        pipe.ttl(self._key(job_id))
-        added, done, record_ttl = pipe.execute()
-        self._expire_late(self._key(job_id, "done"), record_ttl)
-        return bool(added), int(done)
+        pipe.delete(key)
+        pipe.hset(key, mapping={**totals.counters(), "batches_done": len(done),
+                                "generation_seconds": totals.generation_seconds})
+        pipe.execute()
+        return totals
 
     def done_batches(self, job_id: str) -> set[int]:
         return {int(i) for i in self.r.smembers(self._key(job_id, "done"))}
 
     def claim_finalize(self, job_id: str) -> bool:
-        """True for exactly one caller: the one that should enqueue finalization."""
+        """True for exactly one caller: the one that should enqueue finalization. (Should that
+        caller die before it does, the reconciler enqueues it: finalize is idempotent.)"""
         return bool(self.r.set(self._key(job_id, "finalize"), 1, nx=True))
+
+    def release_finalize(self, job_id: str) -> None:
+        """Let the job's finalize be claimed again (a failed job resumed)."""
+        self.r.delete(self._key(job_id, "finalize"))
+
+    def set_secrets(self, job_id: str, secrets: dict[str, str]) -> None:
+        """Give a job its secrets again (a failed job resumed: they were dropped when it failed)."""
+        pipe = self.r.pipeline()
+        pipe.delete(self._key(job_id, "secrets"))
+        if secrets:
+            pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
+        pipe.execute()
 
     def secrets(self, job_id: str) -> dict[str, str]:
         return self.r.hgetall(self._key(job_id, "secrets"))
@@ -301,6 +378,12 @@ class JobFiles:
     def datasets_cache(self) -> Path:
         """The job's own `datasets` cache while its source loads (removed once the rows are read)."""
         return self.root / "datasets-cache"
+
+    @property
+    def snapshot(self) -> Path:
+        """The job's record as submitted, without secrets: what brings the record back should
+        Redis lose it (spider.jobs.recovery.sweep_files)."""
+        return self.root / "job.json"
 
     @property
     def bundle(self) -> Path:

@@ -3,21 +3,27 @@ the dispatcher that maps each stage's name to its task and queue."""
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
 from functools import lru_cache
 from typing import Any
 
 import redis
+from celery.signals import worker_ready
 
+from spider import faults
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset, on_policy
 from spider.jobs.conversations import TOOL_CALL
 from spider.jobs.mcp import MCP_CALL, MCP_LIST
-from spider.jobs.stages import Context
+from spider.jobs.stages import Context, TransientFault, fail_job
 from spider.jobs.store import JobStore
 from spider.settings import Settings
 from spider.workers.app import celery_app
+
+log = logging.getLogger(__name__)
 
 
 class CeleryDispatcher:
@@ -29,6 +35,17 @@ class CeleryDispatcher:
         except KeyError:
             raise SpiderError(f"no task runs the stage {stage!r}") from None
         task.apply_async((job_id, *args), queue=queue)
+
+    def holds(self, job_id: str) -> bool:
+        from spider.workers import broker
+
+        conf = celery_app.conf
+        options = conf.broker_transport_options or {}
+        queues = [q.name for q in conf.task_queues]
+        with celery_app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            return broker.holds(client, job_id, queues, priority_steps=options.get("priority_steps", broker.DEFAULT_PRIORITY_STEPS),
+                                sep=options.get("sep", broker.PRIORITY_SEP))
 
 
 @lru_cache(maxsize=1)
@@ -68,29 +85,55 @@ def tool_caller(job_id: str):
     return ToolCaller(ctx.store.r, job_id, send_tool_call, ctx.store.keys)
 
 
-@celery_app.task(name="spider.plan_job", time_limit=1800, soft_time_limit=1700)
-def plan_job(job_id: str) -> None:
-    dataset.plan_job(context(), job_id)
+def run_stage(task: Any, stage: Any, job_id: str, *args: Any) -> None:
+    """Run a stage of a job as a task: a transient fault (TransientFault) tries the task again
+    after an exponential backoff with jitter; once the tries are spent the job fails with a
+    message saying what happened and how to resume it. A task dropped at a fault point ends."""
+    ctx = context()
+    try:
+        stage(ctx, job_id, *args)
+    except faults.Dropped:
+        return
+    except TransientFault as fault:
+        tries, limit = task.request.retries, ctx.settings.task_retries
+        if tries >= limit:
+            fail_job(ctx, job_id, f"gave up after {tries + 1} tries: {fault}. Once the cause is fixed, "
+                                  f"`spider resume {job_id}` carries on where the job stopped")
+            return
+        delay = retry_delay(tries, ctx.settings.retry_backoff_s)
+        log.warning("job %s: %s; trying again in %.1fs (%d/%d)", job_id, fault, delay, tries + 1, limit)
+        raise task.retry(countdown=delay, max_retries=limit, exc=fault)
 
 
-@celery_app.task(name="spider.run_batch", time_limit=4 * 3600, soft_time_limit=4 * 3600 - 60)
-def run_batch(job_id: str, batch_index: int) -> None:
-    dataset.run_batch(context(), job_id, batch_index)
+def retry_delay(tries: int, first: float, cap: float = 300.0) -> float:
+    """Full-jitter exponential backoff: up to first * 2**tries seconds, at most `cap`, at least half."""
+    ceiling = min(cap, first * 2**tries)
+    return ceiling / 2 + random.random() * ceiling / 2
 
 
-@celery_app.task(name="spider.finalize_job", time_limit=3600, soft_time_limit=3500)
-def finalize_job(job_id: str) -> None:
-    dataset.finalize_job(context(), job_id)
+@celery_app.task(name="spider.plan_job", bind=True, time_limit=1800, soft_time_limit=1700)
+def plan_job(self, job_id: str) -> None:
+    run_stage(self, dataset.plan_job, job_id)
 
 
-@celery_app.task(name="spider.preprocess_batch", time_limit=3600, soft_time_limit=3500)
-def preprocess_batch(job_id: str, batch_index: int) -> None:
-    dataset.preprocess_batch(context(), job_id, batch_index, sandbox_pool())
+@celery_app.task(name="spider.run_batch", bind=True, time_limit=4 * 3600, soft_time_limit=4 * 3600 - 60)
+def run_batch(self, job_id: str, batch_index: int) -> None:
+    run_stage(self, dataset.run_batch, job_id, batch_index)
 
 
-@celery_app.task(name="spider.postprocess_batch", time_limit=3600, soft_time_limit=3500)
-def postprocess_batch(job_id: str, batch_index: int) -> None:
-    dataset.postprocess_batch(context(), job_id, batch_index, sandbox_pool())
+@celery_app.task(name="spider.finalize_job", bind=True, time_limit=3600, soft_time_limit=3500)
+def finalize_job(self, job_id: str) -> None:
+    run_stage(self, dataset.finalize_job, job_id)
+
+
+@celery_app.task(name="spider.preprocess_batch", bind=True, time_limit=3600, soft_time_limit=3500)
+def preprocess_batch(self, job_id: str, batch_index: int) -> None:
+    run_stage(self, lambda ctx, *a: dataset.preprocess_batch(ctx, *a, sandbox_pool()), job_id, batch_index)
+
+
+@celery_app.task(name="spider.postprocess_batch", bind=True, time_limit=3600, soft_time_limit=3500)
+def postprocess_batch(self, job_id: str, batch_index: int) -> None:
+    run_stage(self, lambda ctx, *a: dataset.postprocess_batch(ctx, *a, sandbox_pool()), job_id, batch_index)
 
 
 @celery_app.task(name="spider.call_tool", time_limit=900, soft_time_limit=890)
@@ -116,21 +159,21 @@ def mcp_call(job_id: str, server: str, reply_id: str, tool: str, arguments: dict
     mcp.call_tool(context(), sandbox_pool(), job_id, server, reply_id, tool, arguments)
 
 
-@celery_app.task(name="spider.on_policy_start", time_limit=1800, soft_time_limit=1700)
-def on_policy_start(job_id: str) -> None:
-    on_policy.start_job(context(), job_id)
+@celery_app.task(name="spider.on_policy_start", bind=True, time_limit=1800, soft_time_limit=1700)
+def on_policy_start(self, job_id: str) -> None:
+    run_stage(self, on_policy.start_job, job_id)
 
 
-@celery_app.task(name="spider.on_policy_prepare", time_limit=3600, soft_time_limit=3500)
-def on_policy_prepare(job_id: str) -> None:
-    on_policy.prepare_job(context(), job_id, sandbox_pool())
+@celery_app.task(name="spider.on_policy_prepare", bind=True, time_limit=3600, soft_time_limit=3500)
+def on_policy_prepare(self, job_id: str) -> None:
+    run_stage(self, lambda ctx, *a: on_policy.prepare_job(ctx, *a, sandbox_pool()), job_id)
 
 
 # A segment is a few steps (on_policy_options.steps_per_task); its limit is a backstop well
 # beyond that, still under the broker's visibility timeout.
-@celery_app.task(name="spider.on_policy_train", time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
-def on_policy_train(job_id: str, start_step: int) -> None:
-    on_policy.train_segment(context(), job_id, start_step)
+@celery_app.task(name="spider.on_policy_train", bind=True, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
+def on_policy_train(self, job_id: str, start_step: int) -> None:
+    run_stage(self, on_policy.train_segment, job_id, start_step)
 
 
 @celery_app.task(name="spider.on_policy_score", time_limit=3600, soft_time_limit=3500)
@@ -138,9 +181,19 @@ def on_policy_score(job_id: str, request_id: str) -> None:
     on_policy.score_sequences(context(), job_id, request_id)
 
 
-@celery_app.task(name="spider.on_policy_finalize", time_limit=3600, soft_time_limit=3500)
-def on_policy_finalize(job_id: str) -> None:
-    on_policy.finalize_job(context(), job_id)
+@celery_app.task(name="spider.on_policy_finalize", bind=True, time_limit=3600, soft_time_limit=3500)
+def on_policy_finalize(self, job_id: str) -> None:
+    run_stage(self, on_policy.finalize_job, job_id)
+
+
+@worker_ready.connect
+def start_reconciler(sender: Any = None, **_: Any) -> None:
+    """Control workers run the reconciler (one pass at a time across all of them)."""
+    queues = {q.name for q in sender.app.amqp.queues.consume_from.values()} if sender is not None else set()
+    if "control" in queues:
+        from spider.workers.reconciler import Reconciler
+
+        Reconciler(context()).start()
 
 
 # Every stage a job can dispatch: its task and the queue of the workers that run it.

@@ -1,0 +1,51 @@
+"""What the broker holds of a job: its messages waiting in a queue, or handed to a worker and not
+yet acknowledged (kombu's Redis transport keeps those in the `unacked` hash until the task ends,
+and puts them back in their queue if their worker dies)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import redis
+
+# kombu's Redis transport: the hash of delivered, unacknowledged messages, and how it names the
+# list of each priority of a queue (`name`, then `name` + sep + priority for priorities above 0).
+UNACKED = "unacked"
+DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
+CHUNK = 500
+
+
+def queue_keys(queues: Iterable[str], priority_steps: Iterable[int] = DEFAULT_PRIORITY_STEPS,
+               sep: str = PRIORITY_SEP) -> list[str]:
+    """The Redis lists that hold the messages of `queues`."""
+    return [name if not step else f"{name}{sep}{step}" for name in queues for step in priority_steps]
+
+
+def holds(client: redis.Redis, job_id: str, queues: Iterable[str], **naming) -> bool:
+    """Whether a message of the job is queued or delivered and unacknowledged. A message names its
+    job in plain text (Celery's `argsrepr` header), so this reads messages, never decodes them:
+    the unacknowledged ones first (few: one per running task), then the queues."""
+    for raw in _unacked(client):
+        if job_id in raw:
+            return True
+    for key in queue_keys(queues, **naming):
+        for chunk in _chunks(client, key):
+            if any(job_id in raw for raw in chunk):
+                return True
+    return False
+
+
+def _unacked(client: redis.Redis) -> Iterator[str]:
+    for _, raw in client.hscan_iter(UNACKED, count=CHUNK):
+        yield raw if isinstance(raw, str) else raw.decode(errors="replace")
+
+
+def _chunks(client: redis.Redis, key: str) -> Iterator[list[str]]:
+    start = 0
+    while True:
+        chunk = client.lrange(key, start, start + CHUNK - 1)
+        if not chunk:
+            return
+        yield [raw if isinstance(raw, str) else raw.decode(errors="replace") for raw in chunk]
+        start += CHUNK
