@@ -4,7 +4,8 @@ message), when the fault plan says so for that job.
 
 The plan is a JSON file named by `$SPIDER_FAULT_PLAN` (an operator setting; unset in production,
 where a point costs one environment lookup): `{"faults": [{"point": ..., "job": ..., "action":
-"kill" | "drop"}], "hits": []}`. Each fault fires once: it moves from `faults` to `hits`.
+"kill" | "drop"}], "hits": []}`, where `job` is a job id or `*` (the first job to get there).
+Each fault fires once: it moves from `faults` to `hits`, with the job it fired for.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def _take(path: Path, name: str, job_id: str) -> str | None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         plan = json.load(handle)
         for fault in plan["faults"]:
-            if fault["point"] == name and fault["job"] == job_id:
+            if fault["point"] == name and fault["job"] in (job_id, "*"):
                 plan["faults"].remove(fault)
-                plan["hits"].append(fault)
+                plan["hits"].append({**fault, "job": job_id})
                 handle.seek(0)
                 handle.truncate()
                 json.dump(plan, handle)

@@ -250,6 +250,7 @@ class EventKind(StrEnum):
     JOB_STARTED = "job.started"
     JOB_PLANNED = "job.planned"
     JOB_RESUMED = "job.resumed"
+    STAGE_RETRY = "stage.retry"
     JOB_COMPLETED = "job.completed"
     JOB_FAILED = "job.failed"
     JOB_CANCELLED = "job.cancelled"

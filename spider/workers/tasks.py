@@ -3,6 +3,7 @@ the dispatcher that maps each stage's name to its task and queue."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -21,6 +22,7 @@ from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context, TransientFault, fail_job
 from spider.jobs.store import JobStore
 from spider.settings import Settings
+from spider.types import EventKind
 from spider.workers.app import celery_app
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def run_stage(task: Any, stage: Any, job_id: str, *args: Any) -> None:
     message saying what happened and how to resume it. A task dropped at a fault point ends."""
     ctx = context()
     try:
+        faults.point(f"{task.name}.received", job_id)
         stage(ctx, job_id, *args)
     except faults.Dropped:
         return
@@ -102,6 +105,9 @@ def run_stage(task: Any, stage: Any, job_id: str, *args: Any) -> None:
             return
         delay = retry_delay(tries, ctx.settings.retry_backoff_s)
         log.warning("job %s: %s; trying again in %.1fs (%d/%d)", job_id, fault, delay, tries + 1, limit)
+        with contextlib.suppress(Exception):  # Redis may be what is down
+            ctx.bus.publish(job_id, EventKind.STAGE_RETRY, f"{fault}; trying again in {delay:.0f}s", level="warning",
+                            data={"task": task.name, "try": tries + 1, "of": limit, "delay": delay})
         raise task.retry(countdown=delay, max_retries=limit, exc=fault)
 
 
