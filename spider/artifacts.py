@@ -66,6 +66,9 @@ class StorePath:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def __lt__(self, other: "StorePath") -> bool:  # sorted() orders paths by key, as Path's do
+        return str(self) < str(other)
+
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
