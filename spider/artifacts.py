@@ -180,6 +180,17 @@ def s3_filesystem(endpoint_url: str | None) -> Any:
     return fs
 
 
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a bucket that cannot be reached raises (its endpoint down or refusing, no
+    credentials): the store is unavailable, nothing is wrong with the request. (Refusals of one
+    request, such as a denied key, arrive from s3fs as OSErrors.)"""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
+
+
 # -- writing: a reader sees a file whole or not at all ---------------------------------------------
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
-from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove
+from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, unreachable_errors
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
 from spider.jobs import retention, stages
@@ -70,6 +70,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=503,
             headers={"Retry-After": "5"},
         )
+
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The bucket cannot be reached: as with Redis, the caller may try again.
+        log.error("artifact store error while answering %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "the artifact store is unavailable; try again later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    for unreachable in unreachable_errors():
+        app.add_exception_handler(unreachable, store_unavailable)
 
     def dispatcher():
         from spider.workers.tasks import CeleryDispatcher
@@ -384,7 +393,7 @@ def new_job_dir(settings: Settings) -> tuple[str, JobFiles]:
                 continue  # an id in use: draw another
             return job_id, files
         raise FileExistsError("no free job id")
-    except OSError as exc:
+    except (OSError, *unreachable_errors()) as exc:
         log.error("cannot create a job directory under the data dir", exc_info=True)
         raise HTTPException(*_failure("storing the job's files", exc)) from None
 
@@ -395,6 +404,8 @@ def _failure(stage: str, exc: Exception) -> tuple[int, str]:
         status, why = 507, "the server is out of disk space"
     elif isinstance(exc, OSError):
         status, why = 500, "the server cannot write to its data directory"
+    elif isinstance(exc, unreachable_errors()):
+        status, why = 503, "the artifact store is unavailable"
     else:
         status, why = 503, "the job store or queue is unavailable"
     return status, f"the job could not be submitted: {stage} failed ({why}); nothing was kept, submit it again later"
