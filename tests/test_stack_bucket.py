@@ -61,3 +61,8 @@ def test_a_post_processor_job_runs_on_a_bucket_and_leaves_nothing_on_the_workers
     # ... and the workers' disk nothing of the job: its source was fetched and removed again.
     jobs_on_disk = stack.data_dir / "jobs"
     assert not jobs_on_disk.exists() or list(jobs_on_disk.iterdir()) == []
+
+    # Deleting the job removes its files from the bucket.
+    with SpiderClient(base_url=stack.url) as client:
+        assert client.http.delete(f"/v1/jobs/{job_id}").json() == {"job_id": job_id, "deleted": True}
+    assert s3.keys(bucket, prefix) == []

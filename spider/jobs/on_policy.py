@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tarfile
 import threading
 import time
