@@ -36,11 +36,16 @@ class Settings:
     """What the API and the workers need to find each other.
 
     `data_dir` holds job artifacts (batches, shards, results). Every worker and the API must see
-    the same directory: on several machines, mount shared storage there (NFS, a shared volume).
+    the same directory: on several machines, mount shared storage there (NFS, a shared volume), or
+    set `data_url` to an S3-compatible bucket (`s3://bucket/prefix`; `s3_endpoint_url` for a store
+    other than AWS): the artifacts live there, and `data_dir` keeps only each process's local
+    copies of a job's files while it works on them (see spider.artifacts).
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = field(default_factory=lambda: cache_dir() / "data")
+    data_url: str | None = None
+    s3_endpoint_url: str | None = None
     api_keys: tuple[str, ...] = ()
     max_bundle_bytes: int = 64 * 1024 * 1024
     event_history: int = 10_000
@@ -71,6 +76,8 @@ class Settings:
         return cls(
             redis_url=os.environ.get("SPIDER_REDIS_URL", cls.redis_url),
             data_dir=Path(os.environ.get("SPIDER_DATA_DIR") or cache_dir() / "data"),
+            data_url=os.environ.get("SPIDER_DATA_URL") or None,
+            s3_endpoint_url=os.environ.get("SPIDER_S3_ENDPOINT_URL") or None,
             api_keys=tuple(keys),
             max_bundle_bytes=int(os.environ.get("SPIDER_MAX_BUNDLE_BYTES", cls.max_bundle_bytes)),
             job_ttl_s=job_ttl_s(),

@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import secrets as pysecrets
-import shutil
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
+from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, unreachable_errors
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
 from spider.errors import SpiderError
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 UINT64_MAX = 2**64 - 1
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+DOWNLOAD_BLOCK = 1024 * 1024
 
 
 def is_event_id(value: str) -> bool:
@@ -70,6 +71,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=503,
             headers={"Retry-After": "5"},
         )
+
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The bucket cannot be reached: as with Redis, the caller may try again.
+        log.error("artifact store error while answering %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "the artifact store is unavailable; try again later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    for unreachable in unreachable_errors():
+        app.add_exception_handler(unreachable, store_unavailable)
 
     def dispatcher():
         from spider.workers.tasks import CeleryDispatcher
@@ -140,14 +150,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def roll_back(job_id: str, owner: str, files: JobFiles) -> None:
         """Remove what a failed submit left: files, record, secrets, owner index entry, events."""
-        undo = (lambda: store.discard(job_id, owner), lambda: bus.delete(job_id), lambda: shutil.rmtree(files.root))
+        undo = (lambda: store.discard(job_id, owner), lambda: bus.delete(job_id), lambda: remove(files.root))
         for step in undo:
             try:
                 step()
             except Exception:
                 log.error("could not remove part of the failed job %s", job_id, exc_info=True)
 
-    paths = ServerPaths(settings.data_dir)
+    paths = ServerPaths(settings.data_dir, artifact_root(settings))
 
     def shown(record) -> dict[str, Any]:
         return paths.hidden(record.public(), record.id)
@@ -236,7 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         record = owned(job_id, owner)
         if record.status != JobStatus.COMPLETED:
             raise HTTPException(409, f"job {job_id} is {record.status}; its result exists once it is completed")
-        files = JobFiles(settings.data_dir, job_id)
+        files = JobFiles.of(settings, job_id)
         if is_on_policy(record.config):
             # A training job's result: the adapter, its metrics and their plot, as one archive.
             path, media, name = files.archive, "application/gzip", f"{job_id}.tar.gz"
@@ -246,7 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path, name = files.result(fmt), f"{job_id}.{fmt}"
         if not path.exists():
             raise HTTPException(410, f"the result of job {job_id} is no longer stored")
-        return FileResponse(path, media_type=media, filename=name)
+        return download(path, media, name)
 
     @app.get("/v1/jobs/{job_id}/metrics")
     def metrics(job_id: str, owner: str = Depends(caller)):
@@ -254,7 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         record = owned(job_id, owner)
         if not is_on_policy(record.config):
             raise HTTPException(404, f"job {job_id} is not a training job; it has no training metrics")
-        path = JobFiles(settings.data_dir, job_id).metrics
+        path = JobFiles.of(settings, job_id).metrics
         from spider.data.sinks import read_jsonl
 
         return {"job_id": job_id, "steps": list(read_jsonl(path)) if path.exists() else []}
@@ -262,12 +272,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/metadata")
     def metadata(job_id: str, owner: str = Depends(caller)):
         owned(job_id, owner)
-        path = JobFiles(settings.data_dir, job_id).metadata
+        path = JobFiles.of(settings, job_id).metadata
         if not path.exists():
             raise HTTPException(409, f"job {job_id} has no metadata yet")
         return JSONResponse(paths.hidden(json.loads(path.read_text()), job_id))
 
     return app
+
+
+def download(path: ArtifactPath, media: str, name: str):
+    """A stored file as a download: from disk as a file response; from a bucket streamed through,
+    a block at a time, so that a result of any size never sits whole in the API's memory."""
+    if not isinstance(path, StorePath):
+        return FileResponse(path, media_type=media, filename=name)
+    handle = path.open("rb")
+
+    def blocks():
+        with handle:
+            while block := handle.read(DOWNLOAD_BLOCK):
+                yield block
+
+    headers = {"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(handle.size)}
+    return StreamingResponse(blocks(), media_type=media, headers=headers)
 
 
 def is_on_policy(config: dict[str, Any]) -> bool:
@@ -285,13 +311,16 @@ class ServerPaths:
     files they read (a source that failed to load); the submitter sees its uploaded files by the
     names it sent, and never where the server keeps them."""
 
-    def __init__(self, data_dir: Path):
-        self.roots = list(dict.fromkeys([str(data_dir), str(Path(data_dir).resolve())]))
+    def __init__(self, data_dir: Path, store: ArtifactPath | None = None):
+        roots: list[ArtifactPath] = [Path(data_dir), Path(data_dir).resolve()]
+        if isinstance(store, StorePath):
+            roots.append(store)
+        self.roots = list(dict.fromkeys(roots))
 
     def hidden(self, value: Any, job_id: str) -> Any:
-        pairs = [(root, "<data dir>") for root in self.roots]
+        pairs = [(str(root), "<data dir>") for root in self.roots]
         for root in self.roots:
-            files = JobFiles(Path(root), job_id)
+            files = JobFiles(root, job_id)
             pairs += [(f"{files.source_dir}/", ""), (str(files.source_dir), "<uploaded files>"),
                       (str(files.root), "<job dir>")]
         pairs.sort(key=lambda pair: -len(pair[0]))  # the most specific path first
@@ -378,17 +407,17 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, d
 def new_job_dir(settings: Settings) -> tuple[str, JobFiles]:
     """A fresh job id whose directory this call created (so a rollback removes only its own files)."""
     try:
-        JobFiles.folder(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        JobFiles.folder(artifact_root(settings)).mkdir(parents=True, exist_ok=True)
         for _ in range(8):
             job_id = new_job_id()
-            files = JobFiles(settings.data_dir, job_id)
+            files = JobFiles.of(settings, job_id)
             try:
                 files.root.mkdir()
             except FileExistsError:
                 continue  # an id in use: draw another
             return job_id, files
         raise FileExistsError("no free job id")
-    except OSError as exc:
+    except (OSError, *unreachable_errors()) as exc:
         log.error("cannot create a job directory under the data dir", exc_info=True)
         raise HTTPException(*_failure("storing the job's files", exc)) from None
 
@@ -399,6 +428,8 @@ def _failure(stage: str, exc: Exception) -> tuple[int, str]:
         status, why = 507, "the server is out of disk space"
     elif isinstance(exc, OSError):
         status, why = 500, "the server cannot write to its data directory"
+    elif isinstance(exc, unreachable_errors()):
+        status, why = 503, "the artifact store is unavailable"
     else:
         status, why = 503, "the job store or queue is unavailable"
     return status, f"the job could not be submitted: {stage} failed ({why}); nothing was kept, submit it again later"

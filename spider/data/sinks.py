@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from spider.artifacts import ArtifactPath, fetch, staged
 from spider.config import HFOutput
 from spider.errors import SpiderError
 
@@ -31,10 +32,11 @@ JSON_WHITESPACE = " \t\r\n"
 LINE_BREAKS_IN_STRINGS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file: lines end at \\n only (not at \\r, U+2028 and the like, which
-    may sit raw in a line), blank lines are skipped."""
-    with open(path, encoding="utf-8", newline="\n") as handle:
+def read_jsonl(path: ArtifactPath) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file (on disk or in the artifact store), read as a stream: lines end
+    at \\n only (not at \\r, U+2028 and the like, which may sit raw in a line), blank lines are
+    skipped."""
+    with path.open("r", encoding="utf-8", newline="\n") as handle:
         for line in handle:
             if line.strip(JSON_WHITESPACE):
                 yield json.loads(line)
@@ -49,14 +51,13 @@ def jsonl_line(record: dict[str, Any]) -> str:
     return line + "\n"
 
 
-def write_result(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> int:
-    """Write records to `path` (temp file + rename) and return how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_result(records: Iterable[dict[str, Any]], path: ArtifactPath, fmt: str) -> int:
+    """Write records to `path` and return how many were written. The result appears whole or not
+    at all (see spider.artifacts.staged): a failed write leaves no half result beside the job's files."""
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"unknown result format {fmt!r}")
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    try:
+    with staged(path) as tmp:
         if fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
                 for record in records:
@@ -72,10 +73,6 @@ def write_result(records: Iterable[dict[str, Any]], path: Path, fmt: str) -> int
             # one odd row cannot break the schema.
             table = pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows])
             pq.write_table(table, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no half result beside the job's files
-        raise
     return count
 
 
@@ -175,12 +172,12 @@ def hub_endpoint() -> str:
 
 
 def upload_to_hub(
-    result: Path,
-    metadata: Path,
+    result: ArtifactPath,
+    metadata: ArtifactPath,
     hf: HFOutput,
     token: str | None,
     job_id: str,
-    shards: Mapping[int, Path] | None = None,
+    shards: Mapping[int, ArtifactPath] | None = None,
 ) -> str:
     """Commit a dataset job's output to the dataset repo `hf.repo_id` (created, private when asked,
     if missing) as the config `hf.config_name` (else `default`): its records, its metadata and the
@@ -198,18 +195,21 @@ def upload_to_hub(
 
     with tempfile.TemporaryDirectory(prefix="spider-hub-") as scratch:
         shard_files = _ShardFiles(shards or {}, layout, Path(scratch))
+        # A result or metadata in a bucket is fetched once here; a commit built again reuses it.
+        summary_file = fetch(metadata, Path(scratch) / "metadata.json")
+        result_file = fetch(result, Path(scratch) / f"result{result.suffix}") if shards is None else None
 
         def operations(state: RepoState) -> list[Any]:
             from huggingface_hub import CommitOperationAdd
 
             card = merge_dataset_card(state.card, hf.repo_id, layout, row)
             if shards is None:
-                records = [CommitOperationAdd(path_in_repo=layout.result, path_or_fileobj=str(result))]
+                records = [CommitOperationAdd(path_in_repo=layout.result, path_or_fileobj=str(result_file))]
             else:
                 records = shard_files.missing(state.files)
             return [
                 *records,
-                CommitOperationAdd(path_in_repo=layout.metadata, path_or_fileobj=str(metadata)),
+                CommitOperationAdd(path_in_repo=layout.metadata, path_or_fileobj=str(summary_file)),
                 CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()),
             ]
 
@@ -217,7 +217,7 @@ def upload_to_hub(
         return _HubRepo(hf, token).commit(operations, f"Spider job {job_id}: {records} records")
 
 
-def upload_shards(shards: Mapping[int, Path], fmt: str, hf: HFOutput, token: str | None, job_id: str) -> list[int]:
+def upload_shards(shards: Mapping[int, ArtifactPath], fmt: str, hf: HFOutput, token: str | None, job_id: str) -> list[int]:
     """Commit the completed batches' shards (batch index -> JSONL shard) that the dataset repo does
     not hold yet, in the job's `fmt`, with the config in the dataset card; returns the batch
     indices whose shards the repo lacked and now holds. What is on the Hub decides, so a call
@@ -381,7 +381,7 @@ class _ShardFiles:
     """A job's shards as files to commit in its format (Parquet ones converted once, in
     `scratch`), and which of them the repo lacks."""
 
-    def __init__(self, shards: Mapping[int, Path], layout: DatasetLayout, scratch: Path):
+    def __init__(self, shards: Mapping[int, ArtifactPath], layout: DatasetLayout, scratch: Path):
         self.shards = dict(shards)
         self.layout = layout
         self.scratch = scratch
@@ -403,11 +403,13 @@ class _ShardFiles:
         return [by_path[op.path_in_repo] for op in operations]
 
     def _file(self, index: int) -> Path:
-        if self.layout.fmt == "jsonl":
-            return self.shards[index]
+        """The shard as a local file in the job's format (a shard in a bucket is fetched once)."""
         if index not in self._converted:
             target = self.scratch / f"{index:06d}.{self.layout.fmt}"
-            write_result(read_jsonl(self.shards[index]), target, self.layout.fmt)
+            if self.layout.fmt == "jsonl":
+                target = fetch(self.shards[index], target)
+            else:
+                write_result(read_jsonl(self.shards[index]), target, self.layout.fmt)
             self._converted[index] = target
         return self._converted[index]
 

@@ -16,6 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from spider import faults
+from spider.artifacts import fetch
 from spider.config import JobConfig
 from spider.data.sinks import jsonl_line, read_jsonl, upload_to_hub, write_result
 from spider.data.sources import SourceAccess, load_source_rows, start_of
@@ -90,17 +91,18 @@ def load_job_source(ctx: Context, job_id: str, config: JobConfig) -> list[dict[s
     files = ctx.files(job_id)
     uploaded = json.loads(ctx.store.get_field(job_id, "source_upload") or "null")
     source = config.source
-    if uploaded is not None:
+    # `datasets` reads real files: with the store elsewhere, the uploaded ones are fetched here first.
+    source_dir = fetch(files.source_dir, files.local.source_dir) if uploaded is not None else None
+    if source_dir is not None:
         only = uploaded[0] if len(uploaded) == 1 else ""
-        source = source.model_copy(update={"dataset": str(files.source_dir / only), "options": {
+        source = source.model_copy(update={"dataset": str(source_dir / only), "options": {
             k: v for k, v in source.options.items() if k not in ("data_files", "data_dir")}})
-    access = SourceAccess.for_job(
-        ctx.settings.policy, files.source_dir if uploaded is not None else None, files.datasets_cache
-    )
+    access = SourceAccess.for_job(ctx.settings.policy, source_dir, files.datasets_cache)
     try:
         return load_source_rows(source, token=ctx.store.secrets(job_id).get("HF_TOKEN"), access=access)
     finally:
         shutil.rmtree(files.datasets_cache, ignore_errors=True)
+        files.drop_local(files.local.source_dir)
 
 
 def resume_job(ctx: Context, job_id: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tarfile
 import threading
 import time
@@ -28,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spider.artifacts import fetch, publish, remove, staged
 from spider.config import JobConfig
 from spider.errors import SpiderError
 from spider.jobs import retention
 from spider.jobs.stages import Context, bundle_manifest, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
+from spider.train.backends import EXPORT_SCRATCH
 from spider.types import BatchRow, EventKind, JobStatus
 
 log = logging.getLogger(__name__)
@@ -149,39 +150,80 @@ def latest_step(files: JobFiles) -> int:
     return int(meta["step"]) if meta else 0
 
 
+# The folders of a checkpoint that live in the trainer's folder (a local backend's; a Tinker state
+# is a tinker:// path and stays where it is).
+TRAINER_FOLDERS = ("state", "sampler_path")
+
+
 def save_checkpoint(files: JobFiles, run: Any, step: int, tokens_trained: int, keep: set[int]) -> dict[str, Any]:
     """Trainer state (weights, optimizer, RNG) + the data position (the step: every batch is a
-    function of it) and counters, after `step` steps. Then the local folders of checkpoints not in
-    `keep` and of samplers no checkpoint names are removed."""
+    function of it) and counters, after `step` steps. Its folders are published to the artifact
+    store before its meta.json (so a meta names only folders that are whole there), and the meta
+    says where they are in the trainer's folder (`trainer_files`), so that a worker on another
+    machine can fetch them. Then the folders of checkpoints not in `keep` and of samplers no
+    checkpoint names are removed."""
     state = run.backend.save_state(f"step-{step:06d}")
     meta = {"step": step, "state": state, "sampler_path": run.sampler_path, "tokens_trained": tokens_trained,
             "saved_at": time.time()}
+    meta["trainer_files"] = {key: rel for key in TRAINER_FOLDERS if (rel := _in_trainer(files, meta[key])) is not None}
+    for rel in meta["trainer_files"].values():
+        publish(files.local.trainer / rel, files.trainer / rel)
     write_atomic(files.checkpoints / f"step-{step:06d}.json", json.dumps(meta))
     write_atomic(files.latest_checkpoint, json.dumps(meta))
-    kept = {run.sampler_path}
+    kept = {meta["trainer_files"].get("sampler_path")}
     for old in sorted(files.checkpoints.glob("step-*.json")):
         number = int(old.stem.split("-")[1])
         info = json.loads(old.read_text())
         if number == step or number in keep:
-            kept.add(info["sampler_path"])
+            kept.add(trainer_folder(files, info, "sampler_path"))
             continue
-        _remove_local(info["state"], files)
+        state_folder = trainer_folder(files, info, "state")
+        if state_folder is not None:
+            _remove_trainer_folder(files, state_folder)
         old.unlink(missing_ok=True)
-    sampler_root = files.trainer / "sampler"
-    for folder in sampler_root.glob("step-*") if sampler_root.exists() else []:
-        if str(folder) not in kept:
-            shutil.rmtree(folder, ignore_errors=True)
+    for trainer in dict.fromkeys([files.local.trainer, files.trainer]):
+        sampler_root = trainer / "sampler"
+        for folder in sampler_root.glob("step-*") if sampler_root.exists() else []:
+            if f"sampler/{folder.name}" not in kept:
+                remove(folder)
     return meta
 
 
-def _remove_local(path: str, files: JobFiles) -> None:
-    """Remove a saved state when it is a folder of this job's trainer (remote states stay)."""
-    folder = Path(path)
+def _in_trainer(files: JobFiles, path: str) -> str | None:
+    """Where `path` (a folder the local trainer wrote) is in this worker's trainer folder; None
+    for a state elsewhere (a Tinker checkpoint)."""
+    if not isinstance(path, str) or "://" in path:
+        return None
     try:
-        folder.resolve().relative_to(files.trainer.resolve())
+        return Path(path).resolve().relative_to(files.local.trainer.resolve()).as_posix()
     except ValueError:
-        return
-    shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def trainer_folder(files: JobFiles, meta: dict[str, Any], key: str) -> str | None:
+    """The folder of a checkpoint's `state` or `sampler_path` within the trainer's folder, as its
+    meta names it (or, for a meta written without `trainer_files`, as its path says)."""
+    named = (meta.get("trainer_files") or {}).get(key)
+    return named if named is not None else _in_trainer(files, meta[key])
+
+
+def _remove_trainer_folder(files: JobFiles, rel: str) -> None:
+    """Remove a checkpoint's folder from the trainer's folder, here and in the store."""
+    for trainer in dict.fromkeys([files.local.trainer, files.trainer]):
+        remove(trainer / rel)
+
+
+def localized(files: JobFiles, meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint `meta` with its trainer folders on this worker's disk: fetched from the
+    artifact store when this worker does not have them (it trains a job another machine
+    checkpointed), and its paths pointing at them."""
+    meta = dict(meta)
+    for key, rel in (meta.get("trainer_files") or {}).items():
+        local = files.local.trainer / rel
+        if not local.is_dir():
+            fetch(files.trainer / rel, local)
+        meta[key] = str(local)
+    return meta
 
 
 # -- train segments ------------------------------------------------------------------------------
@@ -248,7 +290,7 @@ def train_segment(ctx: Context, job_id: str, start_step: int) -> None:
     """Train the steps [start, start + steps_per_task) that are not done yet, checkpoint, go on."""
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
-        _forget(job_id)
+        _forget(job_id, ctx.files(job_id))
         return
     lease = Lease(ctx, job_id)
     if not lease.take():
@@ -294,11 +336,11 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease:
     step = done
     while step < end:
         if ctx.store.status(job_id) != JobStatus.RUNNING:
-            _forget(job_id)
+            _forget(job_id, files)
             return None  # cancelled or failed meanwhile: train nothing more
         metrics = on_policy_step(run, step, loop)
         if ctx.store.status(job_id) != JobStatus.RUNNING:
-            _forget(job_id)
+            _forget(job_id, files)
             return None  # cancelled during the step: its update is not kept
         step += 1
         tokens += int(metrics["tokens_trained"])
@@ -364,7 +406,9 @@ def _publish_step(ctx: Context, job_id: str, metrics: dict[str, Any]) -> None:
     )
 
 
-def _forget(job_id: str) -> None:
+def _forget(job_id: str, files: JobFiles | None = None) -> None:
+    """Close this worker's warm trainer of a job. With `files` (the job has ended, or its result
+    is in the store), also remove this worker's local copies of its trainer's files."""
     with _warm_lock:
         warm = _warm.pop(job_id, None)
     if warm is not None:
@@ -373,6 +417,10 @@ def _forget(job_id: str) -> None:
                 close()
             except Exception:  # closing is best effort; the worker goes on
                 log.exception("job %s: closing the trainer failed", job_id)
+    if files is not None:
+        local = files.local
+        files.drop_local(local.trainer, local.adapter, local.merged, local.plot, local.metrics,
+                         local.root / EXPORT_SCRATCH)
 
 
 def _warm_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any] | None) -> WarmRun:
@@ -385,6 +433,9 @@ def _warm_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
         return warm
     _forget(job_id)
     from spider.train.build import build_run
+
+    if meta is not None:
+        meta = localized(ctx.files(job_id), meta)
 
     about = {"model": config.model.name, "backend": config.generation.on_policy_options.resolved_backend}
     ctx.bus.publish(job_id, EventKind.MODEL_LOADING, f"loading student {config.model.name!r}", data=about)
@@ -458,7 +509,11 @@ def finalize_job(ctx: Context, job_id: str) -> None:
     final = metrics[-1] if metrics else {}
     public = record.public()["config"]
     exported = export_run(warm.run, config, public, final, files)
-    plot_metrics(metrics, files.plot)
+    plot_metrics(metrics, files.local.plot)
+    for local, stored in ((files.local.adapter, files.adapter), (files.local.merged, files.merged),
+                          (files.local.plot, files.plot)):
+        if local.exists():
+            publish(local, stored)
     ctx.bus.publish(job_id, EventKind.TRAIN_EXPORTED, f"adapter exported ({', '.join(exported)})", data={"files": exported})
     first = metrics[0] if metrics else {}
     evals = [m["eval_teacher_kl"] for m in metrics if m.get("eval_teacher_kl") is not None]
@@ -481,11 +536,11 @@ def finalize_job(ctx: Context, job_id: str) -> None:
         hf = config.output.hf
         write_atomic(files.metadata, json.dumps(metadata, indent=2, default=_plain))
         ctx.bus.publish(job_id, EventKind.UPLOAD_STARTED, f"uploading the adapter to the Hub repo {hf.repo_id}")
-        url = upload_folder_to_hub(files.adapter, hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
+        url = upload_folder_to_hub(files.local.adapter, hf, ctx.store.secrets(job_id).get(hf.token_env), job_id)
         metadata["hub"] = {"repo_id": hf.repo_id, "repo_type": hf.repo_type, "commit": url}
         ctx.bus.publish(job_id, EventKind.UPLOAD_COMPLETED, f"uploaded to {hf.repo_id}", data=metadata["hub"])
     write_atomic(files.metadata, json.dumps(metadata, indent=2, default=_plain))
-    _forget(job_id)
+    _forget(job_id, files)
     if ctx.store.transition(job_id, JobStatus.COMPLETED, [JobStatus.RUNNING]):
         ctx.store.drop_secrets(job_id)
         ctx.bus.publish(
@@ -497,13 +552,14 @@ def finalize_job(ctx: Context, job_id: str) -> None:
 
 
 def _archive(files: JobFiles) -> None:
-    """adapter/ (+ merged/), metrics.jsonl and metrics.png in one .tar.gz: the job's result."""
-    tmp = files.archive.with_name(files.archive.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for path in (files.adapter, files.merged, files.metrics, files.plot):
+    """adapter/ (+ merged/), metrics.jsonl and metrics.png in one .tar.gz: the job's result, built
+    from this worker's local copies and published whole."""
+    local = files.local
+    metrics = fetch(files.metrics, local.metrics) if files.metrics.exists() else local.metrics
+    with staged(files.archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for path in (local.adapter, local.merged, metrics, local.plot):
             if path.exists():
                 tar.add(path, arcname=path.name)
-    tmp.replace(files.archive)
 
 
 def release(job_id: str) -> None:

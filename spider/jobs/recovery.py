@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from typing import Any
 
+from spider.artifacts import ArtifactPath, artifact_root, remove
 from spider.errors import SpiderError
 from spider.jobs import dataset, on_policy
 from spider.jobs.stages import Context, bundle_manifest, load_job
@@ -129,7 +129,7 @@ def sweep_files(ctx: Context, grace_s: float = 3600.0) -> dict[str, list[str]]:
     its result is there and `failed` with a message otherwise. Folders younger than `grace_s`
     without a record may be submits in progress and are left alone."""
     outcome: dict[str, list[str]] = {"removed": [], "restored": []}
-    folder = JobFiles.folder(ctx.settings.data_dir)
+    folder = JobFiles.folder(artifact_root(ctx.settings))
     if not folder.is_dir():
         return outcome
     now = time.time()
@@ -139,17 +139,29 @@ def sweep_files(ctx: Context, grace_s: float = 3600.0) -> dict[str, list[str]]:
         if not is_job_id(job_id) or ctx.store.status(job_id) is not None:
             continue
         files = ctx.files(job_id)
-        age = now - entry.stat().st_mtime
-        if age < grace_s:
+        if now - _last_write(entry) < grace_s:
             continue
         snapshot = _read_snapshot(files)
         if snapshot is None or (ttl and now - _ended_at(files, snapshot) > ttl):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove(entry)
+            files.drop_local(files.local.root)
             outcome["removed"].append(job_id)
             continue
         _restore(ctx, job_id, files, snapshot)
         outcome["restored"].append(job_id)
     return outcome
+
+
+def _last_write(folder: ArtifactPath) -> float:
+    """When anything directly in the folder (or the folder itself, on a disk) was last written;
+    `now` when that cannot be told, so that the folder is left alone."""
+    stamps = []
+    for path in [folder, *folder.iterdir()]:
+        try:
+            stamps.append(path.stat().st_mtime)
+        except OSError:
+            continue
+    return max(stamps) if any(stamps) else time.time()
 
 
 def _read_snapshot(files: JobFiles) -> dict[str, Any] | None:

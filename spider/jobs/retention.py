@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
+from spider.artifacts import ArtifactPath, remove
 from spider.config import JobConfig
 from spider.jobs.stages import Context, cancel_job
 from spider.jobs.store import JobFiles
@@ -20,7 +20,7 @@ from spider.types import JobStatus
 log = logging.getLogger(__name__)
 
 
-def intermediate_paths(files: JobFiles) -> list[Path]:
+def intermediate_paths(files: JobFiles) -> list[ArtifactPath]:
     """A job's files on the way to its result: batches in each of their forms, the source copy and
     the `datasets` cache it was read with."""
     root = files.root
@@ -31,35 +31,36 @@ def intermediate_paths(files: JobFiles) -> list[Path]:
 def remove_intermediate(files: JobFiles) -> None:
     """Remove a finished dataset job's intermediate files."""
     for path in intermediate_paths(files):
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
 
 
 def remove_training_intermediate(files: JobFiles) -> None:
     """Remove a finished training job's intermediate files: its prompts' copies, the checkpoints
     before the last, and in the trainer's folder everything but the last checkpoint's state."""
+    from spider.jobs.on_policy import trainer_folder
+
     remove_intermediate(files)
     last = json.loads(files.latest_checkpoint.read_text()) if files.latest_checkpoint.exists() else None
     if files.checkpoints.exists():
         for meta in files.checkpoints.glob("step-*.json"):
             if last is None or int(meta.stem.split("-")[1]) != int(last["step"]):
                 meta.unlink(missing_ok=True)
-    kept = Path(last["state"]) if last is not None else None
+    kept = trainer_folder(files, last, "state") if last is not None else None
     if files.trainer.exists():
-        _prune(files.trainer, kept.resolve() if kept is not None else None)
+        _prune(files.trainer, kept.split("/") if kept is not None else [])
 
 
-def _prune(folder: Path, kept: Path | None) -> None:
-    """Remove what is in `folder` except `kept` and the folders that lead to it."""
+def _prune(folder: ArtifactPath, kept: list[str]) -> None:
+    """Remove what is in `folder` except the path `kept` (its parts) and the folders that lead to it."""
     for entry in folder.iterdir():
-        resolved = entry.resolve()
-        if kept is not None and resolved == kept:
-            continue
-        if kept is not None and entry.is_dir() and not entry.is_symlink() and kept.is_relative_to(resolved):
-            _prune(entry, kept)
-        elif entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        if kept and entry.name == kept[0] and len(kept) > 1 and entry.is_dir() and not _is_link(entry):
+            _prune(entry, kept[1:])
+        elif not (kept and entry.name == kept[0] and len(kept) == 1):
+            remove(entry)
+
+
+def _is_link(path: ArtifactPath) -> bool:
+    return isinstance(path, Path) and path.is_symlink()
 
 
 def after_finalize(ctx: Context, job_id: str, config: JobConfig) -> None:
@@ -83,6 +84,8 @@ def delete_job(ctx: Context, job_id: str) -> bool:
     if not record.status.ended:
         cancel_job(ctx, job_id)
     ctx.store.delete(job_id, record.owner)
-    shutil.rmtree(ctx.files(job_id).root, ignore_errors=True)
+    files = ctx.files(job_id)
+    remove(files.root)
+    files.drop_local(files.local.root)
     log.info("job %s deleted", job_id)
     return True

@@ -49,7 +49,7 @@ class Context:
     dispatcher: Dispatcher
 
     def files(self, job_id: str) -> JobFiles:
-        return JobFiles(self.settings.data_dir, job_id)
+        return JobFiles.of(self.settings, job_id)
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
         self.dispatcher.dispatch(stage, job_id, *args)

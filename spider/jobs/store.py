@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +10,9 @@ from typing import Any, Iterable
 
 import redis
 
+from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, write_atomic
 from spider.keys import DEFAULT_KEYS, Keys, checked_job_id, is_job_id, new_job_id
-from spider.settings import job_ttl_s
+from spider.settings import Settings, job_ttl_s
 from spider.types import ACTIVE_STATUSES, BatchStats, JobStatus
 
 __all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
@@ -355,131 +354,157 @@ class JobStore:
 
 
 class JobFiles:
-    """Where a job's artifacts live under the shared data dir: every path of a job is named here.
+    """Where a job's artifacts live in the artifact store (the data dir, or a bucket: see
+    spider.artifacts): every path of a job is named here.
 
     A dataset job's batch goes `inputs/` (source rows, when a pre-processor shapes them) ->
     `batches/` (the rows to generate from) -> `generated/` (records, when a post-processor shapes
-    them) -> `shards/` (the batch's final records) -> the merged `result.<format>`."""
+    them) -> `shards/` (the batch's final records) -> the merged `result.<format>`.
 
-    def __init__(self, data_dir: Path, job_id: str):
+    `local` names the same files on this process's own disk (under its data dir), for what must
+    be a real file: source files `datasets` reads, the trainer's working folder, an export. With
+    artifacts in the data dir itself it is this very object, and nothing is ever copied."""
+
+    def __init__(self, data_dir: ArtifactPath, job_id: str, local_dir: Path | None = None):
         self.root = self.folder(data_dir) / checked_job_id(job_id)
+        local = JobFiles(local_dir, job_id) if local_dir is not None else None
+        self.local: JobFiles = self if local is None or local.root == self.root else local
+
+    @classmethod
+    def of(cls, settings: Settings, job_id: str) -> "JobFiles":
+        """The job's files in the store `settings` name, with local copies under its data dir."""
+        return cls(artifact_root(settings), job_id, Path(settings.data_dir))
 
     @staticmethod
-    def folder(data_dir: Path) -> Path:
+    def folder(data_dir: ArtifactPath) -> ArtifactPath:
         """The folder of every job's folder."""
-        return Path(data_dir) / "jobs"
+        return (data_dir if isinstance(data_dir, StorePath) else Path(data_dir)) / "jobs"
 
     @property
-    def source_dir(self) -> Path:
+    def is_remote(self) -> bool:
+        """Whether the store is elsewhere than this disk (its files reach here only as copies)."""
+        return self.local is not self
+
+    def drop_local(self, *paths: Path) -> None:
+        """Remove local copies (`paths`, under `local.root`) once the store has what they held,
+        then the job's local folder if nothing else is left in it. Nothing happens when the store
+        is this disk: there, the copies are the artifacts."""
+        if not self.is_remote:
+            return
+        for path in paths:
+            remove(path)
+        folder = self.local.root
+        for parent in sorted({p.parent for p in paths if p.parent != folder}, key=lambda p: -len(p.parts)):
+            _remove_if_empty(parent)
+        _remove_if_empty(folder)
+
+    @property
+    def source_dir(self) -> ArtifactPath:
         """The source files uploaded with the job (record field `source_upload` lists their names)."""
         return self.root / "source"
 
     @property
     def datasets_cache(self) -> Path:
-        """The job's own `datasets` cache while its source loads (removed once the rows are read)."""
-        return self.root / "datasets-cache"
+        """The job's own `datasets` cache while its source loads (removed once the rows are read):
+        always on this process's disk."""
+        return self.local.root / "datasets-cache"
 
     @property
-    def snapshot(self) -> Path:
+    def snapshot(self) -> ArtifactPath:
         """The job's record as submitted, without secrets: what brings the record back should
         Redis lose it (spider.jobs.recovery.sweep_files)."""
         return self.root / "job.json"
 
     @property
-    def bundle(self) -> Path:
+    def bundle(self) -> ArtifactPath:
         return self.root / "bundle.pkl"
 
     @property
-    def bundle_manifest(self) -> Path:
+    def bundle_manifest(self) -> ArtifactPath:
         """The bundle's manifest as JSON (BundleManifest.to_dict), written at submit."""
         return self.root / "bundle.manifest.json"
 
-    def inputs(self, index: int) -> Path:
+    def inputs(self, index: int) -> ArtifactPath:
         """A batch's source rows with their indices, before the pre-processor."""
         return self.root / "inputs" / f"{index:06d}.json"
 
-    def batch(self, index: int) -> Path:
+    def batch(self, index: int) -> ArtifactPath:
         """A batch's rows as the rollout reads them (BatchRow.to_dict each)."""
         return self.root / "batches" / f"{index:06d}.json"
 
-    def dropped(self, index: int) -> Path:
+    def dropped(self, index: int) -> ArtifactPath:
         """How many of a batch's rows the pre-processor dropped."""
         return self.root / "batches" / f"{index:06d}.dropped"
 
-    def generated(self, index: int) -> Path:
+    def generated(self, index: int) -> ArtifactPath:
         """A batch's records before the post-processor."""
         return self.root / "generated" / f"{index:06d}.jsonl"
 
-    def generated_stats(self, index: int) -> Path:
+    def generated_stats(self, index: int) -> ArtifactPath:
         """The statistics of a generated batch (BatchStats.to_dict), completed after post-processing."""
         return self.root / "generated" / f"{index:06d}.counts.json"
 
-    def shard(self, index: int) -> Path:
+    def shard(self, index: int) -> ArtifactPath:
         return self.root / "shards" / f"{index:06d}.jsonl"
 
-    def result(self, fmt: str) -> Path:
+    def result(self, fmt: str) -> ArtifactPath:
         return self.root / f"result.{fmt}"
 
     @property
-    def metadata(self) -> Path:
+    def metadata(self) -> ArtifactPath:
         return self.root / "metadata.json"
 
     # An on-policy job: its prompts, checkpoints, metrics and the trained adapter.
 
     @property
-    def train_rows(self) -> Path:
+    def train_rows(self) -> ArtifactPath:
         """The prompts it trains on and the held-out ones it evaluates on (JSON)."""
         return self.root / "train" / "rows.json"
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> ArtifactPath:
         """One meta.json per checkpoint (`step-000004.json`: where the trainer state is, the step, counters)."""
         return self.root / "train" / "checkpoints"
 
     @property
-    def latest_checkpoint(self) -> Path:
+    def latest_checkpoint(self) -> ArtifactPath:
         """The meta.json of the newest checkpoint, copied here atomically once it is whole."""
         return self.root / "train" / "latest.json"
 
     @property
-    def trainer(self) -> Path:
-        """The local trainer's own folder: its saved states and the weights each step samples from."""
+    def trainer(self) -> ArtifactPath:
+        """The local trainer's own folder: its saved states and the weights each step samples from.
+        The trainer works in `local.trainer`; each checkpoint's folders are published here."""
         return self.root / "train" / "trainer"
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> ArtifactPath:
         """One JSON line per step (the `train.step` events' data)."""
         return self.root / "metrics.jsonl"
 
     @property
-    def adapter(self) -> Path:
+    def adapter(self) -> ArtifactPath:
         """The exported PEFT adapter folder (model card, tokenizer, chat template)."""
         return self.root / "adapter"
 
     @property
-    def merged(self) -> Path:
+    def merged(self) -> ArtifactPath:
         """Merged weights (base + adapter), when the job asked for them."""
         return self.root / "merged"
 
     @property
-    def plot(self) -> Path:
+    def plot(self) -> ArtifactPath:
         """The training curves as a PNG."""
         return self.root / "metrics.png"
 
     @property
-    def archive(self) -> Path:
+    def archive(self) -> ArtifactPath:
         """What an on-policy job's result download is: adapter, metrics and plot in one .tar.gz."""
         return self.root / "result.tar.gz"
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see either nothing or all of it (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _remove_if_empty(folder: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        folder.rmdir()
+    except OSError:  # not empty (another process of this machine works on the job), or gone
+        pass

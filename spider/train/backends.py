@@ -23,6 +23,10 @@ def tinker_base_url() -> str | None:
     return os.environ.get("SPIDER_TINKER_BASE_URL") or None
 
 
+# Beside the exported adapter: where a remote trainer's weights are downloaded to be exported.
+EXPORT_SCRATCH = ".export-source"
+
+
 def make_backend(config: JobConfig, secrets: dict[str, str], work_dir: Path, resume: str | None = None) -> TrainingBackend:
     """The job's student trainer, at the saved state `resume` (a path `save_state` returned) when
     given. Local models resolve as every engine's do (SPIDER_MODEL_DIRS, the Hugging Face cache,
@@ -87,7 +91,7 @@ def export_backend(backend: TrainingBackend, sampler_path: str, adapter_dir: Pat
     the names of the folders written."""
     from spider.train.export import export_adapter, merge_adapter
 
-    folder = backend.export_weights(sampler_path, adapter_dir.parent / ".export-source")
+    folder = backend.export_weights(sampler_path, adapter_dir.parent / EXPORT_SCRATCH)
     if getattr(backend, "lora", None) is not None and backend.lora.rank is None:
         # Every weight was trained: the model folder itself is the export.
         import shutil

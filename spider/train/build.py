@@ -104,7 +104,7 @@ def build_run(ctx: Context, job_id: str, config: JobConfig, meta: dict[str, Any]
     secrets = ctx.store.secrets(job_id)
     total = int(ctx.store.get_field(job_id, "batches_total") or 0)
     closers: list[Any] = []
-    backend = make_backend(config, secrets, files.trainer, resume=meta["state"] if meta is not None else None)
+    backend = make_backend(config, secrets, files.local.trainer, resume=meta["state"] if meta is not None else None)
     closers.append(backend.close)
     try:
         if meta is not None:
@@ -195,5 +195,6 @@ def export_run(run: TrainRun, config: JobConfig, public_config: dict[str, Any], 
     from spider.train.backends import export_backend
 
     card = model_card(public_config, final, config.model.name)
-    return export_backend(run.backend, run.sampler_path, files.adapter,
-                          files.merged if config.generation.on_policy_options.merge_weights else None, card)
+    local = files.local  # written on this worker's disk; finalize publishes them to the store
+    return export_backend(run.backend, run.sampler_path, local.adapter,
+                          local.merged if config.generation.on_policy_options.merge_weights else None, card)
