@@ -252,9 +252,9 @@ class LocalStack:
             pass
         proc.wait(timeout=30)
 
-    def restart(self, name: str) -> None:
-        """Start a process of the stack again after `kill`, and wait until it serves. Redis comes
-        back on its port, with its password and its data."""
+    def restart(self, name: str, wait: bool = True) -> None:
+        """Start a process of the stack again after `kill` (or a crash), and (with `wait`) wait
+        until it serves. Redis comes back on its port, with its password and its data."""
         if name == "redis":
             if self._redis is None:
                 raise SpiderError("this stack did not start its Redis (SPIDER_REDIS_URL or redis_url was given)")
@@ -262,7 +262,8 @@ class LocalStack:
         else:
             argv, env = self._argv[name]
             self._spawn(name, argv, env)
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
 
     def start(self) -> None:
         try:
