@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def event_ttl_s(job_ttl: int) -> int:
     return events
 
 
+def routed_models(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The model names that get a rollout queue of their own (`$SPIDER_ROUTED_MODELS` in `env`,
+    default this process's: comma-separated, exactly as jobs write `model.name`), each once, in
+    the order given."""
+    env = os.environ if env is None else env
+    names = (name.strip() for name in env.get("SPIDER_ROUTED_MODELS", "").split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the API and the workers need to find each other.
@@ -49,6 +59,10 @@ class Settings:
     job_ttl_s: int = DEFAULT_JOB_TTL_S
     event_ttl_s: int = DEFAULT_JOB_TTL_S
     visibility_timeout: int = 4 * 3600
+    # The models whose jobs go to a rollout queue of their own, served by the workers started with
+    # `spider worker --models NAME` (see spider.workers.app.model_queue); every other job's batches
+    # go to `rollout`. Only the operator names them, so the number of queues stays theirs to bound.
+    routed_models: tuple[str, ...] = ()
     policy: Policy = field(default_factory=Policy)
 
     @classmethod
@@ -65,5 +79,6 @@ class Settings:
             job_ttl_s=job_ttl_s(),
             event_ttl_s=event_ttl_s(job_ttl_s()),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
+            routed_models=routed_models(),
             policy=Policy.from_env(),
         )

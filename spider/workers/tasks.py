@@ -1,14 +1,18 @@
 """Celery tasks: each loads what it needs by id and calls a plain function in `spider.jobs`; and
-the dispatcher that maps each stage's name to its task and queue."""
+the dispatcher that maps each stage's name to its task, queue and priority."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import redis
+from celery import Celery
 
+from spider.config import JobConfig
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset, on_policy
@@ -17,18 +21,78 @@ from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
 from spider.settings import Settings
-from spider.workers.app import celery_app
+from spider.workers.app import ROLLOUT, WAITED_ON, batch_priority, celery_app, model_queue
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How a stage runs: its task, the queue of the workers that run it, and
+
+    * `models`: for a rollout stage, the names of the models its task loads for a job, the one to
+      route by first (see ModelRoutes);
+    * `batched`: its first argument is a batch index, which sets its priority (batch_priority);
+      every other stage goes first (WAITED_ON).
+    """
+
+    task: Any
+    queue: str
+    models: Callable[[JobConfig], list[str]] | None = None
+    batched: bool = False
+
+    def priority(self, args: tuple[Any, ...]) -> int:
+        return batch_priority(int(args[0])) if self.batched else WAITED_ON
+
+
+class ModelRoutes:
+    """Which queue a job's rollout stage goes to: that of the first of the stage's models that the
+    operator routes (SPIDER_ROUTED_MODELS: `spider worker --models` serves them), else `rollout`.
+
+    A batch with a simulated user loads two models on one worker: it goes where its own model is
+    served, or where its user's is when only that one is routed (a model an operator routes is
+    one that should not be loaded on just any worker). A job's models never change, so they are
+    read from its record once per process and job."""
+
+    def __init__(self, routed: tuple[str, ...], store: Callable[[], JobStore]):
+        self.routed = frozenset(routed)
+        self._store = store
+        self._models = lru_cache(maxsize=4096)(self._read_models)
+
+    def queue(self, stage: str, spec: Stage, job_id: str) -> str:
+        if not self.routed or spec.models is None:
+            return spec.queue
+        for name in self._models(stage, job_id):
+            if name in self.routed:
+                return model_queue(name)
+        return spec.queue
+
+    def _read_models(self, stage: str, job_id: str) -> tuple[str, ...]:
+        record = self._store().get(job_id)
+        if record is None:
+            raise SpiderError(f"job {job_id} does not exist")  # not cached: raised, not returned
+        return tuple(STAGES[stage].models(JobConfig.model_validate(record.config)))
 
 
 class CeleryDispatcher:
-    """Hands each stage to its task on its queue (see STAGES)."""
+    """Hands each stage to its task on its queue (see STAGES), with its priority; a rollout stage
+    to the queue of its job's model when the operator routes that model (ModelRoutes)."""
+
+    def __init__(self, store: JobStore | None = None, settings: Settings | None = None, app: Celery | None = None):
+        settings = settings or Settings.from_env()
+        # The store is needed only to route a rollout stage: made on first use.
+        lazy = lru_cache(maxsize=1)(lambda: store or JobStore.from_url(settings.redis_url))
+        self.routes = ModelRoutes(settings.routed_models, lazy)
+        self.app = app or celery_app
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
         try:
-            task, queue = STAGES[stage]
+            spec = STAGES[stage]
         except KeyError:
             raise SpiderError(f"no task runs the stage {stage!r}") from None
-        task.apply_async((job_id, *args), queue=queue)
+        try:
+            queue = self.routes.queue(stage, spec, job_id)
+        except SpiderError:
+            queue = spec.queue  # a job gone meanwhile: its task finds that out and does nothing
+        self.app.send_task(spec.task.name, (job_id, *args), queue=queue, priority=spec.priority(args))
 
 
 @lru_cache(maxsize=1)
@@ -37,7 +101,7 @@ def context() -> Context:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = JobStore(client)
     bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s, keys=store.keys)
-    return Context(settings, store, bus, CeleryDispatcher())
+    return Context(settings, store, bus, CeleryDispatcher(store, settings))
 
 
 _pool_lock = threading.Lock()
@@ -143,19 +207,32 @@ def on_policy_finalize(job_id: str) -> None:
     on_policy.finalize_job(context(), job_id)
 
 
-# Every stage a job can dispatch: its task and the queue of the workers that run it.
+def rollout_models(config: JobConfig) -> list[str]:
+    """A dataset batch loads the job's model, and its simulated user's when it has one."""
+    user = config.generation.user
+    return [config.model.name] + ([user.model.name] if user is not None else [])
+
+
+def teacher_models(config: JobConfig) -> list[str]:
+    """Teacher scoring loads the on-policy job's teacher."""
+    options = config.generation.on_policy_options
+    return [options.teacher.name] if options is not None else []
+
+
+# Every stage a job can dispatch: its task, the queue of the workers that run it, and what routes
+# and orders it.
 STAGES = {
-    dataset.PLAN: (plan_job, "control"),
-    dataset.PREPROCESS: (preprocess_batch, "sandbox"),
-    dataset.ROLLOUT: (run_batch, "rollout"),
-    dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
-    dataset.FINALIZE: (finalize_job, "control"),
-    TOOL_CALL: (call_tool, "sandbox"),
-    MCP_LIST: (mcp_list, "sandbox"),
-    MCP_CALL: (mcp_call, "sandbox"),
-    on_policy.START: (on_policy_start, "control"),
-    on_policy.PREPARE: (on_policy_prepare, "sandbox"),
-    on_policy.TRAIN: (on_policy_train, "train"),
-    on_policy.SCORE: (on_policy_score, "rollout"),
-    on_policy.FINALIZE: (on_policy_finalize, "train"),
+    dataset.PLAN: Stage(plan_job, "control"),
+    dataset.PREPROCESS: Stage(preprocess_batch, "sandbox", batched=True),
+    dataset.ROLLOUT: Stage(run_batch, ROLLOUT, models=rollout_models, batched=True),
+    dataset.POSTPROCESS: Stage(postprocess_batch, "sandbox", batched=True),
+    dataset.FINALIZE: Stage(finalize_job, "control"),
+    TOOL_CALL: Stage(call_tool, "sandbox"),
+    MCP_LIST: Stage(mcp_list, "sandbox"),
+    MCP_CALL: Stage(mcp_call, "sandbox"),
+    on_policy.START: Stage(on_policy_start, "control"),
+    on_policy.PREPARE: Stage(on_policy_prepare, "sandbox"),
+    on_policy.TRAIN: Stage(on_policy_train, "train"),
+    on_policy.SCORE: Stage(on_policy_score, ROLLOUT, models=teacher_models),
+    on_policy.FINALIZE: Stage(on_policy_finalize, "train"),
 }
