@@ -258,7 +258,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.unsafe_no_jail:
         os.environ["SPIDER_SANDBOX_UNSAFE"] = "1"
     from spider.settings import routed_models
-    from spider.workers.app import celery_app, worker_queues
+    from spider.queues import worker_queues
+    from spider.workers.app import celery_app
 
     asked = args.queues.split(",")
     models = args.models.split(",") if args.models else []
@@ -280,7 +281,7 @@ def default_hostname(queues: list[str], models: list[str]) -> str:
     every worker process on the machine."""
     import os
 
-    from spider.workers.app import worker_label
+    from spider.queues import worker_label
 
     return f"{worker_label(queues, models)}-{os.getpid()}@%h"
 

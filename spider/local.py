@@ -173,7 +173,7 @@ class WorkerSpec:
 def worker_names(specs: tuple[WorkerSpec, ...]) -> list[str]:
     """The process name of each worker: its own, else `worker-<queues>[-<models>]`, numbered
     from the second worker of the same kind on; two workers of one name are an error."""
-    from spider.workers.app import worker_label
+    from spider.queues import worker_label
 
     names: list[str] = []
     for spec in specs:

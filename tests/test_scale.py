@@ -26,9 +26,8 @@ from spider.errors import SpiderError
 from spider.jobs.store import JobStore
 from spider.local import LocalStack, WorkerSpec, scaled_workers, worker_names
 from spider.settings import Settings, routed_models
-from spider.workers.app import (
-    PRIORITY_STEPS, ROLLOUT, batch_priority, make_celery, model_queue, queue_keys, worker_queues,
-)
+from spider.queues import PRIORITY_STEPS, ROLLOUT, batch_priority, model_queue, queue_keys, worker_queues
+from spider.workers.app import make_celery
 from spider.workers.tasks import CeleryDispatcher
 from tests.conftest import API_KEYS
 from tests.helpers import read_jsonl

@@ -21,7 +21,8 @@ from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
 from spider.settings import Settings
-from spider.workers.app import ROLLOUT, WAITED_ON, batch_priority, celery_app, model_queue
+from spider.queues import ROLLOUT, WAITED_ON, batch_priority, model_queue
+from spider.workers.app import celery_app
 
 
 @dataclass(frozen=True)
