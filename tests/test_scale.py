@@ -391,3 +391,19 @@ def test_a_short_job_is_not_starved_by_a_long_one_queued_before_it(scale_stack, 
         client.cancel_job(long_id)
     # Queued in order, the short job's one batch would have waited for all 64.
     assert done <= 32, f"the long job had done {done} of its 64 batches before the short one's single batch"
+
+
+def test_the_compose_files_model_specific_rollout_service_runs_a_valid_command():
+    """docker-compose.yml shows a rollout service for one model's jobs, commented out: its command
+    is one `spider worker` accepts."""
+    import yaml
+
+    from spider.cli import build_parser
+    from tests.helpers import ROOT
+
+    lines = (ROOT / "docker-compose.yml").read_text().split("\n")
+    command = next(line for line in lines if line.strip().startswith("#") and '"--models"' in line)
+    argv = yaml.safe_load(command.strip().lstrip("#").strip().removeprefix("command:").strip())
+    args = build_parser().parse_args(argv[1:])
+    model = args.models
+    assert worker_queues(args.queues.split(","), [model], [model]) == [model_queue(model)]
