@@ -74,6 +74,17 @@ def test_a_worker_serves_the_queues_of_its_models_only():
         worker_queues(["rollout", "gpu"])
 
 
+def test_spider_up_takes_its_rollout_workers_from_its_flags(capsys):
+    from spider.cli import build_parser, main
+
+    args = build_parser().parse_args(["up", "--rollout-workers", "2", "--model-worker", "org/big"])
+    specs = scaled_workers(args.rollout_workers, tuple(args.model_worker))
+    assert [(s.queues, s.models) for s in specs if "rollout" in s.queues] == [
+        ("rollout", ()), ("rollout", ()), ("rollout", ("org/big",))]
+    assert main(["up", "--rollout-workers", "-1"]) == 2
+    assert "0 or more" in capsys.readouterr().err
+
+
 def test_the_cli_refuses_a_worker_for_a_model_nobody_routes(monkeypatch, capsys):
     from spider.cli import main
 
@@ -143,9 +154,8 @@ def depth(client: redis.Redis, queue: str) -> dict[int, int]:
 def test_dispatch_routes_each_rollout_stage_by_its_jobs_models(broker, tmp_path):
     url, client = broker
     routed = ("org/big", "org/user-sim", "org/teacher")
-    settings = Settings(redis_url=url, data_dir=tmp_path, routed_models=routed)
     store = JobStore(client)
-    dispatcher = CeleryDispatcher(store, settings, make_celery(settings))
+    dispatcher = CeleryDispatcher(store, routed, make_celery(Settings(redis_url=url, data_dir=tmp_path)))
 
     def job(config: dict[str, Any]) -> str:
         return store.create("owner", JobConfig.parse(config).model_dump(mode="json", exclude_none=True), {}, False).id
@@ -177,11 +187,10 @@ def test_nothing_is_routed_without_the_setting_and_a_vanished_job_takes_the_defa
     store = JobStore(client)
     config = JobConfig.parse(dataset_job("org/big")).model_dump(mode="json", exclude_none=True)
     job_id = store.create("owner", config, {}, False).id
-    unrouted = Settings(redis_url=url, data_dir=tmp_path)
-    CeleryDispatcher(store, unrouted, make_celery(unrouted)).dispatch("dataset.rollout", job_id, 0)
-    routed = Settings(redis_url=url, data_dir=tmp_path, routed_models=("org/big",))
+    app = make_celery(Settings(redis_url=url, data_dir=tmp_path))
+    CeleryDispatcher(store, (), app).dispatch("dataset.rollout", job_id, 0)
     store.delete(job_id, "owner")
-    CeleryDispatcher(store, routed, make_celery(routed)).dispatch("dataset.rollout", job_id, 1)
+    CeleryDispatcher(store, ("org/big",), app).dispatch("dataset.rollout", job_id, 1)
     assert depth(client, ROLLOUT) == {1: 1, 2: 1}
     assert depth(client, model_queue("org/big")) == {}
 
@@ -191,7 +200,7 @@ def test_batches_are_queued_at_their_priority_and_waited_on_tasks_first(broker, 
     settings = Settings(redis_url=url, data_dir=tmp_path)
     store = JobStore(client)
     job_id = store.create("owner", JobConfig.parse(dataset_job("org/plain")).model_dump(mode="json"), {}, False).id
-    dispatcher = CeleryDispatcher(store, settings, make_celery(settings))
+    dispatcher = CeleryDispatcher(store, (), make_celery(settings))
     for batch in range(300):
         dispatcher.dispatch("dataset.rollout", job_id, batch)
         dispatcher.dispatch("dataset.preprocess", job_id, batch)

@@ -20,7 +20,7 @@ from spider.jobs.conversations import TOOL_CALL
 from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context
 from spider.jobs.store import JobStore
-from spider.settings import Settings
+from spider.settings import Settings, routed_models
 from spider.queues import ROLLOUT, WAITED_ON, batch_priority, model_queue
 from spider.workers.app import celery_app
 
@@ -58,7 +58,8 @@ class ModelRoutes:
         self._store = store
         self._models = lru_cache(maxsize=4096)(self._read_models)
 
-    def queue(self, stage: str, spec: Stage, job_id: str) -> str:
+    def queue(self, stage: str, job_id: str) -> str:
+        spec = STAGES[stage]
         if not self.routed or spec.models is None:
             return spec.queue
         for name in self._models(stage, job_id):
@@ -77,11 +78,12 @@ class CeleryDispatcher:
     """Hands each stage to its task on its queue (see STAGES), with its priority; a rollout stage
     to the queue of its job's model when the operator routes that model (ModelRoutes)."""
 
-    def __init__(self, store: JobStore | None = None, settings: Settings | None = None, app: Celery | None = None):
-        settings = settings or Settings.from_env()
-        # The store is needed only to route a rollout stage: made on first use.
-        lazy = lru_cache(maxsize=1)(lambda: store or JobStore.from_url(settings.redis_url))
-        self.routes = ModelRoutes(settings.routed_models, lazy)
+    def __init__(self, store: JobStore | None = None, routed: tuple[str, ...] | None = None, app: Celery | None = None):
+        # Defaults: this process's SPIDER_ROUTED_MODELS, and its job store, made only when a
+        # rollout stage is to be routed (the API makes a dispatcher per request and routes none).
+        routed = routed_models() if routed is None else routed
+        made = lru_cache(maxsize=1)(lambda: store or JobStore.from_url(Settings.from_env().redis_url))
+        self.routes = ModelRoutes(routed, made)
         self.app = app or celery_app
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
@@ -90,7 +92,7 @@ class CeleryDispatcher:
         except KeyError:
             raise SpiderError(f"no task runs the stage {stage!r}") from None
         try:
-            queue = self.routes.queue(stage, spec, job_id)
+            queue = self.routes.queue(stage, job_id)
         except SpiderError:
             queue = spec.queue  # a job gone meanwhile: its task finds that out and does nothing
         self.app.send_task(spec.task.name, (job_id, *args), queue=queue, priority=spec.priority(args))
@@ -102,7 +104,7 @@ def context() -> Context:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = JobStore(client)
     bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s, keys=store.keys)
-    return Context(settings, store, bus, CeleryDispatcher(store, settings))
+    return Context(settings, store, bus, CeleryDispatcher(store, settings.routed_models))
 
 
 _pool_lock = threading.Lock()
