@@ -416,3 +416,34 @@ def test_the_compose_files_model_specific_rollout_service_runs_a_valid_command()
     args = build_parser().parse_args(argv[1:])
     model = args.models
     assert worker_queues(args.queues.split(","), [model], [model]) == [model_queue(model)]
+
+
+@pytest.mark.slow
+def test_a_routed_models_job_waits_for_a_worker_that_serves_it(scale_stack, models, prompts, tmp_path):
+    """No worker of the model runs: its batches stay queued, idle workers of other models never
+    take them, and they run once a worker of the model starts."""
+    import signal
+
+    routed = job_config(scale_stack, models["routed"], prompts, rows=4, batch=2)
+    shared = job_config(scale_stack, models["shared"], prompts, rows=4, batch=2)
+    scale_stack.kill("worker-routed", signal.SIGTERM)
+    try:
+        with task_events(scale_stack.redis_url) as seen:
+            with SpiderClient(config=routed) as client:
+                routed_id = client.submit_job()["job_id"]
+                seen.wait_sent(routed_id, 2)
+            # Meanwhile a job of the other model runs to its end on the idle default workers.
+            with SpiderClient(config=shared) as client:
+                shared_id = client.submit_job()["job_id"]
+                assert client.poll_job(shared_id, on_event=lambda e: None)["status"] == "completed"
+                assert client.get_job_status(routed_id)["progress"]["batches_done"] == 0
+            assert seen.taken_by(routed_id) == {}
+            scale_stack.restart("worker-routed")
+            with SpiderClient(config=routed) as client:
+                assert client.poll_job(routed_id, on_event=lambda e: None)["status"] == "completed"
+                records = read_jsonl(client.download_result(routed_id, tmp_path / "routed.jsonl"))
+        assert seen.taken_by(routed_id).keys() == {f"worker-routed-{scale_stack.port}"}
+        assert [r["row_index"] for r in records] == list(range(4))
+    finally:
+        if scale_stack.procs["worker-routed"].poll() is not None:
+            scale_stack.restart("worker-routed")
