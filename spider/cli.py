@@ -192,10 +192,11 @@ def _run(args: argparse.Namespace, config) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from spider.local import LocalStack, Stopped, stop_signals_raise
+    from spider.local import LocalStack, Stopped, scaled_workers, stop_signals_raise
 
     stack = LocalStack(
-        port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port
+        port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port,
+        workers=scaled_workers(args.rollout_workers, tuple(args.model_worker or ())),
     )
     # Ctrl-C, SIGTERM and SIGHUP all stop the stack, during its start too.
     try:
@@ -257,22 +258,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.unsafe_no_jail:
         os.environ["SPIDER_SANDBOX_UNSAFE"] = "1"
-    from spider.workers.app import QUEUES, celery_app
+    from spider.settings import routed_models
+    from spider.queues import worker_queues
+    from spider.workers.app import celery_app
 
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = set(queues) - set(QUEUES)
-    if unknown:
-        raise SpiderError(f"unknown queues {sorted(unknown)}; choose from {', '.join(QUEUES)}")
+    asked = args.queues.split(",")
+    models = args.models.split(",") if args.models else []
+    queues = worker_queues(asked, models, routed_models())
     # Rollout tasks run on threads that share the process's engines through its engine loop: several
     # batches are in flight on one engine, which never drains between them. Training stays solo.
     pool = args.pool or ("solo" if "train" in queues else "threads")
     argv = ["worker", "-Q", ",".join(queues), "--pool", pool, "--loglevel", args.loglevel, "-E"]
     if pool != "solo":
         argv += ["--concurrency", str(args.concurrency)]
-    if args.hostname:
-        argv += ["--hostname", args.hostname]
+    # Several workers on one machine each need a name of their own (Celery's default is one per host).
+    argv += ["--hostname", args.hostname or default_hostname(asked, models)]
     celery_app.worker_main(argv)
     return 0
+
+
+def default_hostname(queues: list[str], models: list[str]) -> str:
+    """`<queues>[-<models>]-<pid>@<host>`: which worker it is, readable in Flower, and distinct for
+    every worker process on the machine."""
+    import os
+
+    from spider.queues import worker_label
+
+    return f"{worker_label(queues, models)}-{os.getpid()}@%h"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -372,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--data-dir")
     p.add_argument("--flower-port", type=int, help="also run Flower (monitoring) on this port")
+    p.add_argument("--rollout-workers", type=int, default=1, metavar="N",
+                   help="rollout worker processes on the default rollout queue (default 1)")
+    p.add_argument("--model-worker", action="append", metavar="MODEL",
+                   help="one more rollout worker that serves only this model's jobs (repeatable; routes the model)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="run the API server only")
@@ -384,9 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a worker for some queues")
     p.add_argument("--queues", "-Q", required=True, help="comma-separated: control, rollout, sandbox, train")
-    p.add_argument("--pool", choices=["solo", "threads", "prefork"], help="default: solo for rollout/train, else threads")
+    p.add_argument("--models", metavar="NAME[,NAME...]",
+                   help="rollout: serve only these models' jobs (each listed in SPIDER_ROUTED_MODELS) instead of "
+                        "the default rollout queue")
+    p.add_argument("--pool", choices=["solo", "threads", "prefork"], help="default: solo for train, else threads")
     p.add_argument("--concurrency", "-c", type=int, default=4)
-    p.add_argument("--hostname", "-n")
+    p.add_argument("--hostname", "-n", help="the worker's Celery name (default: its queues, models and pid @ host)")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--unsafe-no-jail", action="store_true",
                    help="sandbox queue: run user code without firejail (warns on every job)")

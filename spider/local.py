@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from spider.errors import SpiderError
-from spider.settings import cache_dir
+from spider.settings import cache_dir, routed_models
 from spider.watchdog import Watchdog
 
 # Server-wide secrets that only the API reads: workers and Flower never get them.
@@ -157,9 +157,38 @@ def wait_http(url: str, check_alive: Callable[[], None], timeout: float, what: s
 
 @dataclass
 class WorkerSpec:
+    """One worker process of the local stack: `spider worker --queues QUEUES [--models ...]`.
+
+    `name` names its process (`stack.kill(name)`, its log file, its Celery hostname); by default
+    `worker-<queues>`, then `-<n>` for the n-th worker of the same queues and models. `models`
+    makes it a rollout worker of those models only (the stack routes them: SPIDER_ROUTED_MODELS)."""
+
     queues: str
     pool: str = "threads"
     concurrency: int = 4
+    models: tuple[str, ...] = ()
+    name: str | None = None
+
+
+def worker_names(specs: tuple[WorkerSpec, ...]) -> list[str]:
+    """The process name of each worker: its own, else `worker-<queues>[-<models>]`, numbered
+    from the second worker of the same kind on; two workers of one name are an error."""
+    from spider.queues import worker_label
+
+    names: list[str] = []
+    for spec in specs:
+        name = spec.name
+        if name is None:
+            base = f"worker-{worker_label(spec.queues.split(','), spec.models)}"
+            name = base
+            count = 1
+            while name in names:
+                count += 1
+                name = f"{base}-{count}"
+        if name in names:
+            raise SpiderError(f"two workers of the local stack are named {name!r}")
+        names.append(name)
+    return names
 
 
 DEFAULT_WORKERS = (
@@ -168,6 +197,19 @@ DEFAULT_WORKERS = (
     WorkerSpec("sandbox", "threads", 4),
     WorkerSpec("train", "solo", 1),  # one trainer per device, warm between a job's segments
 )
+
+
+def scaled_workers(rollout: int = 1, models: tuple[str, ...] = (), base: tuple[WorkerSpec, ...] = DEFAULT_WORKERS) -> tuple[WorkerSpec, ...]:
+    """`base` with `rollout` workers of the default rollout queue in place of its one, and one
+    rollout worker more for each of `models` (that model's jobs only)."""
+    if rollout < 0:
+        raise SpiderError(f"the number of rollout workers must be 0 or more, not {rollout}")
+    specs: list[WorkerSpec] = []
+    for spec in base:
+        specs += [spec] * rollout if spec.queues == "rollout" and not spec.models else [spec]
+    template = next((spec for spec in base if spec.queues == "rollout"), WorkerSpec("rollout", "threads", 2))
+    specs += [replace(template, models=(model,), name=None) for model in models]
+    return tuple(specs)
 
 
 @dataclass
@@ -197,6 +239,7 @@ class LocalStack:
     orphan_grace: float = 5.0
 
     def __post_init__(self) -> None:
+        worker_names(self.workers)  # two workers of one name: refused before anything starts
         self.procs: dict[str, subprocess.Popen] = {}
         self._argv: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="spider-local-"))
@@ -287,15 +330,19 @@ class LocalStack:
             "SPIDER_CACHE_DIR": str(cache_dir()),
             **self.env,
         }
+        # Every process dispatches, so every one routes the models that a worker of the stack serves.
+        routed = [*routed_models(shared), *(m for spec in self.workers for m in spec.models)]
+        if routed:
+            shared["SPIDER_ROUTED_MODELS"] = ",".join(dict.fromkeys(routed))
         # The API keys are the API's alone: workers run jobs, and jobs run user code.
         env = {name: value for name, value in shared.items() if name not in API_ONLY_ENV}
         api_env = {**shared, "SPIDER_API_KEYS": ",".join(self.api_keys)}
         python = sys.executable
-        for spec in self.workers:
-            name = f"worker-{spec.queues.replace(',', '-')}"
+        for name, spec in zip(worker_names(self.workers), self.workers):
+            models = ["--models", ",".join(spec.models)] if spec.models else []
             self._spawn(
                 name,
-                [python, "-m", "spider", "worker", "--queues", spec.queues, "--pool", spec.pool,
+                [python, "-m", "spider", "worker", "--queues", spec.queues, *models, "--pool", spec.pool,
                  "--concurrency", str(spec.concurrency), "--hostname", f"{name}-{self.port}@%h"],
                 env,
             )
@@ -329,7 +376,7 @@ class LocalStack:
 
         deadline = time.monotonic() + timeout
         wait_http(f"{self.url}/healthz", self._check_alive, timeout, "the local API")
-        want = {f"worker-{w.queues.replace(',', '-')}-{self.port}" for w in self.workers}
+        want = {f"{name}-{self.port}" for name in worker_names(self.workers)}
         with Celery(broker=self.redis_url) as probe:
             errors = probe.connection_for_write().connection_errors
             while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,15 @@ def event_ttl_s(job_ttl: int) -> int:
     if job_ttl and (events == 0 or events > job_ttl):
         return job_ttl
     return events
+
+
+def routed_models(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The model names that get a rollout queue of their own (`$SPIDER_ROUTED_MODELS` in `env`,
+    default this process's: comma-separated, exactly as jobs write `model.name`), each once, in
+    the order given."""
+    env = os.environ if env is None else env
+    names = (name.strip() for name in env.get("SPIDER_ROUTED_MODELS", "").split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class Settings:
     # starts at retry_backoff_s and doubles (with jitter, at most 300 s).
     task_retries: int = 8
     retry_backoff_s: float = 5.0
+    # The models whose jobs go to a rollout queue of their own, served by the workers started with
+    # `spider worker --models NAME` (see spider.workers.app.model_queue); every other job's batches
+    # go to `rollout`. Only the operator names them, so the number of queues stays theirs to bound.
+    routed_models: tuple[str, ...] = ()
     policy: Policy = field(default_factory=Policy)
 
     @classmethod
@@ -89,5 +103,6 @@ class Settings:
             sweep_grace_s=float(os.environ.get("SPIDER_SWEEP_GRACE_S", cls.sweep_grace_s)),
             task_retries=int(os.environ.get("SPIDER_TASK_RETRIES", cls.task_retries)),
             retry_backoff_s=float(os.environ.get("SPIDER_RETRY_BACKOFF_S", cls.retry_backoff_s)),
+            routed_models=routed_models(),
             policy=Policy.from_env(),
         )

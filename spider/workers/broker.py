@@ -8,28 +8,21 @@ from typing import Iterable, Iterator
 
 import redis
 
-# kombu's Redis transport: the hash of delivered, unacknowledged messages, and how it names the
-# list of each priority of a queue (`name`, then `name` + sep + priority for priorities above 0).
+from spider.queues import queue_keys
+
+# kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
 UNACKED = "unacked"
-DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
-PRIORITY_SEP = "\x06\x16"
 CHUNK = 500
 
 
-def queue_keys(queues: Iterable[str], priority_steps: Iterable[int] = DEFAULT_PRIORITY_STEPS,
-               sep: str = PRIORITY_SEP) -> list[str]:
-    """The Redis lists that hold the messages of `queues`."""
-    return [name if not step else f"{name}{sep}{step}" for name in queues for step in priority_steps]
-
-
-def holds(client: redis.Redis, job_id: str, queues: Iterable[str], **naming) -> bool:
+def holds(client: redis.Redis, job_id: str, queues: Iterable[str]) -> bool:
     """Whether a message of the job is queued or delivered and unacknowledged. A message names its
     job in plain text (Celery's `argsrepr` header), so this reads messages, never decodes them:
     the unacknowledged ones first (few: one per running task), then the queues."""
     for raw in _unacked(client):
         if job_id in raw:
             return True
-    for key in queue_keys(queues, **naming):
+    for key in (key for queue in queues for key in queue_keys(queue)):
         for chunk in _chunks(client, key):
             if any(job_id in raw for raw in chunk):
                 return True

@@ -1,5 +1,5 @@
 """Celery tasks: each loads what it needs by id and calls a plain function in `spider.jobs`; and
-the dispatcher that maps each stage's name to its task and queue."""
+the dispatcher that maps each stage's name to its task, queue and priority."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import contextlib
 import logging
 import random
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import redis
+from celery import Celery
 from celery.signals import worker_ready
 
 from spider import faults
+from spider.config import JobConfig
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs import dataset, on_policy
@@ -21,33 +25,92 @@ from spider.jobs.conversations import TOOL_CALL
 from spider.jobs.mcp import MCP_CALL, MCP_LIST
 from spider.jobs.stages import Context, TransientFault, fail_job
 from spider.jobs.store import JobStore
-from spider.settings import Settings
+from spider.queues import ROLLOUT, WAITED_ON, batch_priority, model_queue
+from spider.settings import Settings, routed_models
 from spider.types import EventKind
 from spider.workers.app import celery_app
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """How a stage runs: its task, the queue of the workers that run it, and
+
+    * `models`: for a rollout stage, the names of the models its task loads for a job, the one to
+      route by first (see ModelRoutes);
+    * `batched`: its first argument is a batch index, which sets its priority (batch_priority);
+      every other stage goes first (WAITED_ON).
+    """
+
+    task: Any
+    queue: str
+    models: Callable[[JobConfig], list[str]] | None = None
+    batched: bool = False
+
+    def priority(self, args: tuple[Any, ...]) -> int:
+        return batch_priority(int(args[0])) if self.batched else WAITED_ON
+
+
+class ModelRoutes:
+    """Which queue a job's rollout stage goes to: that of the first of the stage's models that the
+    operator routes (SPIDER_ROUTED_MODELS: `spider worker --models` serves them), else `rollout`.
+
+    A batch with a simulated user loads two models on one worker: it goes where its own model is
+    served, or where its user's is when only that one is routed (a model an operator routes is
+    one that should not be loaded on just any worker). A job's models never change, so they are
+    read from its record once per process and job."""
+
+    def __init__(self, routed: tuple[str, ...], store: Callable[[], JobStore]):
+        self.routed = frozenset(routed)
+        self._store = store
+        self._models = lru_cache(maxsize=4096)(self._read_models)
+
+    def queue(self, stage: str, job_id: str) -> str:
+        spec = STAGES[stage]
+        if not self.routed or spec.models is None:
+            return spec.queue
+        for name in self._models(stage, job_id):
+            if name in self.routed:
+                return model_queue(name)
+        return spec.queue
+
+    def _read_models(self, stage: str, job_id: str) -> tuple[str, ...]:
+        record = self._store().get(job_id)
+        if record is None:
+            raise SpiderError(f"job {job_id} does not exist")  # not cached: raised, not returned
+        return tuple(STAGES[stage].models(JobConfig.model_validate(record.config)))
+
+
 class CeleryDispatcher:
-    """Hands each stage to its task on its queue (see STAGES)."""
+    """Hands each stage to its task on its queue (see STAGES), with its priority; a rollout stage
+    to the queue of its job's model when the operator routes that model (ModelRoutes)."""
+
+    def __init__(self, store: JobStore | None = None, routed: tuple[str, ...] | None = None, app: Celery | None = None):
+        # Defaults: this process's SPIDER_ROUTED_MODELS, and its job store, made only when a
+        # rollout stage is to be routed (the API makes a dispatcher per request and routes none).
+        routed = routed_models() if routed is None else routed
+        made = lru_cache(maxsize=1)(lambda: store or JobStore.from_url(Settings.from_env().redis_url))
+        self.routes = ModelRoutes(routed, made)
+        self.app = app or celery_app
 
     def dispatch(self, stage: str, job_id: str, *args: Any) -> None:
         try:
-            task, queue = STAGES[stage]
+            spec = STAGES[stage]
         except KeyError:
             raise SpiderError(f"no task runs the stage {stage!r}") from None
-        task.apply_async((job_id, *args), queue=queue)
+        try:
+            queue = self.routes.queue(stage, job_id)
+        except SpiderError:
+            queue = spec.queue  # a job gone meanwhile: its task finds that out and does nothing
+        self.app.send_task(spec.task.name, (job_id, *args), queue=queue, priority=spec.priority(args))
 
     def holds(self, job_id: str) -> bool:
         from spider.workers import broker
 
-        conf = celery_app.conf
-        options = conf.broker_transport_options or {}
-        queues = [q.name for q in conf.task_queues]
-        with celery_app.connection_for_read() as connection:
-            client = connection.default_channel.client
-            return broker.holds(client, job_id, queues, priority_steps=options.get("priority_steps", broker.DEFAULT_PRIORITY_STEPS),
-                                sep=options.get("sep", broker.PRIORITY_SEP))
+        queues = [q.name for q in self.app.conf.task_queues]
+        with self.app.connection_for_read() as connection:
+            return broker.holds(connection.default_channel.client, job_id, queues)
 
 
 @lru_cache(maxsize=1)
@@ -56,7 +119,7 @@ def context() -> Context:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = JobStore(client)
     bus = EventBus(client, settings.event_history, ended_ttl=settings.event_ttl_s, keys=store.keys)
-    return Context(settings, store, bus, CeleryDispatcher())
+    return Context(settings, store, bus, CeleryDispatcher(store, settings.routed_models))
 
 
 _pool_lock = threading.Lock()
@@ -202,19 +265,32 @@ def start_reconciler(sender: Any = None, **_: Any) -> None:
         Reconciler(context()).start()
 
 
-# Every stage a job can dispatch: its task and the queue of the workers that run it.
+def rollout_models(config: JobConfig) -> list[str]:
+    """A dataset batch loads the job's model, and its simulated user's when it has one."""
+    user = config.generation.user
+    return [config.model.name] + ([user.model.name] if user is not None else [])
+
+
+def teacher_models(config: JobConfig) -> list[str]:
+    """Teacher scoring loads the on-policy job's teacher."""
+    options = config.generation.on_policy_options
+    return [options.teacher.name] if options is not None else []
+
+
+# Every stage a job can dispatch: its task, the queue of the workers that run it, and what routes
+# and orders it.
 STAGES = {
-    dataset.PLAN: (plan_job, "control"),
-    dataset.PREPROCESS: (preprocess_batch, "sandbox"),
-    dataset.ROLLOUT: (run_batch, "rollout"),
-    dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
-    dataset.FINALIZE: (finalize_job, "control"),
-    TOOL_CALL: (call_tool, "sandbox"),
-    MCP_LIST: (mcp_list, "sandbox"),
-    MCP_CALL: (mcp_call, "sandbox"),
-    on_policy.START: (on_policy_start, "control"),
-    on_policy.PREPARE: (on_policy_prepare, "sandbox"),
-    on_policy.TRAIN: (on_policy_train, "train"),
-    on_policy.SCORE: (on_policy_score, "rollout"),
-    on_policy.FINALIZE: (on_policy_finalize, "train"),
+    dataset.PLAN: Stage(plan_job, "control"),
+    dataset.PREPROCESS: Stage(preprocess_batch, "sandbox", batched=True),
+    dataset.ROLLOUT: Stage(run_batch, ROLLOUT, models=rollout_models, batched=True),
+    dataset.POSTPROCESS: Stage(postprocess_batch, "sandbox", batched=True),
+    dataset.FINALIZE: Stage(finalize_job, "control"),
+    TOOL_CALL: Stage(call_tool, "sandbox"),
+    MCP_LIST: Stage(mcp_list, "sandbox"),
+    MCP_CALL: Stage(mcp_call, "sandbox"),
+    on_policy.START: Stage(on_policy_start, "control"),
+    on_policy.PREPARE: Stage(on_policy_prepare, "sandbox"),
+    on_policy.TRAIN: Stage(on_policy_train, "train"),
+    on_policy.SCORE: Stage(on_policy_score, ROLLOUT, models=teacher_models),
+    on_policy.FINALIZE: Stage(on_policy_finalize, "train"),
 }
