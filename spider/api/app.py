@@ -24,7 +24,7 @@ from spider import __version__
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
 from spider.jobs import retention, stages
-from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
+from spider.jobs.store import DamagedRecord, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
 
@@ -92,7 +92,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def owned(job_id: str, owner: str):
         """The caller's own job; anything else (another key's job, a string that is not a job id)
         is a 404 that reads no key."""
-        record = store.get(job_id) if is_job_id(job_id) else None
+        try:
+            record = store.get(job_id) if is_job_id(job_id) else None
+        except DamagedRecord as exc:
+            if exc.owner != owner:
+                raise HTTPException(404, f"no job {job_id[:40]!r}") from None
+            log.error("%s", exc)
+            raise HTTPException(409, f"{exc}; the server's operator has been told") from None
         if record is None or record.owner != owner:
             raise HTTPException(404, f"no job {job_id[:40]!r}")
         return record

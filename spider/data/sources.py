@@ -164,6 +164,12 @@ def _builder_and_files(source: SourceConfig) -> tuple[str, dict[str, Any]]:
         if not files:
             raise SourceError(f"source dataset {source.dataset!r}: no .json/.jsonl/.parquet/.csv files in it")
         suffixes = {p.suffix.lower() for p in files}
+        unknown = sorted(suffixes - set(LOCAL_BUILDERS))
+        if unknown:
+            raise SourceError(
+                f"source dataset {source.dataset!r}: Spider does not read {', '.join(repr(s or '(no suffix)') for s in unknown)} "
+                f"files as a source; name a file ending in one of {', '.join(sorted(LOCAL_BUILDERS))}"
+            )
         builders = {LOCAL_BUILDERS[s] for s in suffixes}
         if len(builders) > 1:
             raise SourceError(f"source dataset {source.dataset!r} mixes file types {sorted(suffixes)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -12,11 +13,14 @@ from typing import Any, Iterable
 
 import redis
 
+from spider.errors import SpiderError
 from spider.keys import DEFAULT_KEYS, Keys, checked_job_id, is_job_id, new_job_id
 from spider.settings import job_ttl_s
 from spider.types import ACTIVE_STATUSES, BatchStats, JobStatus
 
-__all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
+__all__ = ["COUNTERS", "DamagedRecord", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
+
+log = logging.getLogger(__name__)
 
 # The job's progress counters: what its batches add up to, as the API shows them.
 COUNTERS = ("batches_done",) + BatchStats.COUNTERS
@@ -76,6 +80,26 @@ class JobRecord:
             "secret_names": self.secret_names,
             "config": redact(self.config),
         }
+
+
+class DamagedRecord(SpiderError):
+    """A job's stored record cannot be read: a field is missing, `config` is not JSON, its status
+    is not one Spider knows. `owner` is the record's owner field, when it has one, so that only
+    its owner hears that it exists."""
+
+    def __init__(self, job_id: str, owner: str | None, why: str):
+        self.job_id = job_id
+        self.owner = owner
+        super().__init__(f"the stored record of job {job_id} is damaged ({why}) and cannot be read")
+
+
+def _damage(exc: Exception) -> str:
+    """What is wrong with a record, from the error that reading it raised."""
+    if isinstance(exc, KeyError):
+        return f"its field {exc.args[0]!r} is missing"
+    if isinstance(exc, json.JSONDecodeError):
+        return "a field that holds JSON does not"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def redact(config: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +186,13 @@ class JobStore:
         if not raw:
             return None
 
+        try:
+            return self._record(raw, progress)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DamagedRecord(job_id, raw.get("owner"), _damage(exc)) from None
+
+    @staticmethod
+    def _record(raw: dict[str, str], progress: dict[str, str]) -> JobRecord:
         def num(name: str) -> float | None:
             return float(raw[name]) if raw.get(name) not in (None, "") else None
 
@@ -185,7 +216,14 @@ class JobStore:
         if limit < 1:
             return []
         ids = self.r.zrevrange(self._owner_index(owner), 0, limit - 1)
-        jobs = {i: self.get(i) for i in ids}
+        jobs: dict[str, JobRecord | None] = {}
+        for job_id in ids:
+            try:
+                jobs[job_id] = self.get(job_id)
+            except DamagedRecord as exc:
+                # One unreadable record must not hide the owner's other jobs; it stays in the index
+                # (GET of it says what is wrong) and the operator hears of it.
+                log.error("listing the jobs of owner %s: %s", owner, exc)
         gone = [i for i, job in jobs.items() if job is None]
         if gone:  # their records expired: so do their index entries
             self.r.zrem(self._owner_index(owner), *gone)
