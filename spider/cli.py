@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from spider.errors import SpiderError
+from spider.logs import LOG_FORMAT_ENV, LOG_FORMATS, log_format, use_json_logs
 from spider.types import ENDING_KINDS, EventKind, JobStatus
 
 DEFAULT_OUTPUT = "artifacts/{job_id}/result.{format}"
@@ -194,7 +195,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from spider.local import LocalStack, Stopped, stop_signals_raise
 
     stack = LocalStack(
-        port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port
+        port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port,
+        env={LOG_FORMAT_ENV: log_format(args.log_format)},
     )
     # Ctrl-C, SIGTERM and SIGHUP all stop the stack, during its start too.
     try:
@@ -247,7 +249,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         print(f"warning: serving on {args.host} without API keys (--insecure-open): every caller is the same "
               "user", file=sys.stderr, flush=True)
-    uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    uvicorn_logs: dict = {}
+    if log_format(args.log_format) == "json":
+        use_json_logs("api")
+        uvicorn_logs = {"log_config": None}  # uvicorn's loggers propagate to the JSON handler
+    uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3,
+                **uvicorn_logs)
     return 0
 
 
@@ -270,7 +277,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["--concurrency", str(args.concurrency)]
     if args.hostname:
         argv += ["--hostname", args.hostname]
+    if log_format(args.log_format) == "json":
+        from celery.utils.nodenames import default_nodename, host_format
+
+        from spider.workers.app import log_json
+
+        log_json(host_format(default_nodename(args.hostname)))
+        argv = ["--quiet", *argv]  # no banner: every line the worker writes is a JSON object
     celery_app.worker_main(argv)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Flower (Celery's monitor) on Spider's Redis, always behind basic auth: it shows every task's
+    arguments and can revoke tasks."""
+    import os
+    import secrets
+
+    if log_format(args.log_format) == "json":
+        use_json_logs("flower")
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        os.environ["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(18)}"
+        print(f"Flower's login (generated; set FLOWER_BASIC_AUTH=user:password to choose one): "
+              f"{os.environ['FLOWER_BASIC_AUTH']}", file=sys.stderr, flush=True)
+    from spider.workers.app import celery_app
+
+    # The broker is SPIDER_REDIS_URL, through Spider's own Celery app: its password is on no command line.
+    celery_app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
     return 0
 
 
@@ -337,6 +370,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help=f"text, or one JSON object per line (default: ${LOG_FORMAT_ENV}, else text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spider", description="Spider: distillation jobs from one config")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -358,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--data-dir")
     p.add_argument("--flower-port", type=int, help="also run Flower (monitoring) on this port")
+    log_format_arg(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="run the API server only")
@@ -366,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--insecure-open", action="store_true",
                    help="serve on a non-loopback address without API keys (every caller is the same user)")
+    log_format_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a worker for some queues")
@@ -376,7 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--unsafe-no-jail", action="store_true",
                    help="sandbox queue: run user code without firejail (warns on every job)")
+    log_format_arg(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("flower", help="run Flower (monitoring of workers, queues and tasks) behind basic auth")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    log_format_arg(p)
+    p.set_defaults(func=cmd_flower)
 
     p = sub.add_parser("submit", help="submit a config and print the job id")
     p.add_argument("config")

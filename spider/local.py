@@ -29,7 +29,7 @@ from spider.settings import cache_dir
 from spider.watchdog import Watchdog
 
 # Server-wide secrets that only the API reads: workers and Flower never get them.
-API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE")
+API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE", "SPIDER_METRICS_TOKEN")
 
 
 # The signals that ask a command to stop, besides Ctrl-C's SIGINT: kill, docker stop and systemd send
@@ -305,8 +305,8 @@ class LocalStack:
             self.flower_auth = self.flower_auth or f"admin:{secrets.token_urlsafe(18)}"
             self._spawn(
                 "flower",
-                [python, "-m", "celery", "flower", "--address=127.0.0.1", f"--port={self.flower_port}"],
-                {**env, "CELERY_BROKER_URL": self.redis_url, "FLOWER_BASIC_AUTH": self.flower_auth},
+                [python, "-m", "spider", "flower", "--address", "127.0.0.1", "--port", str(self.flower_port)],
+                {**env, "FLOWER_BASIC_AUTH": self.flower_auth},
             )
         self._wait_ready()
 

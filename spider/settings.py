@@ -50,6 +50,8 @@ class Settings:
     event_ttl_s: int = DEFAULT_JOB_TTL_S
     visibility_timeout: int = 4 * 3600
     policy: Policy = field(default_factory=Policy)
+    # The bearer token /metrics wants (SPIDER_METRICS_TOKEN); None: /metrics answers everyone.
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -66,4 +68,5 @@ class Settings:
             event_ttl_s=event_ttl_s(job_ttl_s()),
             visibility_timeout=int(os.environ.get("SPIDER_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
             policy=Policy.from_env(),
+            metrics_token=os.environ.get("SPIDER_METRICS_TOKEN") or None,
         )

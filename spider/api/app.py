@@ -21,10 +21,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
+from spider.api.metrics import add_metrics_route
 from spider.api.submission import Submission, parse_submission
 from spider.events import EventBus, follow
 from spider.jobs import retention, stages
 from spider.jobs.store import DamagedRecord, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
+from spider.logs import JobLogContext
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
 
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Spider", version=__version__, lifespan=lifespan)
     # The whole request body is bounded while it arrives, before anything parses it.
     app.add_middleware(BodyLimit, limit=settings.max_bundle_bytes)
+    app.add_middleware(JobLogContext)
 
     @app.exception_handler(redis.RedisError)
     async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -102,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if record is None or record.owner != owner:
             raise HTTPException(404, f"no job {job_id[:40]!r}")
         return record
+
+    add_metrics_route(app, client, store.keys, settings.metrics_token)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -29,12 +29,22 @@ COUNTERS = ("batches_done",) + BatchStats.COUNTERS
 JOB_PARTS = ("", "secrets", "progress", "done", "finalize", "train-lease")
 
 
-# Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
+# Set the status (ARGV[1]) of job ARGV[2] (record KEYS[1]) only if the current one is among
+# ARGV[3..]; returns 1 when it changed. In the same step the server-wide counts follow: the job
+# moves between the sets of queued (KEYS[2]) and running (KEYS[3]) jobs, and a job that ends is
+# counted in the hash of ended jobs by status (KEYS[4]).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
-for i = 2, #ARGV do
+local active = {queued = KEYS[2], running = KEYS[3]}
+for i = 3, #ARGV do
   if current == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    if active[current] then redis.call('SREM', active[current], ARGV[2]) end
+    if active[ARGV[1]] then
+      redis.call('SADD', active[ARGV[1]], ARGV[2])
+    else
+      redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+    end
     return 1
   end
 end
@@ -160,6 +170,7 @@ class JobStore:
         if secrets:
             pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
         pipe.zadd(self._owner_index(owner), {job_id: now})
+        pipe.sadd(self.keys.jobs_in(JobStatus.QUEUED), job_id)
         pipe.execute()
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -173,6 +184,8 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.delete(*(self._key(job_id, part) for part in JOB_PARTS), self.keys.events(job_id))
         pipe.zrem(self._owner_index(owner), job_id)
+        for status in ACTIVE_STATUSES:
+            pipe.srem(self.keys.jobs_in(status), job_id)
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -232,7 +245,9 @@ class JobStore:
     def transition(self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus]) -> bool:
         """Atomically move a job to status `to` if its current status is one of `allowed_from`."""
         to = JobStatus(to)
-        changed = bool(self._transition(keys=[self._key(job_id)], args=[to, *allowed_from]))
+        keys = [self._key(job_id), self.keys.jobs_in(JobStatus.QUEUED), self.keys.jobs_in(JobStatus.RUNNING),
+                self.keys.jobs_ended()]
+        changed = bool(self._transition(keys=keys, args=[to, job_id, *allowed_from]))
         if changed:
             stamp = "started_at" if to == JobStatus.RUNNING else "finished_at" if to.ended else None
             if stamp:
@@ -283,8 +298,11 @@ class JobStore:
         key = self._key(job_id, "progress")
         for name, value in stats.counters().items():
             pipe.hincrby(key, name, value)
+            pipe.hincrby(self.keys.work_done(), name, value)  # the server-wide totals (/metrics)
         pipe.hincrby(key, "batches_done", 1)
+        pipe.hincrby(self.keys.work_done(), "batches_done", 1)
         pipe.hincrbyfloat(key, "generation_seconds", stats.generation_seconds)
+        pipe.hincrbyfloat(self.keys.work_done(), "generation_seconds", stats.generation_seconds)
         pipe.hgetall(key)
         pipe.ttl(self._key(job_id))
         *_, totals, record_ttl = pipe.execute()
