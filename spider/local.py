@@ -170,6 +170,11 @@ DEFAULT_WORKERS = (
 )
 
 
+def worker_command(spec: WorkerSpec) -> list[str]:
+    """The `spider` arguments that start a worker of `spec` (docker-compose.yml runs the same)."""
+    return ["worker", "--queues", spec.queues, "--pool", spec.pool, "--concurrency", str(spec.concurrency)]
+
+
 @dataclass
 class LocalStack:
     """Start with `with LocalStack() as stack:`; `stack.url` is the API's base URL.
@@ -292,12 +297,7 @@ class LocalStack:
         python = sys.executable
         for spec in self.workers:
             name = f"worker-{spec.queues.replace(',', '-')}"
-            self._spawn(
-                name,
-                [python, "-m", "spider", "worker", "--queues", spec.queues, "--pool", spec.pool,
-                 "--concurrency", str(spec.concurrency), "--hostname", f"{name}-{self.port}@%h"],
-                env,
-            )
+            self._spawn(name, [python, "-m", "spider", *worker_command(spec), "--hostname", f"{name}-{self.port}@%h"], env)
         self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], api_env)
         if self.flower_port:
             # Monitoring on loopback only, behind basic auth: Flower can revoke tasks and read
