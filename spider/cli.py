@@ -291,15 +291,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_flower(args: argparse.Namespace) -> int:
     """Flower (Celery's monitor) on Spider's Redis, always behind basic auth: it shows every task's
     arguments and can revoke tasks."""
+    import logging
     import os
     import secrets
 
-    if log_format(args.log_format) == "json":
+    json_logs = log_format(args.log_format) == "json"
+    if json_logs:
         use_json_logs("flower")
     if not os.environ.get("FLOWER_BASIC_AUTH"):
         os.environ["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(18)}"
-        print(f"Flower's login (generated; set FLOWER_BASIC_AUTH=user:password to choose one): "
-              f"{os.environ['FLOWER_BASIC_AUTH']}", file=sys.stderr, flush=True)
+        login = (f"Flower's login (generated; set FLOWER_BASIC_AUTH=user:password to choose one): "
+                 f"{os.environ['FLOWER_BASIC_AUTH']}")
+        if json_logs:
+            logging.getLogger("spider.flower").warning(login)
+        else:
+            print(login, file=sys.stderr, flush=True)
     from spider.workers.app import celery_app
 
     # The broker is SPIDER_REDIS_URL, through Spider's own Celery app: its password is on no command line.

@@ -1,5 +1,5 @@
 """Structured logs: a stack whose processes log JSON (SPIDER_LOG_FORMAT=json) runs a real job;
-every line its API and workers wrote parses, and the lines about the job carry its id."""
+every line its API, workers and Flower wrote parses, and the lines about the job carry its id."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from spider.client import SpiderClient
 from spider.errors import SpiderError
-from spider.local import LocalStack, WorkerSpec
+from spider.local import LocalStack, WorkerSpec, free_port
 from spider.logs import JsonFormatter, about_job, job_of_path, log_format
 from tests.helpers import ROOT, make_config
 
@@ -40,7 +40,8 @@ def log_lines(path: Path) -> list[dict]:
 def json_stack(tmp_path_factory):
     env = {"SPIDER_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     workers = (WorkerSpec("control", "threads", 2), WorkerSpec("rollout", "threads", 2))
-    with LocalStack(api_keys=(KEY,), env=env, workers=workers, log_dir=tmp_path_factory.mktemp("json-logs")) as running:
+    with LocalStack(api_keys=(KEY,), env=env, workers=workers, flower_port=free_port(),
+                    log_dir=tmp_path_factory.mktemp("json-logs")) as running:
         yield running
 
 
@@ -73,6 +74,8 @@ def test_a_jobs_lines_in_every_process_log_are_json_and_carry_its_id(json_stack,
     submits = [e for e in access if '"POST /v1/jobs HTTP' in e["message"]]
     assert submits and all("job_id" not in e for e in submits)
     assert {e["process"] for e in api} == {"api"}
+    flower = log_lines(logs / "flower.log")
+    assert {e["process"] for e in flower} == {"flower"} and any(e["logger"].startswith("flower.") for e in flower)
 
 
 def test_the_formatter_writes_one_ascii_line_with_the_job_and_the_traceback():
