@@ -197,3 +197,31 @@ def test_a_completed_job_moves_the_counters_by_its_rows_records_and_tokens(stack
     # It went through queued and running and left both; nothing waits in any queue.
     assert jobs(after, "queued") == jobs(after, "running") == 0
     assert all(depth(after, queue) == 0 for queue in SPIDER_QUEUES)
+
+
+def test_a_jobs_moves_count_once_each_in_the_stores_own_numbers(own_redis):
+    """The counts behind the job gauges and counters, kept by JobStore in the same Redis step as
+    each status change: a transition that does not happen (repeated, or from the wrong status)
+    counts nothing."""
+    import redis
+
+    from spider.jobs.store import JobStore
+    from spider.types import JobStatus
+
+    store = JobStore(redis.Redis.from_url(own_redis, decode_responses=True))
+    keys, r = store.keys, store.r
+    ended_before = r.hgetall(keys.jobs_ended())
+    job_id = store.create("owner", {"x": 1}, {}, has_bundle=False).id
+    assert r.sismember(keys.jobs_in("queued"), job_id) and not r.sismember(keys.jobs_in("running"), job_id)
+    assert store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED])
+    assert not store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED])
+    assert not r.sismember(keys.jobs_in("queued"), job_id) and r.sismember(keys.jobs_in("running"), job_id)
+    assert store.fail(job_id, "broken") and not store.fail(job_id, "broken again")
+    assert not r.sismember(keys.jobs_in("running"), job_id)
+    ended = r.hgetall(keys.jobs_ended())
+    assert int(ended["failed"]) == int(ended_before.get("failed", 0)) + 1
+    store.delete(job_id, "owner")
+    assert r.hgetall(keys.jobs_ended()) == ended
+    # A transition of a job that is gone changes nothing either.
+    assert not store.transition(job_id, JobStatus.CANCELLED, [JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED])
+    assert r.hgetall(keys.jobs_ended()) == ended
