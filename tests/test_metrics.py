@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from spider.api.metrics import KOMBU_SEP
+from spider.api.metrics import PRIORITY_SEP
 from spider.client import SpiderClient
 from spider.local import LocalStack, WorkerSpec, start_redis
 from tests.helpers import api_process, make_config, read_jsonl
@@ -145,7 +145,7 @@ def test_queue_depth_counts_every_priority_and_queues_named_for_rollout(api, own
     import redis
 
     client = redis.Redis.from_url(own_redis)
-    assert client.llen(f"rollout{KOMBU_SEP}9") == 1  # the priority lists are really in use
+    assert client.llen(f"rollout{PRIORITY_SEP}9") == 1  # the priority lists are really in use
     after = scrape(api)
     assert moved(before, after) == {
         ("spider_queue_depth", (("queue", "rollout"),)): 3,

@@ -20,12 +20,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from spider.keys import Keys
 from spider.types import ACTIVE_STATUSES, ENDED_STATUSES
 
-# kombu's Redis transport keeps a queue as a list named like the queue, plus, once priorities are
-# in use, one list per priority named `<queue>\x06\x16<priority>` (priorities run 0..9); the
+# kombu's Redis transport keeps a queue as a list named like the queue (priority 0), plus, once
+# priorities are in use, one list per priority above 0 named `<queue>\x06\x16<priority>` (up to 9); the
 # queues bound to an exchange are the members `<routing key>\x06\x16<pattern>\x06\x16<queue>` of
 # the set `_kombu.binding.<exchange>`, and messages handed to a worker wait in the hash `unacked`.
-KOMBU_SEP = "\x06\x16"
-PRIORITIES = range(10)
+PRIORITY_SEP = "\x06\x16"
+PRIORITIES = range(1, 10)
 BINDINGS = "_kombu.binding.{exchange}"
 UNACKED = "unacked"
 
@@ -88,13 +88,13 @@ class ServerMetrics(Collector):
 
     def queue_depths(self, bindings: set[str]) -> dict[str, int]:
         """Messages waiting in each queue: its own list and its priority lists."""
-        bound = {member.split(KOMBU_SEP)[-1] for member in bindings}
+        bound = {member.split(PRIORITY_SEP)[-1] for member in bindings}
         queues = sorted(set(self.queues) | {q for q in bound if q})
         pipe = self.r.pipeline(transaction=False)
         for queue in queues:
             pipe.llen(queue)
             for priority in PRIORITIES:
-                pipe.llen(f"{queue}{KOMBU_SEP}{priority}")
+                pipe.llen(f"{queue}{PRIORITY_SEP}{priority}")
         lengths = pipe.execute()
         per_queue = 1 + len(PRIORITIES)
         return {queue: sum(lengths[i * per_queue:(i + 1) * per_queue]) for i, queue in enumerate(queues)}
