@@ -155,3 +155,16 @@ def test_the_sandbox_service_has_exactly_the_capabilities_a_jail_needs(compose, 
         assert without.returncode != 0, f"the jail works without {capability}: {without.stdout}"
     # No other service gets capabilities beyond Docker's defaults.
     assert [name for name, svc in compose["services"].items() if svc.get("cap_add") and name != "sandbox"] == []
+
+
+def test_a_missing_system_tool_fails_where_the_system_tools_are_required_and_skips_elsewhere():
+    from tests.helpers import REQUIRE_FIREJAIL
+
+    with pytest.raises(pytest.fail.Exception, match=f"capsh is not installed and {REQUIRE_FIREJAIL}=1"):
+        require_system_tool("capsh", None, environ={REQUIRE_FIREJAIL: "1"})
+    with pytest.raises(pytest.skip.Exception, match="capsh is not installed; scripts/install-system.sh installs it"):
+        require_system_tool("capsh", None, environ={})
+    assert require_system_tool("capsh", "/usr/sbin/capsh", environ={REQUIRE_FIREJAIL: "1"}) == "/usr/sbin/capsh"
+    # install-system.sh installs both tools these tests need.
+    script = (ROOT / "scripts" / "install-system.sh").read_text()
+    assert "missing+=(docker-compose)" in script and "missing+=(libcap2-bin)" in script
