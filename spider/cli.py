@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from spider.errors import SpiderError
+from spider.logs import LOG_FORMAT_ENV, LOG_FORMATS, log_format, use_json_logs
 from spider.types import ENDING_KINDS, EventKind, JobStatus
 
 DEFAULT_OUTPUT = "artifacts/{job_id}/result.{format}"
@@ -197,6 +198,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = LocalStack(
         port=args.port, quiet=False, data_dir=Path(args.data_dir) if args.data_dir else None, flower_port=args.flower_port,
         workers=scaled_workers(args.rollout_workers, tuple(args.model_worker or ())),
+        env={LOG_FORMAT_ENV: log_format(args.log_format)},
     )
     # Ctrl-C, SIGTERM and SIGHUP all stop the stack, during its start too.
     try:
@@ -249,7 +251,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         print(f"warning: serving on {args.host} without API keys (--insecure-open): every caller is the same "
               "user", file=sys.stderr, flush=True)
-    uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    uvicorn_logs: dict = {}
+    if log_format(args.log_format) == "json":
+        use_json_logs("api")
+        uvicorn_logs = {"log_config": None}  # uvicorn's loggers propagate to the JSON handler
+    uvicorn.run("spider.api.app:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3,
+                **uvicorn_logs)
     return 0
 
 
@@ -271,8 +278,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = ["worker", "-Q", ",".join(queues), "--pool", pool, "--loglevel", args.loglevel, "-E"]
     if pool != "solo":
         argv += ["--concurrency", str(args.concurrency)]
+    hostname = args.hostname or default_hostname(asked, models)
     # Several workers on one machine each need a name of their own (Celery's default is one per host).
-    argv += ["--hostname", args.hostname or default_hostname(asked, models)]
+    argv += ["--hostname", hostname]
+    if log_format(args.log_format) == "json":
+        from celery.utils.nodenames import default_nodename, host_format
+
+        from spider.workers.app import log_json
+
+        log_json(host_format(default_nodename(hostname)))
+        argv = ["--quiet", *argv]  # no banner: every line the worker writes is a JSON object
     celery_app.worker_main(argv)
     return 0
 
@@ -285,6 +300,31 @@ def default_hostname(queues: list[str], models: list[str]) -> str:
     from spider.queues import worker_label
 
     return f"{worker_label(queues, models)}-{os.getpid()}@%h"
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Flower (Celery's monitor) on Spider's Redis, always behind basic auth: it shows every task's
+    arguments and can revoke tasks."""
+    import logging
+    import os
+    import secrets
+
+    json_logs = log_format(args.log_format) == "json"
+    if json_logs:
+        use_json_logs("flower")
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        os.environ["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(18)}"
+        login = (f"Flower's login (generated; set FLOWER_BASIC_AUTH=user:password to choose one): "
+                 f"{os.environ['FLOWER_BASIC_AUTH']}")
+        if json_logs:
+            logging.getLogger("spider.flower").warning(login)
+        else:
+            print(login, file=sys.stderr, flush=True)
+    from spider.workers.app import celery_app
+
+    # The broker is SPIDER_REDIS_URL, through Spider's own Celery app: its password is on no command line.
+    celery_app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -363,6 +403,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help=f"text, or one JSON object per line (default: ${LOG_FORMAT_ENV}, else text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spider", description="Spider: distillation jobs from one config")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -388,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollout worker processes on the default rollout queue (default 1)")
     p.add_argument("--model-worker", action="append", metavar="MODEL",
                    help="one more rollout worker that serves only this model's jobs (repeatable; routes the model)")
+    log_format_arg(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="run the API server only")
@@ -396,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--insecure-open", action="store_true",
                    help="serve on a non-loopback address without API keys (every caller is the same user)")
+    log_format_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a worker for some queues")
@@ -409,7 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--unsafe-no-jail", action="store_true",
                    help="sandbox queue: run user code without firejail (warns on every job)")
+    log_format_arg(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("flower", help="run Flower (monitoring of workers, queues and tasks) behind basic auth")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    log_format_arg(p)
+    p.set_defaults(func=cmd_flower)
 
     p = sub.add_parser("submit", help="submit a config and print the job id")
     p.add_argument("config")

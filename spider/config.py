@@ -47,6 +47,13 @@ MAX_LIST_ITEMS = 1024
 MAX_FREE_FORM_DEPTH = 32
 MAX_FREE_FORM_ITEMS = 10_000
 MAX_FREE_FORM_STRING = 1_000_000
+# The hard limits of the bounds that are the operator's policy (spider.policy.JobCeilings,
+# SPIDER_MAX_*: by default lower, and never above these, whatever the operator sets).
+HARD_MAX_DUPLICATIONS = 100_000
+HARD_MAX_TOKENS = 10_000_000
+HARD_MAX_BATCH_SIZE = 1_000_000
+HARD_MAX_CONCURRENT_CONVERSATIONS = 65_536
+HARD_MAX_TURNS = 10_000
 
 Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
@@ -214,7 +221,7 @@ class GenerationParameters(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=10_000_000)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int = Field(512, ge=1, le=1_000_000)
+    max_tokens: int = Field(512, ge=1, le=HARD_MAX_TOKENS)
     seed: Seed | None = None
     stop: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
     presence_penalty: float = Field(0.0, ge=-100, le=100)
@@ -287,7 +294,7 @@ class OnPolicyOptions(Strict):
         "1024 would leave a single step",
     )
     group_size: int = Field(4, ge=1, le=1024, description="student samples per prompt (the recipe's 4)")
-    max_tokens: int = Field(4096, ge=1, le=1_000_000, description="tokens per student answer (the recipe's 4096)")
+    max_tokens: int = Field(4096, ge=1, le=HARD_MAX_TOKENS, description="tokens per student answer (the recipe's 4096)")
     temperature: float = Field(
         1.0,
         gt=0,
@@ -457,7 +464,7 @@ class SimulatedUserConfig(Strict):
         min_length=1,
         max_length=100_000,
     )
-    max_turns: int = Field(1, ge=1, le=100)
+    max_turns: int = Field(1, ge=1, le=HARD_MAX_TURNS)
     stop_phrase: str | None = Field(None, min_length=1, max_length=200)
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
 
@@ -491,13 +498,13 @@ TOOL_CHOICES = ("auto", "required", "none")
 
 class GenerationConfig(Strict):
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
-    duplications: int = Field(1, ge=1, le=1024, description="samples per prompt")
+    duplications: int = Field(1, ge=1, le=HARD_MAX_DUPLICATIONS, description="samples per prompt")
     system_prompt: str | list[str] | None = Field(
         None,
         description=f"one system prompt, or a list to choose from per row (seeded); at most {MAX_LIST_ITEMS} prompts "
         f"of at most {MAX_TEXT_CHARS} characters each",
     )
-    max_batch_size: int = Field(32, ge=1, le=100_000, description="rows per rollout task")
+    max_batch_size: int = Field(32, ge=1, le=HARD_MAX_BATCH_SIZE, description="rows per rollout task")
     max_row_errors: int | None = Field(
         None,
         ge=0,
@@ -517,13 +524,13 @@ class GenerationConfig(Strict):
     reasoning_parser: str | None = Field(
         None, pattern=r"^[a-z0-9_\-]{1,40}$", description="split <think> reasoning into reasoning_content (e.g. qwen3, deepseek_r1)"
     )
-    max_tool_turns: int = Field(8, ge=1, le=100, description="model turns with tool calls per user turn")
+    max_tool_turns: int = Field(8, ge=1, le=HARD_MAX_TURNS, description="model turns with tool calls per user turn")
     max_tool_output_chars: int = Field(8192, ge=16, le=1_000_000, description="longer tool answers are truncated")
     tool_timeout_s: float = Field(120.0, gt=0, le=3600, description="wait for one tool answer at most this long")
     user: SimulatedUserConfig | None = None
     mcp_servers: list[MCPServerConfig] = Field(default_factory=list, max_length=16)
     max_concurrent_conversations: int = Field(
-        64, ge=1, le=4096, description="conversations of one rollout task in the engine at once"
+        64, ge=1, le=HARD_MAX_CONCURRENT_CONVERSATIONS, description="conversations of one rollout task in the engine at once"
     )
     return_tokens: bool = Field(False, description="keep token ids and log-probs of every assistant turn")
     on_policy: bool = False

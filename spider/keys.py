@@ -71,5 +71,17 @@ class Keys:
         """The list a tool call's answer is pushed to."""
         return f"{self.prefix}:tool-reply:{call_id}"
 
+    def jobs_in(self, status: str) -> str:
+        """The set of the ids of every job now in an active status (`queued`, `running`)."""
+        return f"{self.prefix}:stats:jobs:{status}"
+
+    def jobs_ended(self) -> str:
+        """The hash of how many jobs ever ended, by status (`completed`, `failed`, `cancelled`)."""
+        return f"{self.prefix}:stats:ended"
+
+    def work_done(self) -> str:
+        """The hash of what every job's finished batches added up to, server-wide (rows, tokens, ...)."""
+        return f"{self.prefix}:stats:work"
+
 
 DEFAULT_KEYS = Keys()

@@ -29,7 +29,7 @@ from spider.settings import cache_dir, routed_models
 from spider.watchdog import Watchdog
 
 # Server-wide secrets that only the API reads: workers and Flower never get them.
-API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE")
+API_ONLY_ENV = ("SPIDER_API_KEYS", "SPIDER_API_KEYS_FILE", "SPIDER_METRICS_TOKEN")
 
 
 # The signals that ask a command to stop, besides Ctrl-C's SIGINT: kill, docker stop and systemd send
@@ -212,6 +212,12 @@ def scaled_workers(rollout: int = 1, models: tuple[str, ...] = (), base: tuple[W
     return tuple(specs)
 
 
+def worker_command(spec: WorkerSpec) -> list[str]:
+    """The `spider` arguments that start a worker of `spec` (docker-compose.yml runs the same)."""
+    models = ["--models", ",".join(spec.models)] if spec.models else []
+    return ["worker", "--queues", spec.queues, *models, "--pool", spec.pool, "--concurrency", str(spec.concurrency)]
+
+
 @dataclass
 class LocalStack:
     """Start with `with LocalStack() as stack:`; `stack.url` is the API's base URL.
@@ -339,13 +345,7 @@ class LocalStack:
         api_env = {**shared, "SPIDER_API_KEYS": ",".join(self.api_keys)}
         python = sys.executable
         for name, spec in zip(worker_names(self.workers), self.workers):
-            models = ["--models", ",".join(spec.models)] if spec.models else []
-            self._spawn(
-                name,
-                [python, "-m", "spider", "worker", "--queues", spec.queues, *models, "--pool", spec.pool,
-                 "--concurrency", str(spec.concurrency), "--hostname", f"{name}-{self.port}@%h"],
-                env,
-            )
+            self._spawn(name, [python, "-m", "spider", *worker_command(spec), "--hostname", f"{name}-{self.port}@%h"], env)
         self._spawn("api", [python, "-m", "spider", "serve", "--host", "127.0.0.1", "--port", str(self.port)], api_env)
         if self.flower_port:
             # Monitoring on loopback only, behind basic auth: Flower can revoke tasks and read
@@ -353,8 +353,8 @@ class LocalStack:
             self.flower_auth = self.flower_auth or f"admin:{secrets.token_urlsafe(18)}"
             self._spawn(
                 "flower",
-                [python, "-m", "celery", "flower", "--address=127.0.0.1", f"--port={self.flower_port}"],
-                {**env, "CELERY_BROKER_URL": self.redis_url, "FLOWER_BASIC_AUTH": self.flower_auth},
+                [python, "-m", "spider", "flower", "--address", "127.0.0.1", "--port", str(self.flower_port)],
+                {**env, "FLOWER_BASIC_AUTH": self.flower_auth},
             )
         self._wait_ready()
 

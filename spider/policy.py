@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
+
+from spider.errors import ConfigError
 
 TRUE = ("1", "true", "yes", "on")
 
@@ -57,6 +60,72 @@ class LimitCeilings:
         return cls(**values)
 
 
+def _ceiling(name: str, default: int | None, hard: int) -> int | None:
+    """The ceiling `name` as the operator set it (`ceiling_env(name)`), else `default`; refused
+    unless it is a whole number from 1 to `hard`."""
+    variable = ceiling_env(name)
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{variable}={raw[:40]!r} is not a whole number") from None
+    if not 1 <= value <= hard:
+        raise ConfigError(f"{variable}={value}: a ceiling runs from 1 to its hard limit of {hard}")
+    return value
+
+
+@dataclass(frozen=True)
+class JobCeilings:
+    """The most a job may ask for where the bound is the operator's policy, not a sanity limit.
+
+    Each has a default (today's bound; `rows`: none) that the operator lowers or raises, up to its
+    hard limit (`hard_limit`, the schema's own bound), with `ceiling_env(field)`: SPIDER_MAX_ROWS,
+    SPIDER_MAX_DUPLICATIONS, SPIDER_MAX_TOKENS, SPIDER_MAX_BATCH_SIZE,
+    SPIDER_MAX_CONCURRENT_CONVERSATIONS, SPIDER_MAX_TOOL_TURNS, SPIDER_MAX_USER_TURNS. A job that
+    asks for more is refused at submit with a 422 naming the field and the ceiling (`paths` says
+    which fields each bounds); a source with more rows than `rows` fails the job when it is loaded."""
+
+    rows: int | None = None
+    duplications: int = 1024
+    tokens: int = 1_000_000
+    batch_size: int = 100_000
+    concurrent_conversations: int = 4096
+    tool_turns: int = 100
+    user_turns: int = 100
+
+    # The config fields (dotted, under `job`) each ceiling bounds.
+    paths: ClassVar[dict[str, tuple[str, ...]]] = {
+        "rows": ("source.max_examples",),
+        "duplications": ("generation.duplications",),
+        "tokens": ("generation.parameters.max_tokens", "generation.user.parameters.max_tokens",
+                   "generation.on_policy_options.max_tokens"),
+        "batch_size": ("generation.max_batch_size",),
+        "concurrent_conversations": ("generation.max_concurrent_conversations",),
+        "tool_turns": ("generation.max_tool_turns",),
+        "user_turns": ("generation.user.max_turns",),
+    }
+
+    @staticmethod
+    def hard_limit(name: str) -> int:
+        from spider import config
+
+        return {
+            "rows": config.INT64_MAX,
+            "duplications": config.HARD_MAX_DUPLICATIONS,
+            "tokens": config.HARD_MAX_TOKENS,
+            "batch_size": config.HARD_MAX_BATCH_SIZE,
+            "concurrent_conversations": config.HARD_MAX_CONCURRENT_CONVERSATIONS,
+            "tool_turns": config.HARD_MAX_TURNS,
+            "user_turns": config.HARD_MAX_TURNS,
+        }[name]
+
+    @classmethod
+    def from_env(cls) -> "JobCeilings":
+        return cls(**{f.name: _ceiling(f.name, f.default, cls.hard_limit(f.name)) for f in fields(cls)})
+
+
 @dataclass(frozen=True)
 class Policy:
     """The operator's allow-settings, read from the environment of the API and of every worker.
@@ -76,6 +145,8 @@ class Policy:
       (default: the hosts of PIP_INDEX_URL / PIP_EXTRA_INDEX_URL, else pypi.org and
       files.pythonhosted.org).
     * `ceilings`: the most a job may ask for in `runtime.limits`.
+    * `job_ceilings`: the most a job may ask for in rows, samples, tokens, batch size, concurrent
+      conversations and turns.
     """
 
     allow_remote_code: bool = False
@@ -87,6 +158,7 @@ class Policy:
     allow_direct_url_packages: bool = False
     package_index_hosts: tuple[str, ...] = field(default_factory=lambda: default_index_hosts())
     ceilings: LimitCeilings = field(default_factory=LimitCeilings)
+    job_ceilings: JobCeilings = field(default_factory=JobCeilings)
 
     @classmethod
     def from_env(cls) -> "Policy":
@@ -101,6 +173,7 @@ class Policy:
             allow_direct_url_packages=_flag("SPIDER_ALLOW_DIRECT_URL_PACKAGES"),
             package_index_hosts=_words("SPIDER_PACKAGE_INDEX_HOSTS") or default_index_hosts(),
             ceilings=LimitCeilings.from_env(),
+            job_ceilings=JobCeilings.from_env(),
         )
 
 

@@ -19,6 +19,8 @@ ROLLOUT = "rollout"
 PRIORITY_STEPS = tuple(range(10))
 # The separator kombu puts between a queue's name and its step in the names of its Redis lists.
 PRIORITY_SEP = "\x06\x16"
+# kombu's Redis transport keeps messages handed to a worker and not yet acknowledged in this hash.
+UNACKED = "unacked"
 WAITED_ON = 0  # a task another task waits for (a tool call, teacher scoring), and control stages
 
 

@@ -80,6 +80,8 @@ class Settings:
     # go to `rollout`. Only the operator names them, so the number of queues stays theirs to bound.
     routed_models: tuple[str, ...] = ()
     policy: Policy = field(default_factory=Policy)
+    # The bearer token /metrics wants (SPIDER_METRICS_TOKEN); None: /metrics answers everyone.
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -105,4 +107,5 @@ class Settings:
             retry_backoff_s=float(os.environ.get("SPIDER_RETRY_BACKOFF_S", cls.retry_backoff_s)),
             routed_models=routed_models(),
             policy=Policy.from_env(),
+            metrics_token=os.environ.get("SPIDER_METRICS_TOKEN") or None,
         )

@@ -56,6 +56,20 @@ def require_firejail(path: str | Path | None = None, environ: Mapping[str, str] 
     pytest.skip(f"firejail is not installed ({where}); scripts/install-system.sh installs it")
 
 
+def require_system_tool(name: str, found: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """A tool that scripts/install-system.sh installs besides firejail (a Compose tool, capsh),
+    for the tests that run it: `found` (its path or command), or the test is skipped; where the
+    jail tests are required (SPIDER_REQUIRE_FIREJAIL=1, as in CI) every such tool is, and the test
+    fails instead."""
+    if found:
+        return found
+    environ = os.environ if environ is None else environ
+    if environ.get(REQUIRE_FIREJAIL) == "1":
+        pytest.fail(f"{name} is not installed and {REQUIRE_FIREJAIL}=1 requires the system tools' tests to run; "
+                    "scripts/install-system.sh installs it", pytrace=False)
+    pytest.skip(f"{name} is not installed; scripts/install-system.sh installs it")
+
+
 @contextlib.contextmanager
 def vllm_server_process(model: Path, log_dir: Path, dtype: str, max_model_len: int, name: str = "spider-tiny"):
     """`python -m vllm.entrypoints.openai.api_server` on `model`, served as `name`, with tool calls

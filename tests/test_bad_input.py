@@ -205,7 +205,7 @@ def test_a_yaml_config_is_bounded_by_the_same_schema(tmp_path):
     path.write_text(
         "job:\n  model: {name: a/b}\n  source: {dataset: a/b}\n  generation:\n    duplications: 9223372036854775808\n"
     )
-    with pytest.raises(ConfigError, match=r"job\.generation\.duplications: Input should be less than or equal to 1024"):
+    with pytest.raises(ConfigError, match=r"job\.generation\.duplications: Input should be less than or equal to 100000"):
         AppConfig.load(path)
 
 

@@ -65,7 +65,7 @@ def test_deployment_commands_are_valid_cli_invocations():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     parser = build_parser()
     commands = [svc["command"] for svc in compose["services"].values() if svc.get("command", [""])[0] == "spider"]
-    assert {c[1] for c in commands} == {"serve", "worker"}
+    assert {c[1] for c in commands} == {"serve", "worker", "flower"}
     for command in commands:
         parser.parse_args(command[1:])
     queues = {c[c.index("--queues") + 1] for c in commands if "--queues" in c}
@@ -112,7 +112,7 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})|(--port={flower})"], capture_output=True)
+    leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})|(--port {flower})"], capture_output=True)
     assert leftovers.returncode == 1, leftovers.stdout
 
 

@@ -20,12 +20,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from spider import __version__
-from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, unreachable_errors
+from spider.api.metrics import add_metrics_route
 from spider.api.submission import Submission, parse_submission
-from spider.events import EventBus, follow
+from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, unreachable_errors
 from spider.errors import SpiderError
+from spider.events import EventBus, follow
 from spider.jobs import recovery, retention, stages
-from spider.jobs.store import JobFiles, JobStore, is_job_id, new_job_id, write_atomic
+from spider.jobs.store import DamagedRecord, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
+from spider.logs import JobLogContext
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
 
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Spider", version=__version__, lifespan=lifespan)
     # The whole request body is bounded while it arrives, before anything parses it.
     app.add_middleware(BodyLimit, limit=settings.max_bundle_bytes)
+    app.add_middleware(JobLogContext)
 
     @app.exception_handler(redis.RedisError)
     async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -103,10 +106,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def owned(job_id: str, owner: str):
         """The caller's own job; anything else (another key's job, a string that is not a job id)
         is a 404 that reads no key."""
-        record = store.get(job_id) if is_job_id(job_id) else None
+        try:
+            record = store.get(job_id) if is_job_id(job_id) else None
+        except DamagedRecord as exc:
+            if exc.owner != owner:
+                raise HTTPException(404, f"no job {job_id[:40]!r}") from None
+            log.error("%s", exc)
+            raise HTTPException(409, f"{exc}; the server's operator has been told") from None
         if record is None or record.owner != owner:
             raise HTTPException(404, f"no job {job_id[:40]!r}")
         return record
+
+    add_metrics_route(app, client, store.keys, settings.metrics_token)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

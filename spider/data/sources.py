@@ -32,17 +32,20 @@ _HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 class SourceAccess:
     """What a job's source may read: the files uploaded with it (`uploaded`, a folder), the
     operator's data roots, the Hub, and http(s) URLs to public hosts when the operator allows
-    remote data. `cache_dir` is the job's own datasets cache (deleted with the job)."""
+    remote data. `cache_dir` is the job's own datasets cache (deleted with the job); `max_rows`
+    the most rows a job may have (the operator's SPIDER_MAX_ROWS; None: no ceiling)."""
 
     uploaded: Path | None = None
     data_roots: tuple[Path, ...] = ()
     allow_remote_data: bool = False
     allowed_hosts: tuple[str, ...] = ()
     cache_dir: Path | None = None
+    max_rows: int | None = None
 
     @classmethod
     def for_job(cls, policy: Policy, uploaded: Path | None, cache_dir: Path | None) -> "SourceAccess":
-        return cls(uploaded, policy.data_roots, policy.allow_remote_data, policy.allowed_hosts, cache_dir)
+        return cls(uploaded, policy.data_roots, policy.allow_remote_data, policy.allowed_hosts, cache_dir,
+                   policy.job_ceilings.rows)
 
     def roots(self) -> tuple[Path, ...]:
         return self.data_roots + ((self.uploaded.resolve(),) if self.uploaded else ())
@@ -164,6 +167,12 @@ def _builder_and_files(source: SourceConfig) -> tuple[str, dict[str, Any]]:
         if not files:
             raise SourceError(f"source dataset {source.dataset!r}: no .json/.jsonl/.parquet/.csv files in it")
         suffixes = {p.suffix.lower() for p in files}
+        unknown = sorted(suffixes - set(LOCAL_BUILDERS))
+        if unknown:
+            raise SourceError(
+                f"source dataset {source.dataset!r}: Spider does not read {', '.join(repr(s or '(no suffix)') for s in unknown)} "
+                f"files as a source; name a file ending in one of {', '.join(sorted(LOCAL_BUILDERS))}"
+            )
         builders = {LOCAL_BUILDERS[s] for s in suffixes}
         if len(builders) > 1:
             raise SourceError(f"source dataset {source.dataset!r} mixes file types {sorted(suffixes)}")
@@ -202,6 +211,7 @@ def load_source_rows(source: SourceConfig, token: str | None = None, access: Sou
         if any(v is not None and v < 0 for v in stream_slice):
             raise SourceError("streaming sources do not support negative slice bounds")
     cache = str(access.cache_dir) if access is not None and access.cache_dir else None
+    max_rows = access.max_rows if access is not None else None
     try:
         builder = datasets.load_dataset_builder(builder_name, cache_dir=cache, token=token or False, **kwargs)
         if access is not None:
@@ -229,14 +239,27 @@ def load_source_rows(source: SourceConfig, token: str | None = None, access: Sou
             dataset = dataset.shuffle(seed=source.seed, buffer_size=10_000)
         if source.max_examples:
             dataset = dataset.take(source.max_examples)
+        if max_rows is not None:
+            dataset = dataset.take(max_rows + 1)  # one more tells that there are too many
         rows = [jsonable(dict(row)) for row in dataset]
+        if max_rows is not None and len(rows) > max_rows:
+            raise _too_many_rows(source, f"more than {max_rows}", max_rows)
     else:
         if source.shuffle:
             dataset = dataset.shuffle(seed=source.seed)
         if source.max_examples:
             dataset = dataset.select(range(min(source.max_examples, len(dataset))))
+        if max_rows is not None and len(dataset) > max_rows:
+            raise _too_many_rows(source, str(len(dataset)), max_rows)
         rows = [jsonable(row) for row in dataset]
     return rows
+
+
+def _too_many_rows(source: SourceConfig, count: str, max_rows: int) -> SourceError:
+    return SourceError(
+        f"source {source.dataset!r} (split {source.split!r}) has {count} rows; this server takes at most {max_rows} "
+        "rows per job (SPIDER_MAX_ROWS): take fewer with source.max_examples or a split slice"
+    )
 
 
 def field_value(row: dict[str, Any], field: str, index: int) -> Any:

@@ -3,14 +3,16 @@
 `admit` refuses (ConfigError, a 422 at the API) every config field that would let a job reach past
 what it carried: engine parameters outside each provider's list, remote code, local model folders
 and data files the operator did not open, unsafe dataset options, outbound hosts that are not
-public, and `runtime.limits` above the operator's ceilings. An on-policy job's teacher passes the
-same model checks as its student, and a checkpoint it resumes from is a folder the operator opened.
+public, and `runtime.limits`, rows, samples, tokens, batch sizes and turns above the operator's
+ceilings. An on-policy job's teacher passes the same model checks as its student, and a
+checkpoint it resumes from is a folder the operator opened.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from spider.config import TINKER_KEY_SECRET, JobConfig, ModelConfig
 from spider.data.sources import source_problems
@@ -32,6 +34,7 @@ def admit(
         model_problems(job.model, policy, "job.model", secret_names)
         + source_problems(job.source, policy, uploaded=bool(source_files))
         + runtime_problems(job, policy)
+        + ceiling_problems(job, policy)
         + conversation_problems(job, policy, secret_names)
         + on_policy_problems(job, policy, secret_names)
     )
@@ -143,6 +146,30 @@ def _data_dirs() -> tuple[Path, ...]:
     from spider.settings import Settings
 
     return (Path(Settings.from_env().data_dir).resolve(),)
+
+
+def ceiling_problems(job: JobConfig, policy: Policy) -> list[str]:
+    """Counts and sizes above the operator's ceilings (JobCeilings): samples, rows, tokens, batch
+    size, concurrent conversations, turns."""
+    problems = []
+    ceilings = policy.job_ceilings
+    for name, paths in ceilings.paths.items():
+        ceiling = getattr(ceilings, name)
+        for path in paths:
+            asked = _value_at(job, path)
+            if ceiling is not None and asked is not None and asked > ceiling:
+                problems.append(f"job.{path}: {asked} is above this server's ceiling of {ceiling} ({ceiling_env(name)})")
+    return problems
+
+
+def _value_at(job: JobConfig, path: str) -> Any:
+    """The value of a dotted field of `job`, or None where a part of the path is not set."""
+    value: Any = job
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 def runtime_problems(job: JobConfig, policy: Policy) -> list[str]:

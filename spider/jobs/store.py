@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +12,14 @@ from typing import Any, Iterable
 import redis
 
 from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, write_atomic
+from spider.errors import SpiderError
 from spider.keys import DEFAULT_KEYS, Keys, checked_job_id, is_job_id, new_job_id
 from spider.settings import Settings, job_ttl_s
 from spider.types import ACTIVE_STATUSES, BatchStats, JobStatus
 
-__all__ = ["COUNTERS", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
+__all__ = ["COUNTERS", "DamagedRecord", "JobFiles", "JobRecord", "JobStore", "is_job_id", "new_job_id", "redact", "write_atomic"]
+
+log = logging.getLogger(__name__)
 
 # The job's progress counters: what its batches add up to, as the API shows them.
 COUNTERS = ("batches_done",) + BatchStats.COUNTERS
@@ -24,12 +28,22 @@ COUNTERS = ("batches_done",) + BatchStats.COUNTERS
 JOB_PARTS = ("", "secrets", "progress", "done", "batch-stats", "finalize", "train-lease")
 
 
-# Set the status only if the current one is among ARGV[2..]; returns 1 when it changed.
+# Set the status (ARGV[1]) of job ARGV[2] (record KEYS[1]) only if the current one is among
+# ARGV[3..]; returns 1 when it changed. In the same step the server-wide counts follow: the job
+# moves between the sets of queued (KEYS[2]) and running (KEYS[3]) jobs, and a job that ends is
+# counted in the hash of ended jobs by status (KEYS[4]).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
-for i = 2, #ARGV do
+local active = {queued = KEYS[2], running = KEYS[3]}
+for i = 3, #ARGV do
   if current == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    if active[current] then redis.call('SREM', active[current], ARGV[2]) end
+    if active[ARGV[1]] then
+      redis.call('SADD', active[ARGV[1]], ARGV[2])
+    else
+      redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+    end
     return 1
   end
 end
@@ -38,7 +52,8 @@ return 0
 
 # Record a finished batch once, in one step: its index joins the done set, its statistics are kept
 # by index (so the totals can always be recounted) and added to the job's counters. A crash can
-# only come before or after this, never half-way. KEYS: done, batch-stats, progress, record.
+# only come before or after this, never half-way. KEYS: done, batch-stats, progress, record, and
+# the server-wide totals (/metrics).
 # ARGV: index, stats JSON, generation seconds, then counter name/value pairs. Returns
 # {1 if this call recorded it, batches done, the counters as a flat list}.
 _COMPLETE_BATCH = """
@@ -47,9 +62,12 @@ if added == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   for i = 4, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
   end
   redis.call('HINCRBY', KEYS[3], 'batches_done', 1)
   redis.call('HINCRBYFLOAT', KEYS[3], 'generation_seconds', ARGV[3])
+  redis.call('HINCRBY', KEYS[5], 'batches_done', 1)
+  redis.call('HINCRBYFLOAT', KEYS[5], 'generation_seconds', ARGV[3])
   local ttl = redis.call('TTL', KEYS[4])
   if ttl > 0 then
     for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
@@ -97,6 +115,26 @@ class JobRecord:
             "secret_names": self.secret_names,
             "config": redact(self.config),
         }
+
+
+class DamagedRecord(SpiderError):
+    """A job's stored record cannot be read: a field is missing, `config` is not JSON, its status
+    is not one Spider knows. `owner` is the record's owner field, when it has one, so that only
+    its owner hears that it exists."""
+
+    def __init__(self, job_id: str, owner: str | None, why: str):
+        self.job_id = job_id
+        self.owner = owner
+        super().__init__(f"the stored record of job {job_id} is damaged ({why}) and cannot be read")
+
+
+def _damage(exc: Exception) -> str:
+    """What is wrong with a record, from the error that reading it raised."""
+    if isinstance(exc, KeyError):
+        return f"its field {exc.args[0]!r} is missing"
+    if isinstance(exc, json.JSONDecodeError):
+        return "a field that holds JSON does not"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def redact(config: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +200,7 @@ class JobStore:
             pipe.hset(self._key(job_id, "secrets"), mapping=secrets)
         pipe.zadd(self._owner_index(owner), {job_id: now})
         pipe.zadd(self.keys.active_jobs(), {job_id: now})
+        pipe.sadd(self.keys.jobs_in(JobStatus.QUEUED), job_id)
         pipe.execute()
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -176,6 +215,8 @@ class JobStore:
         pipe.delete(*(self._key(job_id, part) for part in JOB_PARTS), self.keys.events(job_id))
         pipe.zrem(self._owner_index(owner), job_id)
         pipe.zrem(self.keys.active_jobs(), job_id)
+        for status in ACTIVE_STATUSES:
+            pipe.srem(self.keys.jobs_in(status), job_id)
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -189,6 +230,13 @@ class JobStore:
         if not raw:
             return None
 
+        try:
+            return self._record(raw, progress)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DamagedRecord(job_id, raw.get("owner"), _damage(exc)) from None
+
+    @staticmethod
+    def _record(raw: dict[str, str], progress: dict[str, str]) -> JobRecord:
         def num(name: str) -> float | None:
             return float(raw[name]) if raw.get(name) not in (None, "") else None
 
@@ -212,7 +260,14 @@ class JobStore:
         if limit < 1:
             return []
         ids = self.r.zrevrange(self._owner_index(owner), 0, limit - 1)
-        jobs = {i: self.get(i) for i in ids}
+        jobs: dict[str, JobRecord | None] = {}
+        for job_id in ids:
+            try:
+                jobs[job_id] = self.get(job_id)
+            except DamagedRecord as exc:
+                # One unreadable record must not hide the owner's other jobs; it stays in the index
+                # (GET of it says what is wrong) and the operator hears of it.
+                log.error("listing the jobs of owner %s: %s", owner, exc)
         gone = [i for i, job in jobs.items() if job is None]
         if gone:  # their records expired: so do their index entries
             self.r.zrem(self._owner_index(owner), *gone)
@@ -221,7 +276,9 @@ class JobStore:
     def transition(self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus]) -> bool:
         """Atomically move a job to status `to` if its current status is one of `allowed_from`."""
         to = JobStatus(to)
-        changed = bool(self._transition(keys=[self._key(job_id)], args=[to, *allowed_from]))
+        keys = [self._key(job_id), self.keys.jobs_in(JobStatus.QUEUED), self.keys.jobs_in(JobStatus.RUNNING),
+                self.keys.jobs_ended()]
+        changed = bool(self._transition(keys=keys, args=[to, job_id, *allowed_from]))
         if changed:
             stamp = "started_at" if to == JobStatus.RUNNING else "finished_at" if to.ended else None
             if stamp:
@@ -298,7 +355,7 @@ class JobStore:
         counters = [item for pair in stats.counters().items() for item in pair]
         added, done, flat = self._complete_batch(
             keys=[self._key(job_id, "done"), self._key(job_id, "batch-stats"), self._key(job_id, "progress"),
-                  self._key(job_id)],
+                  self._key(job_id), self.keys.work_done()],
             args=[batch_index, json.dumps(stats.to_dict()), stats.generation_seconds, *counters],
         )
         totals = dict(zip(flat[::2], flat[1::2]))

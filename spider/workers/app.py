@@ -4,9 +4,13 @@ between jobs."""
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import sys
+
+from celery import Celery, signals
 from kombu import Queue
 
+from spider.logs import reset_job, set_job, use_json_logs
 from spider.queues import PRIORITY_SEP, PRIORITY_STEPS, QUEUES, model_queue
 from spider.settings import Settings
 
@@ -46,3 +50,38 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+
+
+# The log context of each running task, by task id: while a task whose first argument is a job id
+# runs, every log line of its thread carries that job id (spider.logs).
+_task_jobs: dict[str, object] = {}
+
+
+@signals.task_prerun.connect
+def _log_the_tasks_job(task_id: str, args: tuple | None = None, **_: object) -> None:
+    _task_jobs[task_id] = set_job(args[0] if args else None)
+
+
+@signals.task_postrun.connect
+def _end_the_tasks_job(task_id: str, **_: object) -> None:
+    reset_job(_task_jobs.pop(task_id, None))
+
+
+def log_json(nodename: str) -> None:
+    """Make the worker about to start log JSON lines (spider.logs) under its node name instead of
+    Celery's own format; what its code prints still becomes log lines, as Celery's default does."""
+
+    use_json_logs(nodename)  # now: the warnings of the worker's start are log records too
+
+    def setup(loglevel: int | str | None = None, **_: object) -> None:
+        logging.getLogger().setLevel(loglevel or logging.INFO)
+        celery_app.log.redirect_stdouts(celery_app.conf.worker_redirect_stdouts_level)
+        # Celery writes its shutdown notice straight to sys.__stdout__, which would be the one line
+        # not in JSON: it goes nowhere, and `shutting_down` logs it instead.
+        sys.__stdout__ = sys.stdout
+
+    def shutting_down(sig: str = "", how: str = "", **_: object) -> None:
+        logging.getLogger("spider.worker").info("%s shutdown (%s)", how, sig)
+
+    signals.setup_logging.connect(setup, weak=False)
+    signals.worker_shutting_down.connect(shutting_down, weak=False)

@@ -8,10 +8,8 @@ from typing import Iterable, Iterator
 
 import redis
 
-from spider.queues import queue_keys
+from spider.queues import UNACKED, queue_keys
 
-# kombu's Redis transport keeps delivered, unacknowledged messages in this hash.
-UNACKED = "unacked"
 CHUNK = 500
 
 
