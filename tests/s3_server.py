@@ -69,3 +69,22 @@ def s3_server(log_dir: Path) -> Iterator[S3Server]:
         yield S3Server(f"http://127.0.0.1:{port}")
     finally:
         terminate([proc], grace=5)
+
+
+@contextlib.contextmanager
+def s3_with_credentials(log_dir: Path) -> Iterator[S3Server]:
+    """moto's S3 server, with the credentials s3fs reads set in this process's environment
+    meanwhile (and restored after)."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with s3_server(log_dir) as server:
+            yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

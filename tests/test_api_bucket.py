@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import pytest
 import redis
@@ -19,7 +18,7 @@ from spider.local import free_port
 from spider.settings import Settings
 from spider.types import JobStatus
 from tests.helpers import SAMPLE_PROMPTS, make_config
-from tests.s3_server import CREDENTIALS, s3_server
+from tests.s3_server import CREDENTIALS, s3_with_credentials
 
 KEY, OTHER_KEY = "key-bucket", "key-no-bucket"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,17 +26,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with s3_server(tmp_path_factory.mktemp("moto")) as server:
-            yield server
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    """moto's S3 server, with the credentials s3fs reads from the environment of this process."""
+    with s3_with_credentials(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 def submit_body() -> str:

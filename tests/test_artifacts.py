@@ -19,7 +19,7 @@ from spider.data.sinks import read_jsonl, write_result
 from spider.errors import SpiderError
 from spider.jobs.store import JobFiles
 from spider.settings import Settings
-from tests.s3_server import CREDENTIALS, s3_server
+from tests.s3_server import s3_with_credentials
 
 MiB = 1024 * 1024
 
@@ -27,17 +27,8 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server, with the credentials s3fs reads from the environment of this process."""
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with s3_server(tmp_path_factory.mktemp("moto")) as server:
-            yield server
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with s3_with_credentials(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 def bucket_settings(s3, data_dir: Path) -> Settings:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 
@@ -23,23 +22,15 @@ from spider.policy import Policy
 from spider.settings import Settings
 from spider.types import EventKind, JobStatus
 from tests.helpers import SAMPLE_PROMPTS, Recorder
-from tests.s3_server import CREDENTIALS, s3_server
+from tests.s3_server import s3_with_credentials
 from tests.test_on_policy_stages import submit
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with s3_server(tmp_path_factory.mktemp("moto")) as server:
-            yield server
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    """moto's S3 server, with the credentials s3fs reads from the environment of this process."""
+    with s3_with_credentials(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ policy would.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import threading
