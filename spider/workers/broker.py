@@ -14,17 +14,26 @@ CHUNK = 500
 
 
 def holds(client: redis.Redis, job_id: str, queues: Iterable[str]) -> bool:
-    """Whether a message of the job is queued or delivered and unacknowledged. A message names its
-    job in plain text (Celery's `argsrepr` header), so this reads messages, never decodes them:
-    the unacknowledged ones first (few: one per running task), then the queues."""
+    """Whether a message of the job is queued or delivered and unacknowledged. Every task of a job
+    takes the job id as its first argument, which Celery's `argsrepr` header starts with, in plain
+    text: so this reads messages, never decodes them (the unacknowledged ones first: few, one per
+    running task; then the queues). Only the start of the header counts, so a job id that another
+    job put in its own arguments (a tool call's, say) does not count."""
+    needle = owned_by(job_id)
     for raw in _unacked(client):
-        if job_id in raw:
+        if needle in raw:
             return True
     for key in (key for queue in queues for key in queue_keys(queue)):
         for chunk in _chunks(client, key):
-            if any(job_id in raw for raw in chunk):
+            if any(needle in raw for raw in chunk):
                 return True
     return False
+
+
+def owned_by(job_id: str) -> str:
+    """What the raw text (kombu's JSON) of a message of the job holds: its `argsrepr` header,
+    `('<job id>', ...)`, from its start."""
+    return '"argsrepr": "(' + repr(job_id)
 
 
 def _unacked(client: redis.Redis) -> Iterator[str]:
