@@ -54,7 +54,7 @@ def reconcile_job(ctx: Context, job_id: str) -> list[str]:
     for stage, *args in missing:
         ctx.dispatch(stage, job_id, *args)
     ctx.store.touch(job_id)
-    shown = [f"{stage}{args}" if args else stage for stage, *args in missing]
+    shown = [f"{stage}({', '.join(map(str, args))})" if args else stage for stage, *args in missing]
     log.warning("job %s had nothing queued or running; handed out again: %s", job_id, shown)
     ctx.bus.publish(job_id, EventKind.JOB_RESUMED, f"{len(missing)} lost stages handed out again",
                     level="warning", data={"stages": shown})
