@@ -51,29 +51,75 @@ def jsonl_line(record: dict[str, Any]) -> str:
     return line + "\n"
 
 
-def write_result(records: Iterable[dict[str, Any]], path: ArtifactPath, fmt: str) -> int:
+def write_result(
+    records: Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]], path: ArtifactPath, fmt: str
+) -> int:
     """Write records to `path` and return how many were written. The result appears whole or not
-    at all (see spider.artifacts.staged): a failed write leaves no half result beside the job's files."""
+    at all (see spider.artifacts.staged): a failed write leaves no half result beside the job's files.
+
+    `records` may be a function that yields them afresh on each call (finalize's merge of the
+    shards): then a Parquet result is written in two passes, one for the schema and one for the
+    rows, holding one chunk of rows at a time; otherwise all rows are held at once."""
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"unknown result format {fmt!r}")
     count = 0
     with staged(path) as tmp:
         if fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-                for record in records:
+                for record in records() if callable(records) else records:
                     handle.write(jsonl_line(record))
                     count += 1
         else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            rows = list(records)
-            count = len(rows)
-            # Nested free-form fields (source rows, usage) vary per row: keep them as JSON text so
-            # one odd row cannot break the schema.
-            table = pa.Table.from_pylist([_flatten_for_parquet(r) for r in rows])
-            pq.write_table(table, tmp)
+            count = _write_parquet(records if callable(records) else _once(list(records)), tmp)
     return count
+
+
+PARQUET_CHUNK = 10_000
+
+
+def _write_parquet(records: Callable[[], Iterable[dict[str, Any]]], path: Path) -> int:
+    """Parquet in chunks of PARQUET_CHUNK rows: the first pass finds the one schema every chunk
+    fits (a column null in one chunk and text in another is text), the second writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def tables():
+        for chunk in _chunks(records(), PARQUET_CHUNK):
+            # Nested free-form fields (source rows, usage) vary per row: keep them as JSON text so
+            # one odd row cannot break the schema. A field only some rows have is a column too.
+            flat = [_flatten_for_parquet(r) for r in chunk]
+            names = list(dict.fromkeys(name for row in flat for name in row))
+            yield pa.table({name: [row.get(name) for row in flat] for name in names})
+
+    schemas = [table.schema for table in tables()]
+    if not schemas:
+        pq.write_table(pa.table({}), path)
+        return 0
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for table in tables():
+            for name in schema.names:
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            writer.write_table(table.select(schema.names).cast(schema))
+            count += len(table)
+    return count
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _once(rows: list[dict[str, Any]]) -> Callable[[], Iterable[dict[str, Any]]]:
+    return lambda: rows
 
 
 def _flatten_for_parquet(record: dict[str, Any]) -> dict[str, Any]:

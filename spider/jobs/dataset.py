@@ -387,7 +387,7 @@ def finalize_job(ctx: Context, job_id: str) -> None:
             yield from read_jsonl(files.shard(i))
 
     result = files.result(config.output.format)
-    count = write_result(merged(), result, config.output.format)
+    count = write_result(merged, result, config.output.format)  # called once per pass
     faults.point("finalize.after_result", job_id)
     finished = time.time()
     metadata = {
