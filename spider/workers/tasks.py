@@ -83,6 +83,11 @@ def finalize_job(job_id: str) -> None:
     dataset.finalize_job(context(), job_id)
 
 
+@celery_app.task(name="spider.finalize_partial", time_limit=3600, soft_time_limit=3500)
+def finalize_partial(job_id: str) -> None:
+    dataset.finalize_partial(context(), job_id)
+
+
 @celery_app.task(name="spider.preprocess_batch", time_limit=3600, soft_time_limit=3500)
 def preprocess_batch(job_id: str, batch_index: int) -> None:
     dataset.preprocess_batch(context(), job_id, batch_index, sandbox_pool())
@@ -150,6 +155,7 @@ STAGES = {
     dataset.ROLLOUT: (run_batch, "rollout"),
     dataset.POSTPROCESS: (postprocess_batch, "sandbox"),
     dataset.FINALIZE: (finalize_job, "control"),
+    dataset.FINALIZE_PARTIAL: (finalize_partial, "control"),
     TOOL_CALL: (call_tool, "sandbox"),
     MCP_LIST: (mcp_list, "sandbox"),
     MCP_CALL: (mcp_call, "sandbox"),
