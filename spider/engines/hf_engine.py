@@ -193,6 +193,9 @@ class HFEngine(Engine):
                 else:
                     group[1].append(item)
             for params, items in groups:
+                items = [item for item in items if not item[2].done()]  # cancelled while others decoded
+                if not items:
+                    continue
                 try:
                     results = await asyncio.to_thread(
                         self._locked, [item[0] for item in items], params, [item[3] for item in items]
