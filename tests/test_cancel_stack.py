@@ -147,3 +147,38 @@ def test_a_cancelled_jobs_result_is_409_until_its_partial_result_is_written(stac
         response = httpx.get(f"{stack.url}/v1/jobs/{job_id}/{what}", headers={"Authorization": f"Bearer {ALICE}"})
         assert response.status_code == 409 and response.headers["retry-after"] == "2"
         assert "partial result" in response.json()["detail"] and "being assembled" in response.json()["detail"]
+
+
+def test_cancel_interrupts_an_on_policy_steps_sampling(stack, tiny_model):
+    """A step samples 128 answers of up to 900 tokens (many seconds on this machine); cancelled
+    while it samples, the train worker's segment ends within seconds: its lease, held for as long
+    as the segment runs, is released."""
+    import redis
+
+    config = make_config(stack.url, ALICE, tiny_model)  # the server section; the job is on-policy
+    job = {
+        "model": {"provider": "hf", "name": str(tiny_model)},
+        "source": {"dataset": str(config.job.source.dataset), "split": "train", "field": "question"},
+        "generation": {"on_policy": True, "on_policy_options": {
+            "teacher": {"provider": "hf", "name": str(tiny_model)}, "groups_per_batch": 8, "group_size": 16,
+            "max_tokens": 900, "max_steps": 4, "steps_per_task": 4, "eval_every": 0, "seed": 0}},
+    }
+    from spider.config import AppConfig
+
+    app = AppConfig.parse({"server": config.server.model_dump(mode="json"), "job": job})
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    with SpiderClient(config=app) as client:
+        job_id = client.submit_job()["job_id"]
+        lease = f"spider:job:{job_id}:train-lease"
+        loaded = events_until(client, job_id, "model.loaded")[-1]
+        assert loaded.kind == "model.loaded", loaded
+        time.sleep(2)  # into the first step's sampling
+        assert r.exists(lease)
+        client.cancel_job(job_id)
+        asked = time.monotonic()
+        while r.exists(lease) and time.monotonic() - asked < 60:
+            time.sleep(0.1)
+        stopped = time.monotonic() - asked
+        kinds = [e.kind for e in client.stream_events(job_id, follow=False)]
+    assert stopped < 8, stopped  # one status poll (0.5 s), the unwinding, the lease's release
+    assert "train.step" not in kinds and kinds[-1] == "job.cancelled"
