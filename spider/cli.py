@@ -181,12 +181,17 @@ def _run(args: argparse.Namespace, config) -> int:
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
-        if status["status"] != JobStatus.COMPLETED:
+        partial = status["status"] == JobStatus.CANCELLED and not config.job.generation.on_policy
+        if status["status"] != JobStatus.COMPLETED and not partial:
             print(f"job {job_id} {status['status']}: {status.get('error') or ''}", file=sys.stderr)
             return 1
         fmt = "tar.gz" if config.job.generation.on_policy else config.job.output.format
         destination = Path(args.output or DEFAULT_OUTPUT.format(job_id=job_id, format=fmt))
         client.download_result(job_id, destination)
+        if partial:  # the rows done before the cancel are kept
+            print(f"job {job_id} cancelled; wrote its partial result to {destination}", file=sys.stderr)
+            print(str(destination))
+            return 1
         print(f"wrote {destination}", file=sys.stderr)
         print(str(destination))
     return 0

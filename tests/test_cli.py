@@ -138,10 +138,12 @@ def test_ctrl_c_during_run_cancels_the_job(stack, tiny_model, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert f"job {job_id} cancelled" in err
+    assert f"job {job_id} cancelled; wrote its partial result" in err
     status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {API_KEYS[0]}"}).json()
     assert status["status"] == "cancelled"
-    assert not (tmp_path / "out.jsonl").exists()
+    # The rows done before the cancel (if any) were downloaded, and say they are a part.
+    assert (tmp_path / "out.jsonl").exists()
+    assert json.loads((tmp_path / "out.metadata.json").read_text())["partial"] is True
 
 
 def test_progress_shows_model_loading_then_generation_tokens_per_second():

@@ -214,9 +214,9 @@ def test_hf_micro_batcher_decodes_concurrent_requests_together(hf):
     calls = []
     original = hf._generate
 
-    def counting(requests, params):
+    def counting(requests, *rest):
         calls.append(len(requests))
-        return original(requests, params)
+        return original(requests, *rest)
 
     hf._generate = counting
     try:

@@ -106,16 +106,16 @@ def test_model_loading_is_reported_and_not_counted_as_generation(ctx, tiny_model
     def slow_load(model, secrets=None):
         time.sleep(LOAD_DELAY)
         engine = real_load(model, secrets)
-        generate = engine.generate
+        agenerate = engine.agenerate
 
-        def timed(requests, params):
+        async def timed(requests, params):
             started = time.perf_counter()
             try:
-                return generate(requests, params)
+                return await agenerate(requests, params)
             finally:
                 calls.append((int(requests[0].key) // 2, time.perf_counter() - started))
 
-        monkeypatch.setattr(engine, "generate", timed)
+        monkeypatch.setattr(engine, "agenerate", timed)
         return engine
 
     spider.engines.close_engine()  # an engine left loaded by another test would not load again

@@ -26,6 +26,7 @@ from spider.artifacts import ArtifactPath, StorePath, artifact_root, remove, unr
 from spider.errors import SpiderError
 from spider.events import EventBus, follow
 from spider.jobs import recovery, retention, stages
+from spider.jobs.dataset import FINALIZE_PARTIAL, has_partial_result
 from spider.jobs.store import DamagedRecord, JobFiles, JobStore, is_job_id, new_job_id, write_atomic
 from spider.logs import JobLogContext
 from spider.settings import Settings
@@ -183,8 +184,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
-        owned(job_id, owner)
-        stages.cancel_job(context(), job_id)
+        """Stop the caller's job; a dataset job's rows done so far become its partial result."""
+        record = owned(job_id, owner)
+        ctx = context()
+        if stages.cancel_job(ctx, job_id) and not is_on_policy(record.config):
+            ctx.dispatch(FINALIZE_PARTIAL, job_id)
         return shown(owned(job_id, owner))
 
     @app.post("/v1/jobs/{job_id}/resume")
@@ -252,12 +256,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def partial_pending(job_id: str, record, files: JobFiles) -> HTTPException | None:
+        """The 409 of a cancelled dataset job whose partial result is not written yet."""
+        if record.status != JobStatus.CANCELLED or is_on_policy(record.config) or has_partial_result(files):
+            return None
+        return HTTPException(
+            409, f"job {job_id} was cancelled; its partial result (the rows done before the cancel) is being "
+                 "assembled: try again in a moment", headers={"Retry-After": "2"},
+        )
+
     @app.get("/v1/jobs/{job_id}/result")
     def result(job_id: str, owner: str = Depends(caller)):
+        """A completed job's result, or a cancelled dataset job's partial one (its metadata says so)."""
         record = owned(job_id, owner)
-        if record.status != JobStatus.COMPLETED:
-            raise HTTPException(409, f"job {job_id} is {record.status}; its result exists once it is completed")
         files = JobFiles.of(settings, job_id)
+        pending = partial_pending(job_id, record, files)
+        if pending is not None:
+            raise pending
+        if record.status == JobStatus.CANCELLED and is_on_policy(record.config):
+            raise HTTPException(409, f"training job {job_id} was cancelled: it has no result (its last checkpoint "
+                                     "is not an exported adapter)")
+        if record.status not in (JobStatus.COMPLETED, JobStatus.CANCELLED):
+            raise HTTPException(409, f"job {job_id} is {record.status}; its result exists once it is completed")
         if is_on_policy(record.config):
             # A training job's result: the adapter, its metrics and their plot, as one archive.
             path, media, name = files.archive, "application/gzip", f"{job_id}.tar.gz"
@@ -282,8 +302,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/metadata")
     def metadata(job_id: str, owner: str = Depends(caller)):
-        owned(job_id, owner)
-        path = JobFiles.of(settings, job_id).metadata
+        record = owned(job_id, owner)
+        files = JobFiles.of(settings, job_id)
+        pending = partial_pending(job_id, record, files)
+        if pending is not None:
+            raise pending
+        path = files.metadata
         if not path.exists():
             raise HTTPException(409, f"job {job_id} has no metadata yet")
         return JSONResponse(paths.hidden(json.loads(path.read_text()), job_id))

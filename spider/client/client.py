@@ -113,12 +113,7 @@ class SpiderClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            error = {401: AuthError, 404: JobNotFoundError}.get(response.status_code, APIError)
-            raise error(response.status_code, detail)
+            _raise_for(response)
         return response
 
     # -- user code ------------------------------------------------------------------------------
@@ -242,26 +237,54 @@ class SpiderClient:
         them), with the held-out KL before the first step as step 0 when it evaluates."""
         return self._call("GET", f"/v1/jobs/{job_id}/metrics").json()["steps"]
 
-    def download_result(self, job_id: str, destination: str | os.PathLike[str]) -> Path:
+    def download_result(self, job_id: str, destination: str | os.PathLike[str], wait_s: float = 120.0) -> Path:
         """Save the result to `destination` and its metadata beside it (`<name>.metadata.json`).
         A dataset job's result is its records (JSONL or Parquet); an on-policy job's is a .tar.gz
-        of the trained adapter (`adapter/`), `metrics.jsonl` and `metrics.png`."""
+        of the trained adapter (`adapter/`), `metrics.jsonl` and `metrics.png`. A cancelled dataset
+        job's result is the rows done before the cancel (its metadata says `"partial": true`):
+        while the server still assembles it, this waits up to `wait_s` seconds for it."""
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         tmp = destination.with_name(f".{destination.name}.part")
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
-            if response.status_code >= 400:
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+                if response.status_code < 400:
+                    with open(tmp, "wb") as handle:
+                        for chunk in response.iter_bytes():
+                            handle.write(chunk)
+                    break
                 response.read()
-                self._call("GET", f"/v1/jobs/{job_id}/result")
-            with open(tmp, "wb") as handle:
-                for chunk in response.iter_bytes():
-                    handle.write(chunk)
+                pause = _retry_after(response)
+                if pause is None or time.monotonic() + pause > deadline:
+                    _raise_for(response)
+            time.sleep(pause)
         tmp.replace(destination)
         metadata = self._call("GET", f"/v1/jobs/{job_id}/metadata").json()
         stem = destination.name[: -len(".tar.gz")] if destination.name.endswith(".tar.gz") else destination.stem
         meta_path = destination.with_name(stem + ".metadata.json")
         meta_path.write_text(json.dumps(metadata, indent=2))
         return destination
+
+
+def _raise_for(response: httpx.Response) -> None:
+    """Raise the error an API error response means (AuthError, JobNotFoundError, APIError)."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    error = {401: AuthError, 404: JobNotFoundError}.get(response.status_code, APIError)
+    raise error(response.status_code, detail)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a 409 asks to wait before asking again (a result being assembled), else None."""
+    if response.status_code != 409:
+        return None
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
 
 
 def job_and_secrets(job: JobConfig, env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

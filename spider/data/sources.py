@@ -7,6 +7,7 @@ import decimal
 import random
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,12 +186,31 @@ def _builder_and_files(source: SourceConfig) -> tuple[str, dict[str, Any]]:
 
 
 def load_source_rows(source: SourceConfig, token: str | None = None, access: SourceAccess | None = None) -> list[dict[str, Any]]:
-    """The source's rows, after split slicing, shuffling (seeded) and `max_examples`.
+    """Every row of the source at once (see `iter_source_rows`)."""
+    return list(iter_source_rows(source, token, access))
+
+
+def iter_source_rows(
+    source: SourceConfig, token: str | None = None, access: SourceAccess | None = None
+) -> Iterator[dict[str, Any]]:
+    """The source's rows one by one, after split slicing, shuffling (seeded) and `max_examples`:
+    read from datasets' Arrow files (memory-mapped) or its stream, never all held at once.
 
     With `access` (every job), the files the source resolves to are checked against it before
     anything is read, and datasets keeps its cache in `access.cache_dir`. Without a `token`, none
     is sent (not the worker's own). Raises SourceError with the dataset's own message when the
-    source cannot be loaded."""
+    source cannot be loaded (before the first row)."""
+    dataset, streaming = _open_dataset(source, token, access)
+    max_rows = access.max_rows if access is not None else None
+    for count, row in enumerate(dataset, 1):
+        if streaming and max_rows is not None and count > max_rows:
+            raise _too_many_rows(source, f"more than {max_rows}", max_rows)
+        yield jsonable(dict(row) if streaming else row)
+
+
+def _open_dataset(source: SourceConfig, token: str | None, access: SourceAccess | None) -> tuple[Any, bool]:
+    """The source as a datasets Dataset (or IterableDataset when streaming), sliced, shuffled and
+    cut to `max_examples`; and whether it streams."""
     import datasets
 
     builder_name, options = _builder_and_files(source)
@@ -241,18 +261,14 @@ def load_source_rows(source: SourceConfig, token: str | None = None, access: Sou
             dataset = dataset.take(source.max_examples)
         if max_rows is not None:
             dataset = dataset.take(max_rows + 1)  # one more tells that there are too many
-        rows = [jsonable(dict(row)) for row in dataset]
-        if max_rows is not None and len(rows) > max_rows:
-            raise _too_many_rows(source, f"more than {max_rows}", max_rows)
-    else:
-        if source.shuffle:
-            dataset = dataset.shuffle(seed=source.seed)
-        if source.max_examples:
-            dataset = dataset.select(range(min(source.max_examples, len(dataset))))
-        if max_rows is not None and len(dataset) > max_rows:
-            raise _too_many_rows(source, str(len(dataset)), max_rows)
-        rows = [jsonable(row) for row in dataset]
-    return rows
+        return dataset, True
+    if source.shuffle:
+        dataset = dataset.shuffle(seed=source.seed)
+    if source.max_examples:
+        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
+    if max_rows is not None and len(dataset) > max_rows:
+        raise _too_many_rows(source, str(len(dataset)), max_rows)
+    return dataset, False
 
 
 def _too_many_rows(source: SourceConfig, count: str, max_rows: int) -> SourceError:

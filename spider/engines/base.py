@@ -152,12 +152,21 @@ class Engine(abc.ABC):
     """A loaded model that turns a batch of requests into results.
 
     `generate` takes a whole batch in one call so backends can batch internally (vLLM's continuous
-    batching, bounded concurrency for HTTP endpoints). A failure of one request is reported on its
-    result; an exception means the engine itself failed.
+    batching, bounded concurrency for HTTP endpoints); `agenerate` is the same on the worker's
+    event loop, where cancelling it (or a `sample`) stops the work it started. A failure of one
+    request is reported on its result; an exception means the engine itself failed.
     """
 
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]: ...
+
+    async def agenerate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        """The whole batch, awaited on the worker's event loop. Cancelling it stops the work:
+        engines override it to abort their requests (vLLM), stop decoding (hf) or close their
+        connections (HTTP). This default runs `generate` in a thread, whose result a cancel drops."""
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, requests, params)
 
     async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
         """One request, awaited on the worker's event loop while others run. Engines that batch

@@ -70,12 +70,14 @@ def sample_seed(seed: int, sample_index: int) -> int:
 
 @dataclass
 class _Sample:
-    """One of the `n` samples of a request: where its completion goes, its prompt, its generator seed."""
+    """One of the `n` samples of a request: where its completion goes, its prompt, its generator
+    seed, and the flag that says its request is no longer wanted (decoding it stops there)."""
 
     slots: list[Completion | None]
     index: int
     prompt: list[int]
     seed: int
+    stop: threading.Event
 
 
 class HFEngine(Engine):
@@ -150,22 +152,39 @@ class HFEngine(Engine):
         # repetition_penalty, top_k, ...) never mix with the request's own parameters.
         self.model.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=self.pad_id)
         self._lock = threading.Lock()
-        self._pending: list[tuple[GenerationRequest, SamplingParams, asyncio.Future]] = []
+        self._pending: list[tuple[GenerationRequest, SamplingParams, asyncio.Future, threading.Event]] = []
         self._drainer: asyncio.Future | None = None
 
     async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
         """A micro-batcher: requests that arrive within MICRO_BATCH_WAIT_S of each other, or while
-        a batch is decoding, are decoded together in the next batch call."""
+        a batch is decoding, are decoded together in the next batch call. A cancelled request is
+        dropped if it still waits, and stops decoding (its rows end at the next step) if not."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((request, params, future))
+        stop = threading.Event()
+        future.add_done_callback(lambda done: stop.set() if done.cancelled() else None)
+        self._pending.append((request, params, future, stop))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.ensure_future(self._drain())
         return await future
 
+    async def agenerate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        """The batch decoded in a thread; cancelled, its decoding stops at the next token (a
+        stopping criterion reads the flag) and this returns once the model is free again."""
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._locked, requests, params, [stop] * len(requests)))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await work
+            raise
+
     async def _drain(self) -> None:
         await asyncio.sleep(MICRO_BATCH_WAIT_S)
         while self._pending:
-            pending, self._pending = self._pending, []
+            pending = [item for item in self._pending if not item[2].done()]  # cancelled while waiting
+            self._pending = []
             groups: list[tuple[SamplingParams, list[Any]]] = []
             for item in pending:
                 group = next((g for g in groups if g[0] == item[1]), None)
@@ -174,8 +193,13 @@ class HFEngine(Engine):
                 else:
                     group[1].append(item)
             for params, items in groups:
+                items = [item for item in items if not item[2].done()]  # cancelled while others decoded
+                if not items:
+                    continue
                 try:
-                    results = await asyncio.to_thread(self.generate, [item[0] for item in items], params)
+                    results = await asyncio.to_thread(
+                        self._locked, [item[0] for item in items], params, [item[3] for item in items]
+                    )
                 except Exception as exc:  # the engine failed: every waiting request hears it
                     for item in items:
                         if not item[2].done():
@@ -186,15 +210,24 @@ class HFEngine(Engine):
                         item[2].set_result(result)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
-        with self._lock:  # one decoding at a time: batch calls and the micro-batcher share the model
-            return self._generate(requests, params)
+        return self._locked(requests, params, [threading.Event() for _ in requests])
 
-    def _generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+    def _locked(
+        self, requests: list[GenerationRequest], params: SamplingParams, stops: list[threading.Event]
+    ) -> list[GenerationResult]:
+        with self._lock:  # one decoding at a time: batch calls and the micro-batcher share the model
+            return self._generate(requests, params, stops)
+
+    def _generate(
+        self, requests: list[GenerationRequest], params: SamplingParams, stops: list[threading.Event]
+    ) -> list[GenerationResult]:
+        """Decode `requests`; a request whose `stops` flag is set is decoded no further (its
+        completions are then cut short or missing: whoever set it reads none of them)."""
         _check_sampling(params)
         results = [GenerationResult(key=r.key) for r in requests]
         samples: list[_Sample] = []
         filled: list[tuple[GenerationResult, list[Completion | None]]] = []
-        for result, request in zip(results, requests):
+        for result, request, stop in zip(results, requests, stops):
             if request.n < 1:
                 result.error = f"n must be at least 1, got {request.n}"
                 continue
@@ -213,12 +246,14 @@ class HFEngine(Engine):
             filled.append((result, slots))
             for index in range(request.n):
                 seed = secrets.randbits(63) if request.seed is None else sample_seed(request.seed, index)
-                samples.append(_Sample(slots, index, ids, seed))
+                samples.append(_Sample(slots, index, ids, seed, stop))
 
         # Similar lengths together: less padding. Results do not depend on the grouping (see above).
         samples.sort(key=lambda s: len(s.prompt))
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
+            if all(sample.stop.is_set() for sample in chunk):
+                continue
             for sample, completion in zip(chunk, self._generate_chunk(chunk, params)):
                 sample.slots[sample.index] = completion
         for result, slots in filled:
@@ -236,7 +271,8 @@ class HFEngine(Engine):
 
         processors = LogitsProcessorList(_processors(params, chunk, width, self.device))
         finish = _Finish(
-            width, [len(s.prompt) for s in chunk], self.context, self.eos_ids, params.stop, self.tokenizer
+            width, [len(s.prompt) for s in chunk], self.context, self.eos_ids, params.stop, self.tokenizer,
+            [s.stop for s in chunk],
         )
         config = GenerationConfig(
             max_new_tokens=params.max_tokens,
@@ -440,11 +476,13 @@ class _GumbelDraw(LogitsProcessor):
 
 class _Finish(StoppingCriteria):
     """Stopping criterion that records, per row, where and why its sample ended (eos, a stop string,
-    the model's context), so padding after the end is never mistaken for output."""
+    the model's context, or its request no longer wanted: `abandoned`, one flag per row), so
+    padding after the end is never mistaken for output."""
 
-    def __init__(self, width, prompt_lengths, context, eos_ids, stops, tokenizer):
+    def __init__(self, width, prompt_lengths, context, eos_ids, stops, tokenizer, abandoned):
         self.width, self.prompt_lengths, self.context = width, prompt_lengths, context
         self.eos_ids, self.stops, self.tokenizer = eos_ids, [s for s in stops if s], tokenizer
+        self.abandoned = abandoned
         # A stop string of k characters spans at most 4k byte-level tokens (plus a partial one).
         self.tail = 4 * max((len(s) for s in self.stops), default=0) + 4
         self.lengths: list[int | None] = [None] * len(prompt_lengths)
@@ -456,7 +494,9 @@ class _Finish(StoppingCriteria):
         for row in range(len(self.reasons)):
             if self.reasons[row] is not None:
                 continue
-            if last[row] in self.eos_ids:
+            if self.abandoned[row].is_set():
+                self.reasons[row] = "abort"  # vLLM's word for a request stopped from outside
+            elif last[row] in self.eos_ids:
                 self.reasons[row] = "stop"
             elif self.stops and self._stopped(input_ids[row, max(self.width, input_ids.shape[1] - self.tail) :]):
                 self.reasons[row] = "stop"

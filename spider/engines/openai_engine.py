@@ -1,6 +1,8 @@
 """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, SGLang, TGI, ...).
 
-Requests of a batch run concurrently, at most `max_concurrency` at a time. Rate limits (429),
+Requests of a batch run concurrently on the worker's event loop (one `httpx.AsyncClient`), at most
+`max_concurrency` at a time; cancelling a batch or a `sample` closes its HTTP requests (a server
+such as vLLM's aborts a request whose connection closes). Rate limits (429),
 server errors (5xx), timeouts and dropped connections are retried with exponential backoff and full
 jitter, waiting at least as long as the server's `Retry-After` asks. A request that still fails, or
 that the server refuses (400, 422), becomes an error on its own result. Errors that concern every
@@ -13,12 +15,12 @@ the request and says so on each result; they are never dropped silently.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email.utils
 import json
 import logging
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,7 +37,7 @@ from spider.engines.base import (
     ScoreResult,
 )
 from spider.errors import EngineError
-from spider.netpolicy import EgressDenied, check_url, guarded_transport
+from spider.netpolicy import EgressDenied, check_url, guarded_async_transport, guarded_transport
 from spider.types import Message, ToolCall, Usage
 
 logger = logging.getLogger(__name__)
@@ -88,46 +90,40 @@ class OpenAIEngine(Engine):
             raise EngineError(f"model.parameters.timeout must be a positive number of seconds, got {timeout!r}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        transport = None
+        transport = async_transport = None
         if allowed_hosts is not None:
             try:
                 check_url(self.base_url, allowed_hosts)
             except EgressDenied as exc:
                 raise EngineError(f"model.parameters.base_url: {exc}") from None
             transport = guarded_transport(allowed_hosts, limits=limits)
-        self.client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(float(timeout)),
-            limits=limits,
-            transport=transport,
-            follow_redirects=False,
-        )
+            async_transport = guarded_async_transport(allowed_hosts, limits=limits)
+        common = dict(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(float(timeout)), limits=limits,
+                      follow_redirects=False)
+        self.client = httpx.Client(transport=transport, **common)  # scoring, from worker threads
+        # Sampling, on the engine loop: proxy variables would route around the guarded transport.
+        self.aclient = httpx.AsyncClient(transport=async_transport, trust_env=allowed_hosts is None, **common)
+        self._slots = asyncio.Semaphore(self.max_concurrency)
         self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spider-openai")
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
-        if not requests:
-            return []
-        refused = threading.Event()  # set on an error that concerns every request: the rest stop early
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            futures = [pool.submit(self._one, request, params, refused) for request in requests]
-            results, fatal = [], None
-            for future in futures:
-                try:
-                    results.append(future.result())
-                except EngineError as exc:
-                    refused.set()
-                    fatal = fatal or exc
+        from spider.engines.loop import engine_loop
+
+        return engine_loop().run(self.agenerate(requests, params))
+
+    async def agenerate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        """Every request at once (at most `max_concurrency` in flight). An error that concerns
+        every request (the key, the model, the URL) stops the rest early and is raised."""
+        refused = asyncio.Event()
+        outcomes = await asyncio.gather(*(self._one(r, params, refused) for r in requests), return_exceptions=True)
+        fatal = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if fatal is not None:
             raise fatal
-        return results
+        return list(outcomes)  # type: ignore[arg-type]
 
     async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
-        """One request on the engine's own threads (at most `max_concurrency` in flight)."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._one, request, params, threading.Event())
+        """One request (at most `max_concurrency` of this engine's requests are in flight)."""
+        return await self._one(request, params, asyncio.Event())
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         """Prompt log-probs from an endpoint that returns them for token-id prompts (vLLM's
@@ -193,14 +189,16 @@ class OpenAIEngine(Engine):
             body["return_tokens_as_token_ids"] = True  # vLLM's server: tokens as "token_id:<id>"
         return body
 
-    def _one(self, request: GenerationRequest, params: SamplingParams, refused: threading.Event) -> GenerationResult:
+    async def _one(self, request: GenerationRequest, params: SamplingParams, refused: asyncio.Event) -> GenerationResult:
+        """One request with its retries; `refused` is set on an error that concerns every request."""
         body = self.request_body(request, params)
         attempt = 0
         while True:
             if refused.is_set():
                 return GenerationResult(request.key, error="not sent: the endpoint refused another request")
             try:
-                response = self.client.post("/chat/completions", json=body)
+                async with self._slots:
+                    response = await self.aclient.post("/chat/completions", json=body)
             except EgressDenied as exc:
                 refused.set()
                 raise EngineError(f"model.parameters.base_url: {exc}") from None
@@ -220,12 +218,22 @@ class OpenAIEngine(Engine):
                 return GenerationResult(request.key, error=f"gave up after {attempt + 1} attempts; last: {problem}")
             delay = backoff_delay(attempt, wait)
             logger.info("retrying %s in %.2fs after %s", request.key, delay, problem)
-            time.sleep(delay)
+            await asyncio.sleep(delay)
             attempt += 1
 
     def close(self) -> None:
+        from spider.engines.loop import engine_loop
+
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        loop = engine_loop()
+        if loop.in_loop:
+            asyncio.ensure_future(self.aclient.aclose())
+        else:
+            try:
+                loop.run(self.aclient.aclose(), timeout=10)
+            except Exception:  # connections a dead server left behind close with the process
+                logger.debug("closing the async client raised", exc_info=True)
 
 
 def backoff_delay(attempt: int, retry_after_s: float | None = None) -> float:

@@ -124,12 +124,14 @@ class VLLMEngine(Engine):
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
         """The whole batch at once: every request is submitted together and scheduled by vLLM."""
+        return self.loop.run(self.agenerate(requests, params))
+
+    async def agenerate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        """Every request submitted together. Cancelled, every `sample` of it is: AsyncLLM aborts a
+        request whose output generator is cancelled (`AsyncLLM.generate` catches CancelledError and
+        awaits `abort`), so the engine stops decoding it at once."""
         self._check_sampling(params)
-
-        async def batch() -> list[GenerationResult]:
-            return list(await asyncio.gather(*(self.sample(r, params) for r in requests)))
-
-        return self.loop.run(batch())
+        return list(await asyncio.gather(*(self.sample(r, params) for r in requests)))
 
     async def sample(self, request: GenerationRequest, params: SamplingParams) -> GenerationResult:
         from vllm import SamplingParams as VLLMSamplingParams

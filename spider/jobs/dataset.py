@@ -1,5 +1,5 @@
 """An off-policy dataset job, stage by stage: plan, (pre-process), generate, (post-process),
-complete, finalize.
+complete, finalize; or, once cancelled, a partial finalize of the rows done so far.
 
 Each stage (see spider.jobs.stages) reads its input from the job's files, writes its output
 atomically, and dispatches the next stage by name. Every stage is idempotent: a redelivered task
@@ -8,22 +8,26 @@ rewrites the same file and counts nothing twice.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import shutil
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from spider import faults
 from spider.artifacts import fetch
 from spider.config import JobConfig
 from spider.data.sinks import jsonl_line, read_jsonl, upload_to_hub, write_result
-from spider.data.sources import SourceAccess, load_source_rows, start_of
+from spider.data.sources import SourceAccess, iter_source_rows, start_of
 from spider.engines.base import GenerationResult
+from spider.engines.loop import Interrupted
 from spider.errors import SpiderError
 from spider.jobs import retention
-from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job
+from spider.jobs.stages import Context, bundle_manifest, fail_job, guarded, job_engine, load_job, while_running
 from spider.jobs.store import JobFiles, JobRecord, write_atomic
 from spider.rollouts.single_turn import build_requests, records_for
 from spider.types import BatchRow, BatchStats, BundleManifest, EventKind, JobStatus, Record, RowError, Usage
@@ -39,6 +43,13 @@ PREPROCESS = "dataset.preprocess"
 ROLLOUT = "dataset.rollout"
 POSTPROCESS = "dataset.postprocess"
 FINALIZE = "dataset.finalize"
+FINALIZE_PARTIAL = "dataset.finalize_partial"
+
+# Planning asks whether the job was cancelled at most this often (one HGET), between batches.
+PLAN_CHECK_S = 0.2
+# A planner holds the job's `planning` mark while it writes batch files; it outlives a killed
+# planner by no more than the plan task's time limit.
+PLANNING_MARK_TTL_S = 1800
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -46,48 +57,112 @@ FINALIZE = "dataset.finalize"
 
 @guarded
 def plan_job(ctx: Context, job_id: str) -> None:
-    """Load the source, give every row its index, split into batches, and start the batches."""
+    """Read the source row by row into batch files, then start the batches. A cancel stops it
+    between two batches (within PLAN_CHECK_S); whenever it stops with the job cancelled, it hands
+    the job to its partial finalize."""
     config, record = load_job(ctx, job_id)
     if record.status == JobStatus.RUNNING and record.batches_total is not None:
         resume_job(ctx, job_id)  # a redelivered plan: its batches exist already
         return
-    if not ctx.store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED, JobStatus.RUNNING]):
-        return  # cancelled before it started, or already ended
-    ctx.bus.publish(job_id, EventKind.JOB_STARTED, f"loading source {config.source.dataset!r}")
-    rows = load_job_source(ctx, job_id, config)
-    if not rows:
-        raise SpiderError(f"source {config.source.dataset!r} (split {config.source.split!r}) has no rows")
-    manifest = bundle_manifest(ctx, job_id) if record.has_bundle else None
-    has_pre = manifest is not None and manifest.has_pre_processor
-    if not has_pre:
-        start_of(rows[0], config.source.field, 0)  # a field missing from the rows fails the job here
+    mark = PlanningMark(ctx, job_id)
+    try:
+        if not ctx.store.transition(job_id, JobStatus.RUNNING, [JobStatus.QUEUED, JobStatus.RUNNING]):
+            return  # cancelled before it started, or already ended
+        mark.hold()
+        _plan(ctx, job_id, config, record.has_bundle, StatusWatch(ctx, job_id))
+    finally:
+        mark.release()
+        if ctx.store.status(job_id) == JobStatus.CANCELLED:
+            ctx.dispatch(FINALIZE_PARTIAL, job_id)
 
+
+def _plan(ctx: Context, job_id: str, config: JobConfig, has_bundle: bool, watch: "StatusWatch") -> None:
+    if watch.stopped(now=True):
+        return  # cancelled between the start and the mark: the partial finalize may have run
+    ctx.bus.publish(job_id, EventKind.JOB_STARTED, f"loading source {config.source.dataset!r}")
+    manifest = bundle_manifest(ctx, job_id) if has_bundle else None
+    has_pre = manifest is not None and manifest.has_pre_processor
     files = ctx.files(job_id)
     size = config.generation.max_batch_size
-    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-    for batch_index, chunk in enumerate(batches):
-        first = batch_index * size
-        if has_pre:
-            raw = [{"index": first + k, "data": row} for k, row in enumerate(chunk)]
-            write_atomic(files.inputs(batch_index), json.dumps(raw))
-        else:
-            prepared = [_prepare(config, first + k, row) for k, row in enumerate(chunk)]
-            write_atomic(files.batch(batch_index), json.dumps([r.to_dict() for r in prepared]))
-    ctx.store.set_fields(job_id, rows_total=len(rows), batches_total=len(batches))
+    rows_total = batches = 0
+    with contextlib.closing(job_source_rows(ctx, job_id, config)) as rows:
+        for chunk in _chunks(rows, size):
+            first = batches * size
+            if has_pre:
+                raw = [{"index": first + k, "data": row} for k, row in enumerate(chunk)]
+                write_atomic(files.inputs(batches), json.dumps(raw))
+            else:
+                if batches == 0:
+                    start_of(chunk[0], config.source.field, 0)  # a field missing from the rows fails the job here
+                prepared = [_prepare(config, first + k, row) for k, row in enumerate(chunk)]
+                write_atomic(files.batch(batches), json.dumps([r.to_dict() for r in prepared]))
+            rows_total += len(chunk)
+            batches += 1
+            if watch.stopped():
+                return
+    if not rows_total:
+        raise SpiderError(f"source {config.source.dataset!r} (split {config.source.split!r}) has no rows")
+    ctx.store.set_fields(job_id, rows_total=rows_total, batches_total=batches)
+    if watch.stopped(now=True):
+        return  # no job.planned after job.cancelled
     ctx.bus.publish(
         job_id,
         EventKind.JOB_PLANNED,
-        f"{len(rows)} rows in {len(batches)} batches of up to {size}",
-        data={"rows_total": len(rows), "batches_total": len(batches), "duplications": config.generation.duplications},
+        f"{rows_total} rows in {batches} batches of up to {size}",
+        data={"rows_total": rows_total, "batches_total": batches, "duplications": config.generation.duplications},
     )
-    for batch_index in range(len(batches)):
+    for batch_index in range(batches):
         ctx.dispatch(PREPROCESS if has_pre else ROLLOUT, job_id, batch_index)
+        if watch.stopped():
+            return
 
 
-def load_job_source(ctx: Context, job_id: str, config: JobConfig) -> list[dict[str, Any]]:
-    """The job's source rows: from the files it uploaded when it did, else from the Hub or the
-    operator's data roots, read with the job's own token and a datasets cache of the job's own,
-    removed once the rows are loaded."""
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive lists of `size` rows (the last may be shorter), read as they are needed."""
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+class StatusWatch:
+    """Whether a job has stopped running, read from Redis at most every `every` seconds, so that
+    a loop may ask after every item for the price of one HGET per interval."""
+
+    def __init__(self, ctx: Context, job_id: str, every: float = PLAN_CHECK_S):
+        self.ctx, self.job_id, self.every = ctx, job_id, every
+        self.asked = time.monotonic()
+
+    def stopped(self, now: bool = False) -> bool:
+        if not now and time.monotonic() - self.asked < self.every:
+            return False
+        self.asked = time.monotonic()
+        return self.ctx.store.status(self.job_id) != JobStatus.RUNNING
+
+
+class PlanningMark:
+    """Held while a planner may write a job's batch files: the partial finalize of a cancelled job
+    waits for it to go (the planner then dispatches it), so that no batch file appears after the
+    job's intermediate files were removed. A key of its own with a TTL: a killed planner's mark
+    expires, and a mark set after the job was deleted leaves no record behind."""
+
+    def __init__(self, ctx: Context, job_id: str):
+        self.r = ctx.store.r
+        self.key = ctx.store.keys.job(job_id, "planning")
+
+    def hold(self) -> None:
+        self.r.set(self.key, 1, ex=PLANNING_MARK_TTL_S)
+
+    def release(self) -> None:
+        self.r.delete(self.key)
+
+    def held(self) -> bool:
+        return bool(self.r.exists(self.key))
+
+
+def job_source_rows(ctx: Context, job_id: str, config: JobConfig) -> Iterator[dict[str, Any]]:
+    """The job's source rows, one by one: from the files it uploaded when it did, else from the
+    Hub or the operator's data roots, read with the job's own token and a datasets cache of the
+    job's own, removed once the rows are read (or the iterator is closed)."""
     files = ctx.files(job_id)
     uploaded = json.loads(ctx.store.get_field(job_id, "source_upload") or "null")
     source = config.source
@@ -99,10 +174,15 @@ def load_job_source(ctx: Context, job_id: str, config: JobConfig) -> list[dict[s
             k: v for k, v in source.options.items() if k not in ("data_files", "data_dir")}})
     access = SourceAccess.for_job(ctx.settings.policy, source_dir, files.datasets_cache)
     try:
-        return load_source_rows(source, token=ctx.store.secrets(job_id).get("HF_TOKEN"), access=access)
+        yield from iter_source_rows(source, token=ctx.store.secrets(job_id).get("HF_TOKEN"), access=access)
     finally:
         shutil.rmtree(files.datasets_cache, ignore_errors=True)
         files.drop_local(files.local.source_dir)
+
+
+def load_job_source(ctx: Context, job_id: str, config: JobConfig) -> list[dict[str, Any]]:
+    """Every source row of the job at once (see `job_source_rows`)."""
+    return list(job_source_rows(ctx, job_id, config))
 
 
 def resume_job(ctx: Context, job_id: str) -> None:
@@ -136,6 +216,8 @@ def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxP
     """Run the user's pre-processor on one batch of source rows, then hand the batch to rollout."""
     from spider.jobs import usercode
 
+    if ctx.store.status(job_id) != JobStatus.RUNNING:
+        return  # one HGET: a cancelled job's queued batches go at once
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return
@@ -154,7 +236,10 @@ def preprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: SandboxP
 @guarded
 def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
     """Generate one batch with the job's engine and write its shard (or, with a post-processor,
-    its generated records)."""
+    its generated records). Cancelled meanwhile, the generation stops (see `while_running`) and
+    the batch writes nothing and counts nothing."""
+    if ctx.store.status(job_id) != JobStatus.RUNNING:
+        return  # one HGET: a cancelled job's queued batches go at once
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return  # cancelled or failed: generate nothing more
@@ -168,6 +253,8 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
         records, elapsed = _conversation_batch(ctx, job_id, batch_index, config, rows, manifest)
     else:
         records, elapsed = _single_turn_batch(ctx, job_id, batch_index, config, rows)
+    if ctx.store.status(job_id) != JobStatus.RUNNING:
+        return  # it ended while the last answers came: its partial result is assembled without them
     dropped = int(files.dropped(batch_index).read_text()) if files.dropped(batch_index).exists() else 0
     stats = _batch_stats(rows, records, dropped, elapsed)
     lines = "".join(jsonl_line(r.to_dict()) for r in records)
@@ -200,8 +287,9 @@ def _single_turn_batch(
         _report_start(ctx, job_id, batch_index, len(requests))
         started = time.perf_counter()  # generation only: the model is loaded by now
         try:
-            results = {r.key: r for r in engine.generate(requests, sampling_params(config.generation.parameters))}
-        except SpiderError:
+            answers = while_running(ctx, job_id, engine.agenerate(requests, sampling_params(config.generation.parameters)))
+            results = {r.key: r for r in answers}
+        except (SpiderError, Interrupted):
             raise
         except Exception as exc:  # the engine failed for the whole batch: its rows become error records
             log.error("job %s batch %d: engine failed:\n%s", job_id, batch_index, traceback.format_exc())
@@ -227,7 +315,6 @@ def _conversation_batch(
     ctx: Context, job_id: str, batch_index: int, config: JobConfig, rows: list[BatchRow], manifest: BundleManifest | None
 ) -> tuple[list[Record], float]:
     """One conversation per (row, sample), all on the worker's engine loop at once."""
-    from spider.engines.loop import engine_loop
     from spider.jobs import conversations
 
     secrets = ctx.store.secrets(job_id)
@@ -236,7 +323,7 @@ def _conversation_batch(
     runnable = sum(1 for r in rows if r.error is None)
     _report_start(ctx, job_id, batch_index, runnable)
     started = time.perf_counter()
-    records = engine_loop().run(conversations.batch_records(ctx, job_id, config, rows, manifest, engine, user_engine))
+    records = while_running(ctx, job_id, conversations.batch_records(ctx, job_id, config, rows, manifest, engine, user_engine))
     return records, time.perf_counter() - started
 
 
@@ -265,6 +352,8 @@ def postprocess_batch(ctx: Context, job_id: str, batch_index: int, pool: Sandbox
     """Run the user's post-processor on one batch of records, write the batch's shard, complete it."""
     from spider.jobs import usercode
 
+    if ctx.store.status(job_id) != JobStatus.RUNNING:
+        return
     config, record = load_job(ctx, job_id)
     if record.status != JobStatus.RUNNING:
         return
@@ -382,16 +471,14 @@ def finalize_job(ctx: Context, job_id: str) -> None:
     if config.generation.max_row_errors is None and rows_total and totals.row_errors >= rows_total:
         raise SpiderError(f"every row failed; first error: {_first_error(files, batches)}")
 
-    def merged():
-        for i in range(batches):
-            yield from read_jsonl(files.shard(i))
-
     result = files.result(config.output.format)
-    count = write_result(merged, result, config.output.format)  # called once per pass
+    # Called once per pass: a Parquet result is written in two, holding one chunk at a time.
+    count = write_result(lambda: shard_records(files, range(batches)), result, config.output.format)
     faults.point("finalize.after_result", job_id)
     finished = time.time()
     metadata = {
         "job_id": job_id,
+        "partial": False,
         "config": record.public()["config"],
         "counts": {
             "rows": rows_total,
@@ -448,6 +535,101 @@ def _announce_completed(ctx: Context, job_id: str, metadata: dict[str, Any] | No
         f"{counts['records']} records written ({counts['row_errors']} row errors)",
         data={**counts, **metadata["usage"]},
     )
+
+
+def shard_records(files: JobFiles, batches: Iterable[int]) -> Iterator[dict[str, Any]]:
+    """The records of the given batches' shards, batch after batch (row order within each)."""
+    for i in batches:
+        yield from read_jsonl(files.shard(i))
+
+
+# -- finalize a cancelled job -------------------------------------------------------------------
+
+
+@guarded
+def finalize_partial(ctx: Context, job_id: str) -> None:
+    """A cancelled job's rows done so far as its result: the shards that exist, merged in row
+    order, with metadata saying `"partial": true` and what is in it; then its intermediate files
+    are removed as after a finalize. It runs after the planner stopped writing batches (the
+    planner dispatches it again when it stops), one at a time (a lease); once it has written the
+    metadata a redelivery only cleans up. It never uploads to the Hub."""
+    config, record = load_job(ctx, job_id)
+    if record.status != JobStatus.CANCELLED or config.generation.on_policy:
+        return
+    files = ctx.files(job_id)
+    if not has_partial_result(files):
+        if PlanningMark(ctx, job_id).held() or not _lease_partial(ctx, job_id):
+            return
+        _write_partial(ctx, job_id, config, record, files)
+    retention.after_finalize(ctx, job_id, config, ended=JobStatus.CANCELLED)
+
+
+def has_partial_result(files: JobFiles) -> bool:
+    """Whether a cancelled job's partial result (and its metadata) is written."""
+    try:
+        return bool(json.loads(files.metadata.read_text()).get("partial"))
+    except (OSError, ValueError):
+        return False
+
+
+def _lease_partial(ctx: Context, job_id: str) -> bool:
+    """True for one caller at a time: the one that assembles the cancelled job's partial result.
+    The lease lapses after the visibility timeout, by when a killed worker's task is redelivered."""
+    return bool(ctx.store.r.set(ctx.store.keys.job(job_id, "partial"), 1, nx=True, ex=ctx.settings.visibility_timeout))
+
+
+def _write_partial(ctx: Context, job_id: str, config: JobConfig, record: JobRecord, files: JobFiles) -> None:
+    shards = files.shard(0).parent
+    present = sorted(int(p.name.split(".")[0]) for p in shards.glob("[0-9]*.jsonl")) if shards.exists() else []
+    tally = PartialTally()
+    count = write_result(tally.counted(shard_records(files, present)), files.result(config.output.format),
+                         config.output.format)
+    finished = time.time()
+    metadata = {
+        "job_id": job_id,
+        "partial": True,
+        "config": record.public()["config"],
+        "counts": {
+            "rows": len(tally.rows),
+            "records": count,
+            "row_errors": len(tally.failed_rows),
+            "batches": len(present),
+            "rows_total": record.rows_total,
+            "batches_total": record.batches_total,
+            "duplications": config.generation.duplications,
+        },
+        "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
+        "timings": {
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "cancelled_at": record.finished_at,
+            "finalized_at": finished,
+        },
+        "format": config.output.format,
+    }
+    write_atomic(files.metadata, json.dumps(metadata, indent=2))
+    log.info("job %s: partial result of %d records from %d batches", job_id, count, len(present))
+
+
+class PartialTally:
+    """What a partial result holds, counted as its records stream by."""
+
+    def __init__(self) -> None:
+        self.rows: set[int] = set()
+        self.failed_rows: set[int] = set()
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def counted(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for record in records:
+            row = record.get("row_index")  # a post-processor may reshape records
+            if row is not None:
+                self.rows.add(row)
+                if record.get("error"):
+                    self.failed_rows.add(row)
+            usage = record.get("usage") or {}
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+            yield record
 
 
 def _first_error(files: JobFiles, batches: int) -> str:

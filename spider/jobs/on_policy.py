@@ -31,7 +31,7 @@ from spider.artifacts import fetch, publish, remove, staged
 from spider.config import JobConfig
 from spider.errors import SpiderError
 from spider.jobs import retention
-from spider.jobs.stages import Context, bundle_manifest, guarded, job_engine, load_job
+from spider.jobs.stages import Context, JobLoop, bundle_manifest, guarded, job_engine, load_job
 from spider.jobs.store import JobFiles, write_atomic
 from spider.train.backends import EXPORT_SCRATCH
 from spider.types import BatchRow, EventKind, JobStatus
@@ -312,7 +312,6 @@ def train_segment(ctx: Context, job_id: str, start_step: int) -> None:
 
 
 def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease: Lease) -> Any:
-    from spider.engines.loop import engine_loop
     from spider.train.loop import on_policy_step, teacher_kl_of
 
     options = config.generation.on_policy_options
@@ -329,7 +328,7 @@ def _train(ctx: Context, job_id: str, config: JobConfig, start_step: int, lease:
     if done == end:
         return end  # a redelivered segment whose steps are done: hand out the next one (again)
     warm = _warm_run(ctx, job_id, config, meta)
-    run, loop = warm.run, engine_loop()
+    run, loop = warm.run, JobLoop(ctx, job_id)  # a cancel stops the sampling in flight
     if done == 0 and options.eval_every:  # where the curve starts
         _append_metrics(files, {"step": 0, "eval_teacher_kl": _evaluate(ctx, job_id, run, 0, loop, teacher_kl_of)})
     keep = {k for k in range(0, total + 1, options.save_every)} if options.save_every else set()

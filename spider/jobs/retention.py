@@ -63,10 +63,11 @@ def _is_link(path: ArtifactPath) -> bool:
     return isinstance(path, Path) and path.is_symlink()
 
 
-def after_finalize(ctx: Context, job_id: str, config: JobConfig) -> None:
-    """Remove a job's intermediate files once it completed, unless the job asked to keep them.
-    Safe to run twice; a job that did not complete (cancelled while finalizing) is left as it is."""
-    if config.output.keep_intermediate or ctx.store.status(job_id) != JobStatus.COMPLETED:
+def after_finalize(ctx: Context, job_id: str, config: JobConfig, ended: JobStatus = JobStatus.COMPLETED) -> None:
+    """Remove a job's intermediate files once it ended as `ended` (completed, or cancelled once its
+    partial result is written), unless the job asked to keep them. Safe to run twice; a job in
+    another state (cancelled while finalizing) is left as it is."""
+    if config.output.keep_intermediate or ctx.store.status(job_id) != ended:
         return
     files = ctx.files(job_id)
     if config.generation.on_policy:

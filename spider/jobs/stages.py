@@ -14,10 +14,12 @@ import logging
 import time
 import traceback
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from spider.config import JobConfig, ModelConfig
+from spider.engines.loop import Interrupted, engine_loop
 from spider.errors import SpiderError
 from spider.events import EventBus
 from spider.jobs.store import JobFiles, JobRecord, JobStore
@@ -25,6 +27,11 @@ from spider.settings import Settings
 from spider.types import ACTIVE_STATUSES, BundleManifest, EventKind, JobStatus
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How often work in flight asks whether its job still runs (one HGET each time).
+STATUS_POLL_S = 0.5
 
 
 class Dispatcher(Protocol):
@@ -75,7 +82,8 @@ def fail_job(ctx: Context, job_id: str, message: str) -> None:
 
 
 def cancel_job(ctx: Context, job_id: str) -> bool:
-    """Stop a job: no further stage of it starts. True if it was active."""
+    """Stop a job: no further stage of it starts, and work in flight (`while_running`) stops
+    within STATUS_POLL_S. True if it was active."""
     if ctx.store.transition(job_id, JobStatus.CANCELLED, ACTIVE_STATUSES):
         ctx.store.drop_secrets(job_id)
         ctx.bus.publish(job_id, EventKind.JOB_CANCELLED, "job cancelled", level="warning")
@@ -114,14 +122,35 @@ def is_transient(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and is_transient(cause)
 
 
+def while_running(ctx: Context, job_id: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on the worker's engine loop for as long as the job runs: once it is cancelled
+    (or failed) the coroutine is cancelled, which stops its generation (engines abort their
+    requests there), and Interrupted is raised (`guarded` ends the stage quietly on it)."""
+    return engine_loop().run_unless(coro, lambda: ctx.store.status(job_id) != JobStatus.RUNNING, STATUS_POLL_S)
+
+
+class JobLoop:
+    """The engine loop as a job's long work uses it: `run(coro)` is `while_running`, so a cancel
+    stops what the coroutine is doing (the on-policy loop samples through it)."""
+
+    def __init__(self, ctx: Context, job_id: str):
+        self.ctx, self.job_id = ctx, job_id
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return while_running(self.ctx, self.job_id, coro)
+
+
 def guarded(stage: Callable[..., None]) -> Callable[..., None]:
     """Run a stage; a user-caused error fails the job with its message, a transient fault is
     raised as TransientFault for the task to try again later, anything else fails the job with its
-    type and message (the traceback goes to the worker's log only)."""
+    type and message (the traceback goes to the worker's log only). A stage interrupted because
+    its job stopped ends quietly: the job has ended already."""
 
     def run(ctx: Context, job_id: str, *args: Any) -> None:
         try:
             stage(ctx, job_id, *args)
+        except Interrupted:
+            log.info("job %s: %s stopped: the job no longer runs", job_id, stage.__name__)
         except SpiderError as exc:
             if is_transient(exc):
                 raise TransientFault(stage.__name__, exc) from exc

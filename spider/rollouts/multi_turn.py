@@ -51,7 +51,15 @@ async def conversation_records(
         for sample in range(generation.duplications)
     }
     if futures:
-        await asyncio.wait(futures.values())
+        try:
+            await asyncio.wait(futures.values())
+        except asyncio.CancelledError:
+            # The batch was cancelled (its job was): every conversation stops where it waits (an
+            # engine turn, a tool call, the simulated user) before the toolkit closes.
+            for future in futures.values():
+                future.cancel()
+            await asyncio.gather(*futures.values(), return_exceptions=True)
+            raise
     schemas = tools.schemas if tools is not None else None
     records = []
     for row in rows:

@@ -190,6 +190,11 @@ def run_batch(self, job_id: str, batch_index: int) -> None:
     run_stage(self, dataset.run_batch, job_id, batch_index)
 
 
+@celery_app.task(name="spider.finalize_partial", bind=True, time_limit=3600, soft_time_limit=3500)
+def finalize_partial(self, job_id: str) -> None:
+    run_stage(self, dataset.finalize_partial, job_id)
+
+
 @celery_app.task(name="spider.finalize_job", bind=True, time_limit=3600, soft_time_limit=3500)
 def finalize_job(self, job_id: str) -> None:
     run_stage(self, dataset.finalize_job, job_id)
@@ -285,6 +290,7 @@ STAGES = {
     dataset.ROLLOUT: Stage(run_batch, ROLLOUT, models=rollout_models, batched=True),
     dataset.POSTPROCESS: Stage(postprocess_batch, "sandbox", batched=True),
     dataset.FINALIZE: Stage(finalize_job, "control"),
+    dataset.FINALIZE_PARTIAL: Stage(finalize_partial, "control"),
     TOOL_CALL: Stage(call_tool, "sandbox"),
     MCP_LIST: Stage(mcp_list, "sandbox"),
     MCP_CALL: Stage(mcp_call, "sandbox"),
