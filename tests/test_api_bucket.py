@@ -51,7 +51,8 @@ def test_submit_stores_in_the_bucket_and_the_result_streams_from_it(s3, redis_ur
         answer = post_job(client)
         assert answer.status_code == 201, answer.text
         job_id = answer.json()["job_id"]
-        assert s3.keys(bucket) == [f"spider/jobs/{job_id}/source/prompts.jsonl"]
+        # The uploaded source, and the record as submitted (what brings it back should Redis lose it).
+        assert s3.keys(bucket) == [f"spider/jobs/{job_id}/job.json", f"spider/jobs/{job_id}/source/prompts.jsonl"]
         files = JobFiles.of(settings, job_id)
         assert (files.source_dir / "prompts.jsonl").read_bytes() == SAMPLE_PROMPTS.read_bytes()
         assert not (tmp_path / "api").exists()  # the API keeps nothing on its own disk

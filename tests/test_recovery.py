@@ -9,6 +9,8 @@ policy would.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import threading
@@ -190,17 +192,25 @@ def test_a_redis_restarted_mid_job_loses_nothing(fault_stack, tiny_model, tmp_pa
         check_complete(client, job_id, wait_ended(client, job_id), tmp_path)
 
 
-def fill(disk: Path) -> Path:
-    """Fill the disk up: a ballast file written until there is no space left."""
+@contextlib.contextmanager
+def full(disk: Path):
+    """The disk filled to its last byte by a ballast file, until `free()` (or the end) removes it."""
     ballast = disk / "ballast"
-    with open(ballast, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * (1 << 20))
-                handle.flush()
-        except OSError:
-            pass
-    return ballast
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            block = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    try:
+        yield lambda: ballast.unlink(missing_ok=True)
+    finally:
+        ballast.unlink(missing_ok=True)
 
 
 def wait_for(client, job_id, kind, timeout=120):
@@ -225,20 +235,19 @@ def test_a_full_disk_is_waited_out_then_a_job_that_outlasts_the_tries_fails_and_
         # A disk that fills and frees itself again is waited out: tries with backoff.
         job_id = client.submit_job()["job_id"]
         wait_for(client, job_id, EventKind.JOB_PLANNED)
-        ballast = fill(disk)
-        retry = wait_for(client, job_id, EventKind.STAGE_RETRY)
-        assert "No space left" in retry.message
-        ballast.unlink()
+        with full(disk) as free:
+            retry = wait_for(client, job_id, EventKind.STAGE_RETRY)
+            assert "No space left" in retry.message
+            free()
         check_complete(client, job_id, wait_ended(client, job_id), tmp_path)
 
         # One that stays full fails the job once the tries are spent, with what to do about it...
         job_id = client.submit_job()["job_id"]
         wait_for(client, job_id, EventKind.JOB_PLANNED)
-        ballast = fill(disk)
-        status = wait_ended(client, job_id)
+        with full(disk):
+            status = wait_ended(client, job_id)
         assert status["status"] == "failed", status
         assert "No space left" in status["error"] and "spider resume" in status["error"], status["error"]
-        ballast.unlink()
         # ... and resumes where it stopped once space is back.
         resumed = client.resume_job(job_id)
         assert resumed["status"] == "running", resumed
