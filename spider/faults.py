@@ -4,7 +4,8 @@ message), when the fault plan says so for that job.
 
 The plan is a JSON file named by `$SPIDER_FAULT_PLAN` (an operator setting; unset in production,
 where a point costs one environment lookup): `{"faults": [{"point": ..., "job": ..., "action":
-"kill" | "drop"}], "hits": []}`, where `job` is a job id or `*` (the first job to get there).
+"kill" | "drop" | "wait", "seconds": ...}], "hits": []}`, where `job` is a job id or `*` (the first
+job to get there) and `wait` holds the task there for `seconds` (a slow disk, say).
 Each fault fires once: it moves from `faults` to `hits`, with the job it fired for.
 """
 
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,12 @@ def point(name: str, job_id: str) -> None:
     plan = os.environ.get(PLAN_ENV)
     if not plan:
         return
-    action = _take(Path(plan), name, job_id)
-    if action == "kill":
+    fault = _take(Path(plan), name, job_id)
+    action = fault["action"] if fault is not None else None
+    if action == "wait":
+        log.warning("fault plan: waiting %ss at %s for job %s", fault.get("seconds", 1), name, job_id)
+        time.sleep(float(fault.get("seconds", 1)))
+    elif action == "kill":
         log.warning("fault plan: killed at %s for job %s", name, job_id)
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "drop":
@@ -42,8 +48,8 @@ def point(name: str, job_id: str) -> None:
         raise Dropped(f"{name} ({job_id})")
 
 
-def _take(path: Path, name: str, job_id: str) -> str | None:
-    """The action planned at this point for this job, moved to the hits (under a lock: every worker
+def _take(path: Path, name: str, job_id: str) -> dict | None:
+    """The fault planned at this point for this job, moved to the hits (under a lock: every worker
     process of the machine reads the same plan)."""
     with open(path, "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -57,7 +63,7 @@ def _take(path: Path, name: str, job_id: str) -> str | None:
                 json.dump(plan, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-                return fault["action"]
+                return fault
     return None
 
 

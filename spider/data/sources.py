@@ -213,6 +213,9 @@ def _open_dataset(source: SourceConfig, token: str | None, access: SourceAccess 
     cut to `max_examples`; and whether it streams."""
     import datasets
 
+    # Several tasks of a worker load sources at once, on threads: tqdm's progress bars are not
+    # thread-safe (their shared lock can vanish under another thread), and nobody watches them.
+    datasets.disable_progress_bars()
     builder_name, options = _builder_and_files(source)
     kwargs: dict[str, Any] = {k: v for k, v in options.items() if k not in LOAD_OPTIONS}
     if source.config_name:

@@ -269,6 +269,7 @@ def run_batch(ctx: Context, job_id: str, batch_index: int) -> None:
             data={"batch": batch_index, **stats.to_dict(), "seconds": elapsed},
         )
         return
+    faults.point("batch.before_shard", job_id)
     write_atomic(files.shard(batch_index), lines)
     complete_batch(ctx, job_id, batch_index, stats)
 
