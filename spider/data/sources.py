@@ -208,14 +208,24 @@ def iter_source_rows(
         yield jsonable(dict(row) if streaming else row)
 
 
+def _thread_safe_progress_bars() -> None:
+    """Several tasks of a worker load sources at once, on threads. datasets resolves files with
+    tqdm's `thread_map`, whose `ensure_lock` deletes tqdm's class lock on the way out when it made
+    it: one thread's exit then pulls the lock from under another (AttributeError '_lock'). A lock
+    made here first is never deleted. Nobody watches a worker's progress bars either."""
+    import datasets
+    from tqdm import tqdm
+
+    tqdm.get_lock()
+    datasets.disable_progress_bars()
+
+
 def _open_dataset(source: SourceConfig, token: str | None, access: SourceAccess | None) -> tuple[Any, bool]:
     """The source as a datasets Dataset (or IterableDataset when streaming), sliced, shuffled and
     cut to `max_examples`; and whether it streams."""
     import datasets
 
-    # Several tasks of a worker load sources at once, on threads: tqdm's progress bars are not
-    # thread-safe (their shared lock can vanish under another thread), and nobody watches them.
-    datasets.disable_progress_bars()
+    _thread_safe_progress_bars()
     builder_name, options = _builder_and_files(source)
     kwargs: dict[str, Any] = {k: v for k, v in options.items() if k not in LOAD_OPTIONS}
     if source.config_name:
