@@ -30,13 +30,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import workspace  # noqa: E402
 
 from spider.config import AppConfig  # noqa: E402
 from spider.types import EventKind  # noqa: E402
@@ -264,11 +265,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="allocation sites shown per traced stage")
     args = parser.parse_args()
 
-    from spider.testing import build_tiny_model
-
-    work = Path(tempfile.mkdtemp(prefix="spider-bench-"))
-    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs may load the model folder from here
-    model = build_tiny_model(work / "tiny")
+    work, model = workspace()
     if args.trace:
         from spider.config import SourceConfig
         from spider.data.sources import load_source_rows

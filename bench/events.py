@@ -15,18 +15,18 @@ over `--repeats`, the same over all events pooled, and the ratios loaded / alone
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import arithmetic, workspace, write_prompts  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -150,14 +150,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from spider.local import LocalStack, WorkerSpec
-    from spider.testing import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="spider-bench-"))
-    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs may load the model folder from here
-    model = build_tiny_model(work / "tiny")
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"Question {i}: what is {i} plus {i}?"}) + "\n"
-                               for i in range(args.rows)))
+    work, model = workspace()
+    prompts = write_prompts(work / "prompts.jsonl", arithmetic(args.rows))
     load_start = os.getloadavg()
     workers = (WorkerSpec("control", "threads", 4), WorkerSpec("rollout", "threads", 2))
     runs: dict[str, list[Run]] = {"alone": [], "loaded": []}

@@ -20,11 +20,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import arithmetic, run_job, workspace, write_prompts  # noqa: E402
 
 from spider.config import AppConfig  # noqa: E402
 
@@ -76,14 +77,7 @@ def in_child(args: argparse.Namespace, work: Path) -> tuple[float, int]:
 
 
 def through_stack(config: AppConfig) -> tuple[float, int]:
-    from spider.client import SpiderClient
-
-    with SpiderClient(config=config) as client:
-        started = time.perf_counter()
-        job_id = client.submit_job()["job_id"]
-        status = client.poll_job(job_id, on_event=lambda e: None)
-        elapsed = time.perf_counter() - started
-    assert status["status"] == "completed", status
+    elapsed, status = run_job(config)
     return elapsed, int(status["progress"]["completion_tokens"])
 
 
@@ -111,14 +105,10 @@ def main() -> None:
         return
 
     from spider.local import LocalStack
-    from spider.testing import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="spider-bench-"))
-    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs (and the child) may load the model folder from here
-    model = build_tiny_model(work / "tiny")
-    questions = [f"Question {i}: what is {i} plus {i}?" for i in range(args.rows)]
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    work, model = workspace()  # jobs (and the child) may load the model folder from there
+    questions = arithmetic(args.rows)
+    prompts = write_prompts(work / "prompts.jsonl", questions)
 
     local_runs: list[tuple[float, int]] = []
     stack_runs: list[tuple[float, int]] = []

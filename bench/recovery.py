@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import workspace, write_prompts  # noqa: E402
 
 from spider import faults  # noqa: E402
 from spider.config import AppConfig  # noqa: E402
@@ -206,14 +207,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from spider.local import LocalStack, WorkerSpec
-    from spider.testing import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="spider-bench-"))
-    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs may load the model folder from here
-    model = build_tiny_model(work / "tiny")
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"Question {i}: tell me about {i}."}) + "\n"
-                               for i in range(args.rows)))
+    work, model = workspace()
+    prompts = write_prompts(work / "prompts.jsonl", (f"Question {i}: tell me about {i}." for i in range(args.rows)))
     plan = work / "fault-plan.json"
     faults.write_plan(plan, [])
     workers = (WorkerSpec("control", "threads", 4), WorkerSpec("rollout", "threads", 2))

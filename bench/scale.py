@@ -16,15 +16,14 @@ ratios against 1 worker (measured in the same repeat).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import arithmetic, run_job, workspace, write_prompts  # noqa: E402
 
 from spider.config import AppConfig  # noqa: E402
 from spider.local import LocalStack, WorkerSpec  # noqa: E402
@@ -42,20 +41,6 @@ def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, 
                            "max_batch_size": batch},
         },
     })
-
-
-def run_job(config: AppConfig) -> tuple[float, dict]:
-    """Submit, wait for the end; the wall time from submit to completed, and the final status."""
-    from spider.client import SpiderClient
-
-    with SpiderClient(config=config) as client:
-        started = time.perf_counter()
-        job_id = client.submit_job()["job_id"]
-        status = client.poll_job(job_id, on_event=lambda e: None)
-        elapsed = time.perf_counter() - started
-        status["engines_loaded"] = sum(1 for e in client.stream_events(job_id) if e.kind == "model.loaded")
-    assert status["status"] == "completed", status
-    return elapsed, status
 
 
 def warm_up(config: AppConfig, workers: int) -> None:
@@ -90,14 +75,8 @@ def main() -> None:
         parser.error("--workers must start with 1 (the baseline) and name positive counts")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from spider.testing import build_tiny_model
-
-    work = Path(tempfile.mkdtemp(prefix="spider-bench-scale-"))
-    os.environ["SPIDER_MODEL_DIRS"] = str(work)  # jobs may load the model folder from here
-    model = build_tiny_model(work / "tiny")
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"Question {i}: what is {i} plus {i}?"}) + "\n"
-                           for i in range(max(args.rows, 4 * max(counts)))))
+    work, model = workspace("spider-bench-scale-")
+    prompts = write_prompts(work / "prompts.jsonl", arithmetic(max(args.rows, 4 * max(counts))))
 
     runs: dict[int, list[tuple[float, int]]] = {n: [] for n in counts}
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
