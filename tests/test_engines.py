@@ -363,7 +363,7 @@ class TestVLLM:
         assert children, "vLLM runs its engine core in child processes"
         load_engine(ModelConfig(provider="hf", name=str(tiny), parameters={"dtype": "float32"}))
         assert vllm.llm is None
-        deadline = time.time() + 10
+        deadline = time.time() + 30  # engine cores exit after their shutdown; slower on a loaded machine
         while engine_processes() & children and time.time() < deadline:
             time.sleep(0.2)
         assert not engine_processes() & children

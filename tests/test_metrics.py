@@ -116,10 +116,12 @@ def test_queued_cancelled_and_deleted_jobs_move_the_job_gauges_and_counters(api,
     assert httpx.delete(f"{api}/v1/jobs/{second}", headers=AUTH).json()["deleted"] is True
     after = scrape(api)
     # Both left the queued jobs; the cancelled one and the deleted one (cancelled first) ended as
-    # cancelled. Their plan tasks still wait in the queue, to be dropped by a worker.
+    # cancelled. Their plan tasks still wait in the queue, to be dropped by a worker, and so does
+    # the cancelled job's partial finalize (the deleted one has nothing left to assemble).
     assert moved(queued, after) == {
         ("spider_jobs", (("status", "queued"),)): -2,
         ("spider_jobs_ended_total", (("status", "cancelled"),)): 2,
+        ("spider_queue_depth", (("queue", "control"),)): 1,
     }
     # Deleting an ended job changes no count: the counters count what ended, not what is kept.
     assert httpx.delete(f"{api}/v1/jobs/{first}", headers=AUTH).json()["deleted"] is True

@@ -82,8 +82,10 @@ def test_a_pass_looks_only_at_jobs_still_for_long_enough(ctx, tiny_model):
     still, moving = planned(ctx, tiny_model), planned(ctx, tiny_model)
     ctx.store.r.zadd(ctx.store.keys.active_jobs(), {still: time.time() - 600})
     handed = recovery.reconcile(ctx, still_for=300)
-    assert set(handed) == {still}
-    assert all(call[1] == still for call in ctx.dispatcher.calls)
+    # (The session's Redis holds other tests' jobs too: only these two are looked at here.)
+    assert still in handed and moving not in handed
+    assert any(call[1] == still for call in ctx.dispatcher.calls)
+    assert not any(call[1] == moving for call in ctx.dispatcher.calls)
     assert moving in ctx.store.active_ids()
 
 
