@@ -31,6 +31,25 @@ def arithmetic(rows: int) -> list[str]:
     return [f"Question {i}: what is {i} plus {i}?" for i in range(rows)]
 
 
+def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, batch: int, max_tokens: int,
+                request_timeout: float | None = None) -> Any:
+    """A sampling job on the first `rows` prompts, `batch` rows per task, seeded."""
+    from spider.config import AppConfig
+
+    server: dict[str, Any] = {"base_url": url}
+    if request_timeout is not None:
+        server["request_timeout"] = request_timeout
+    return AppConfig.parse({
+        "server": server,
+        "job": {
+            "model": {"provider": provider, "name": str(model), "parameters": {"dtype": "float32"}},
+            "source": {"dataset": str(prompts), "split": f"train[0:{rows}]", "field": "question"},
+            "generation": {"parameters": {"temperature": 1.0, "max_tokens": max_tokens, "seed": 3},
+                           "max_batch_size": batch},
+        },
+    })
+
+
 def run_job(config: Any) -> tuple[float, dict]:
     """Submit, wait for the end; the wall time from submit to completed, and the final status."""
     from spider.client import SpiderClient

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import arithmetic, workspace, write_prompts  # noqa: E402
+from bench.common import arithmetic, make_config, workspace, write_prompts  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -73,16 +73,6 @@ def follow(url: str, stream: Stream) -> None:
         stream.opened.set()
 
 
-def make_config(url: str, model: Path, prompts: Path, rows: int, batch: int, max_tokens: int) -> AppConfig:
-    return AppConfig.parse({
-        "server": {"base_url": url, "request_timeout": 120},
-        "job": {
-            "model": {"provider": "hf", "name": str(model), "parameters": {"dtype": "float32"}},
-            "source": {"dataset": str(prompts), "split": f"train[0:{rows}]", "field": "question"},
-            "generation": {"parameters": {"temperature": 1.0, "max_tokens": max_tokens, "seed": 3},
-                           "max_batch_size": batch},
-        },
-    })
 
 
 @dataclass
@@ -157,8 +147,8 @@ def main() -> None:
     workers = (WorkerSpec("control", "threads", 4), WorkerSpec("rollout", "threads", 2))
     runs: dict[str, list[Run]] = {"alone": [], "loaded": []}
     with LocalStack(env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, workers=workers) as stack:
-        config = make_config(stack.url, model, prompts, args.rows, args.batch, args.max_tokens)
-        run_jobs(stack.url, make_config(stack.url, model, prompts, 2, args.batch, 2), 1)  # load the engine
+        config = make_config(stack.url, model, "hf", prompts, args.rows, args.batch, args.max_tokens, request_timeout=120)
+        run_jobs(stack.url, make_config(stack.url, model, "hf", prompts, 2, args.batch, 2, request_timeout=120), 1)  # load the engine
         for repeat in range(args.repeats):
             for side in (("alone", "loaded") if repeat % 2 == 0 else ("loaded", "alone")):
                 run = run_jobs(stack.url, config, 1 if side == "alone" else args.jobs)

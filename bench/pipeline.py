@@ -25,23 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import arithmetic, run_job, workspace, write_prompts  # noqa: E402
+from bench.common import arithmetic, make_config, run_job, workspace, write_prompts  # noqa: E402
 
 from spider.config import AppConfig  # noqa: E402
 
 ROLLOUT_WORKER = "worker-rollout"
 
 
-def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, batch: int, max_tokens: int) -> AppConfig:
-    return AppConfig.parse({
-        "server": {"base_url": url},
-        "job": {
-            "model": {"provider": provider, "name": str(model), "parameters": {"dtype": "float32"}},
-            "source": {"dataset": str(prompts), "split": f"train[0:{rows}]", "field": "question"},
-            "generation": {"parameters": {"temperature": 1.0, "max_tokens": max_tokens, "seed": 3},
-                           "max_batch_size": batch},
-        },
-    })
 
 
 def in_process(config: AppConfig, questions: list[str]) -> tuple[float, int]:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import workspace, write_prompts  # noqa: E402
+from bench.common import make_config, workspace, write_prompts  # noqa: E402
 
 from spider import faults  # noqa: E402
 from spider.config import AppConfig  # noqa: E402
@@ -89,16 +89,6 @@ class Follower:
             return [e for e in self.events if e.kind == kind]
 
 
-def make_config(url: str, model: Path, prompts: Path, rows: int, batch: int, max_tokens: int) -> AppConfig:
-    return AppConfig.parse({
-        "server": {"base_url": url, "request_timeout": 120},
-        "job": {
-            "model": {"provider": "hf", "name": str(model), "parameters": {"dtype": "float32"}},
-            "source": {"dataset": str(prompts), "split": f"train[0:{rows}]", "field": "question"},
-            "generation": {"parameters": {"temperature": 1.0, "max_tokens": max_tokens, "seed": 3},
-                           "max_batch_size": batch},
-        },
-    })
 
 
 def check_complete(client: Any, job_id: str, rows: int, work: Path) -> None:
@@ -226,8 +216,8 @@ def main() -> None:
                "SPIDER_RECONCILE_INTERVAL_S": str(args.reconcile_interval), faults.PLAN_ENV: str(plan)}
         wait = 10 * timeout_s + 300  # a hung recovery fails the bench instead of hanging it
         with LocalStack(env=env, workers=workers) as stack:
-            config = make_config(stack.url, model, prompts, args.rows, args.batch, args.max_tokens)
-            warm = make_config(stack.url, model, prompts, 2, args.batch, 2)
+            config = make_config(stack.url, model, "hf", prompts, args.rows, args.batch, args.max_tokens, request_timeout=120)
+            warm = make_config(stack.url, model, "hf", prompts, 2, args.batch, 2, request_timeout=120)
             from spider.client import SpiderClient
 
             with SpiderClient(config=warm) as client:  # the control worker's first plan, the datasets import
@@ -243,7 +233,7 @@ def main() -> None:
                       f"({run.running_again_s / timeout_s:.2f}x); job completed after {run.completed_s:6.1f} s",
                       flush=True)
             if n == 0:
-                drop_config = make_config(stack.url, model, prompts, args.rows, args.batch, 8)
+                drop_config = make_config(stack.url, model, "hf", prompts, args.rows, args.batch, 8, request_timeout=120)
                 for repeat in range(args.drop_repeats):
                     drop = drop_once(stack, drop_config, args.rows, plan, work, wait)
                     drops.append(drop)

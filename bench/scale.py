@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import arithmetic, run_job, workspace, write_prompts  # noqa: E402
+from bench.common import arithmetic, make_config, run_job, workspace, write_prompts  # noqa: E402
 
 from spider.config import AppConfig  # noqa: E402
 from spider.local import LocalStack, WorkerSpec  # noqa: E402
@@ -31,16 +31,6 @@ from spider.local import LocalStack, WorkerSpec  # noqa: E402
 CONTROL = WorkerSpec("control", "threads", 4)
 
 
-def make_config(url: str, model: Path, provider: str, prompts: Path, rows: int, batch: int, max_tokens: int) -> AppConfig:
-    return AppConfig.parse({
-        "server": {"base_url": url},
-        "job": {
-            "model": {"provider": provider, "name": str(model), "parameters": {"dtype": "float32"}},
-            "source": {"dataset": str(prompts), "split": f"train[0:{rows}]", "field": "question"},
-            "generation": {"parameters": {"temperature": 1.0, "max_tokens": max_tokens, "seed": 3},
-                           "max_batch_size": batch},
-        },
-    })
 
 
 def warm_up(config: AppConfig, workers: int) -> None:
