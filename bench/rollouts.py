@@ -4,8 +4,9 @@ that answer at once (the same prompts, seeds and tool answers, so the same token
 Each conversation calls a tool on each of its first `--tool-turns` model turns, then answers freely
 (`--max-tokens`); every tool sleeps 100-500 ms (seeded per conversation and tool turn) before it
 answers. The conversations are the rows of one dataset batch, run by the rollout worker's own
-`conversation_records`: at most `--concurrency` of them in progress at once
-(`generation.max_concurrent_conversations`), the next row starting as soon as one ends. With
+`conversation_records`: at most `--concurrency` of them generating at once
+(`generation.max_concurrent_conversations`); one waiting on its tool holds no slot, and the slot
+goes to a conversation under way whose tool has answered, else to the batch's next row. With
 `--concurrency` equal to `--conversations` (the default) all start at once and nothing waits
 behind them. Prints the wall time of each side (median and range of `--repeats`, interleaved),
 the ratio, the engine's busy fraction (the share of wall time during which at least one request

@@ -530,7 +530,7 @@ class GenerationConfig(Strict):
     user: SimulatedUserConfig | None = None
     mcp_servers: list[MCPServerConfig] = Field(default_factory=list, max_length=16)
     max_concurrent_conversations: int = Field(
-        64, ge=1, le=HARD_MAX_CONCURRENT_CONVERSATIONS, description="conversations of one rollout task in the engine at once"
+        64, ge=1, le=HARD_MAX_CONCURRENT_CONVERSATIONS, description="conversations of one rollout task generating at once (one waiting on a tool holds no slot)"
     )
     return_tokens: bool = Field(False, description="keep token ids and log-probs of every assistant turn")
     on_policy: bool = False

@@ -128,8 +128,12 @@ def test_rows_done_before_a_cancel_are_a_partial_result(stack, tiny_model, tmp_p
     assert (counts["records"], counts["batches"], counts["rows_total"], counts["batches_total"]) == (
         len(records), len(rows), 32, 32)
     assert metadata["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in records)
-    # Its intermediate files went as after a finalize; the result stays.
+    # Its intermediate files go as after a finalize, once the metadata that serves the result is
+    # written (a redelivery before that still finds the shards); the result stays.
     folder = stack.data_dir / "jobs" / job_id
+    deadline = time.monotonic() + 15
+    while ((folder / "batches").exists() or (folder / "shards").exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not (folder / "batches").exists() and not (folder / "shards").exists()
     assert (folder / "result.jsonl").exists()
 

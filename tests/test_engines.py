@@ -241,15 +241,24 @@ def test_sampling_params_from_job_config():
 
 
 def engine_processes() -> set[int]:
-    """vLLM's engine-core and worker processes under this test process."""
+    """The processes of the vLLM engines this test process started: its own `VLLM::` children (the
+    engine cores) and theirs. The session's OpenAI server runs its own engine core under its server
+    process: that one is not ours to close."""
     found = set()
-    for process in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and process.name().startswith("VLLM::"):
-                found.add(process.pid)
+            if child.name().startswith("VLLM::"):
+                found |= {p.pid for p in [child, *child.children(recursive=True)] if is_live(p)}
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def is_live(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="class")

@@ -9,8 +9,9 @@ teacher as the policy; on-policy training will run it with the student's sampler
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from spider.engines.base import Completion, Engine, GenerationRequest, SamplingParams
 from spider.rollouts.parsers import ParsedTurn, ReasoningParser, ToolCallParser
@@ -81,6 +82,17 @@ class Policy:
     return_tokens: bool = False
 
 
+class Gate(Protocol):
+    """Held around each turn the conversation generates (spider.rollouts.slots)."""
+
+    def turn(self) -> AbstractAsyncContextManager[Any]: ...
+
+
+class _Open:
+    def turn(self) -> AbstractAsyncContextManager[Any]:
+        return nullcontext()
+
+
 async def run_conversation(
     key: str,
     messages: list[Message],
@@ -89,9 +101,14 @@ async def run_conversation(
     user: SimulatedUser | None = None,
     limits: Limits | None = None,
     seed: int | None = None,
+    gate: Gate | None = None,
 ) -> Trajectory:
-    """Play the conversation that starts with `messages` to its end."""
+    """Play the conversation that starts with `messages` to its end. `gate` is entered around each
+    policy turn, and around each simulated-user turn when the user runs on the policy's engine:
+    never while a tool runs."""
     limits = limits or Limits()
+    gate = gate or _Open()
+    user_gate = gate if user is not None and user.engine is policy.engine else _Open()
     trajectory = Trajectory(messages=list(messages))
     schemas = tools.schemas if tools is not None and limits.tool_choice != "none" else None
     turn_seed = seed
@@ -99,7 +116,8 @@ async def run_conversation(
         choice = limits.tool_choice
         tool_turns = 0
         while True:
-            parsed, completion = await _model_turn(key, trajectory, policy, schemas, choice, turn_seed)
+            async with gate.turn():
+                parsed, completion = await _model_turn(key, trajectory, policy, schemas, choice, turn_seed)
             turn_seed = None if turn_seed is None else turn_seed + 1
             if parsed is None:
                 trajectory.stop_reason = STOP_ERROR
@@ -119,7 +137,8 @@ async def run_conversation(
         if trajectory.user_turns >= user.max_turns:
             trajectory.stop_reason = STOP_MAX_USER_TURNS
             return trajectory
-        text, why = await user.reply(trajectory.messages, key, turn_seed)
+        async with user_gate.turn():
+            text, why = await user.reply(trajectory.messages, key, turn_seed)
         if text is None:
             trajectory.stop_reason = why
             return trajectory

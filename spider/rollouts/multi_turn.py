@@ -1,5 +1,6 @@
-"""The multi-turn rollout of a dataset batch: one conversation per (row, sample), all of them on the
-engine at once (at most `generation.max_concurrent_conversations`), each recorded as its whole
+"""The multi-turn rollout of a dataset batch: one conversation per (row, sample), sharing the
+engine: at most `generation.max_concurrent_conversations` of them generating at once, a
+conversation waiting on a tool giving its slot to the next (spider.rollouts.slots); each recorded as its whole
 trajectory: the messages with tool calls, tool results and reasoning, the tool schemas offered,
 per-turn metadata, the stop reason and the count of tool errors."""
 
@@ -13,6 +14,7 @@ from spider.config import JobConfig
 from spider.data.sources import row_seed
 from spider.rollouts.conversation import Limits, Policy, Trajectory, run_conversation
 from spider.rollouts.single_turn import opening_messages
+from spider.rollouts.slots import EngineSlots
 from spider.rollouts.tools import ToolExecutor
 from spider.rollouts.users import SimulatedUser
 from spider.types import BatchRow, Record, RowError, Usage, row_id
@@ -35,14 +37,13 @@ async def conversation_records(
     """One record per (row, sample), in row order."""
     generation = config.generation
     limits = Limits(max_tool_turns=generation.max_tool_turns, tool_choice=generation.tool_choice)
-    slots = asyncio.Semaphore(generation.max_concurrent_conversations)
+    slots = EngineSlots(generation.max_concurrent_conversations)
 
     async def one(row: BatchRow, sample: int) -> Trajectory:
-        async with slots:
-            return await run_conversation(
-                f"{row.index}:{sample}", opening_messages(config, row), policy, tools, user, limits,
-                seed=sample_seed(config, row, sample),
-            )
+        return await run_conversation(
+            f"{row.index}:{sample}", opening_messages(config, row), policy, tools, user, limits,
+            seed=sample_seed(config, row, sample), gate=slots.gate(),
+        )
 
     runnable = [row for row in rows if row.error is None and (row.prompt is not None or row.conversation is not None)]
     futures = {
