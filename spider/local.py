@@ -55,7 +55,8 @@ class Stopped(BaseException):
 @contextlib.contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """Within, SIGTERM and SIGHUP raise `Stopped`: the first of them only, as a repeat arriving
-    while the command stops must not cut its stopping short."""
+    while the command stops must not cut its stopping short. SIGINT raises KeyboardInterrupt,
+    also where the command inherited it ignored."""
     raised = False
 
     def on_stop_signal(signum: int, _frame: Any) -> None:
@@ -65,6 +66,11 @@ def stop_signals_raise() -> Iterator[None]:
             raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background by a shell (`cmd &`), which ignores SIGINT for its children:
+        # `kill -INT` must still stop it as Ctrl-C does (a terminal's Ctrl-C does not reach a
+        # background job, so this changes nothing there).
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

@@ -111,7 +111,13 @@ def test_up_serves_the_stack_with_flower_and_stops_cleanly(tmp_path):
         assert queues == {"control", "rollout", "sandbox", "train"}
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its watchdog stops the stack it started
+            proc.wait()
+            raise
+        assert code == 0
     leftovers = subprocess.run(["pgrep", "-f", f"(worker-.*-{port}@)|(--port {port})|(--port {flower})"], capture_output=True)
     assert leftovers.returncode == 1, leftovers.stdout
 

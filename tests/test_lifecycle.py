@@ -70,11 +70,14 @@ def end(command: subprocess.Popen, procs: list[psutil.Process]) -> None:
             proc.kill()
 
 
-def start_up(folder: Path) -> subprocess.Popen:
+def start_up(folder: Path, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`spider up` in `folder`; with `sigint_ignored`, as a shell starts `spider up &` (SIGINT ignored)."""
     folder.mkdir()
+    as_background_job = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     with open(folder / "up.log", "wb") as err:
         return subprocess.Popen([*SPIDER, "up", "--port", str(free_port()), "--data-dir", str(folder / "data")],
-                                cwd=ROOT, env=command_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+                                cwd=ROOT, env=command_env(), stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=as_background_job)
 
 
 def up_tree(command: subprocess.Popen, folder: Path) -> list[psutil.Process]:
@@ -129,6 +132,19 @@ def test_spider_up_leaves_no_process_behind_whatever_ends_it(tmp_path):
     finally:
         for sig, command in commands.items():
             end(command, trees.get(sig, []))
+
+
+def test_spider_up_started_as_a_background_job_still_stops_on_sigint(tmp_path):
+    """A shell starts `spider up &` with SIGINT ignored; `kill -INT` stops it all the same."""
+    command = start_up(tmp_path / "background", sigint_ignored=True)
+    tree: list[psutil.Process] = []
+    try:
+        tree = up_tree(command, tmp_path / "background")
+        command.send_signal(signal.SIGINT)
+        assert command.wait(timeout=60) == 0
+        assert survivors(tree, timeout=45) == []
+    finally:
+        end(command, tree)
 
 
 def engine_core(worker: psutil.Process, command: subprocess.Popen, timeout: float = 180) -> list[psutil.Process]:
