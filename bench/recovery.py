@@ -172,8 +172,14 @@ def drop_once(stack: Any, config: AppConfig, rows: int, plan: Path, work: Path, 
     planned = follower.of_kind(EventKind.JOB_PLANNED)[0]
     # What moves a job: its stages dispatched (at planning) and its batches completed.
     moved = [planned.ts] + [e.ts for e in follower.of_kind(EventKind.BATCH_COMPLETED) if e.ts < resumed.ts]
-    started = {batch_of(e) for e in follower.of_kind(EventKind.BATCH_STARTED) if e.ts < resumed.ts}
-    dropped = [b for b in range(-(-rows // config.job.generation.max_batch_size)) if b not in started]
+    # The dropped batch first starts once the reconciler handed it out again: after every other
+    # batch's first start (the reconciler dispatches before it publishes `job.resumed`, so that
+    # start may come just before the event).
+    first_start: dict[int, float] = {}
+    for e in follower.of_kind(EventKind.BATCH_STARTED):
+        first_start.setdefault(batch_of(e), e.ts)
+    batches = range(-(-rows // config.job.generation.max_batch_size))
+    dropped = [b for b in batches if b not in first_start or first_start[b] >= resumed.ts - 0.5]
     if len(dropped) != 1:
         raise RuntimeError(f"job {job_id}: batches {dropped} never started before the reconciler's pass")
     again = follower.wait_for(lambda e: e.kind == EventKind.BATCH_STARTED and batch_of(e) == dropped[0], timeout)
