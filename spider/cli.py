@@ -213,8 +213,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.flower_port:
                 print(f"Flower: http://127.0.0.1:{args.flower_port} (FLOWER_BASIC_AUTH={stack.flower_auth})",
                       flush=True)
-            while True:
-                signal.pause()
+            stack.wait()  # until stopped, or a process of it keeps exiting (a SpiderError)
     except (KeyboardInterrupt, Stopped):
         pass
     return 0

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -249,10 +250,25 @@ class LocalStack:
     # left to wait on its work.
     grace: float = 15.0
     orphan_grace: float = 5.0
+    # Once started, a process that exits unasked (a crash, the OOM killer, a worker that lost its
+    # broker) is started again, as compose's `restart: unless-stopped` does; one that exits
+    # `crash_limit` times in a row within `QUICK_EXIT_S` of its start is left down, and `wait` raises.
+    supervise: bool = True
+    crash_limit: int = 5
 
     def __post_init__(self) -> None:
         worker_names(self.workers)  # two workers of one name: refused before anything starts
         self.procs: dict[str, subprocess.Popen] = {}
+        # The processes started again after they died, in order, and the times each was.
+        self.restarts: list[str] = []
+        self._started_at: dict[str, float] = {}
+        self._quick_exits: dict[str, int] = {}
+        self._down: set[str] = set()  # killed on purpose (`kill`) or given up on: not restarted
+        # The processes left down after exiting again and again: name -> why.
+        self.given_up: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self._argv: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="spider-local-"))
         self._watchdog: Watchdog | None = None
@@ -291,6 +307,7 @@ class LocalStack:
 
     def _adopt(self, name: str, proc: subprocess.Popen) -> None:
         self.procs[name] = proc
+        self._started_at[name] = time.monotonic()
         # Redis goes last, so that nothing loses its broker mid-task.
         self._watchdog.watch(proc.pid, stage=1 if name == "redis" else 0)
 
@@ -299,17 +316,30 @@ class LocalStack:
         return dict(self._argv[name][1])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill one process of the stack (and its children), as a crash would."""
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Kill one process of the stack (and its children), as a crash would. It stays down, not
+        restarted by the supervision, until `restart`."""
+        with self._lock:
+            self._down.add(name)
+            proc = self.procs[name]
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=30)
 
     def restart(self, name: str, wait: bool = True) -> None:
         """Start a process of the stack again after `kill` (or a crash), and (with `wait`) wait
-        until it serves. Redis comes back on its port, with its password and its data."""
+        until it serves. Redis comes back on its port, with its password and its data. A process
+        that is running (the supervision started it again already) is left as it is."""
+        with self._lock:
+            self._down.discard(name)
+            self.given_up.pop(name, None)
+            if self.procs[name].poll() is not None:
+                self._start_again(name)
+        if wait:
+            self.wait_ready()
+
+    def _start_again(self, name: str) -> None:
         if name == "redis":
             if self._redis is None:
                 raise SpiderError("this stack did not start its Redis (SPIDER_REDIS_URL or redis_url was given)")
@@ -317,8 +347,50 @@ class LocalStack:
         else:
             argv, env = self._argv[name]
             self._spawn(name, argv, env)
-        if wait:
-            self._wait_ready()
+
+    # A process that exits sooner than this after its start counts towards `crash_limit`.
+    QUICK_EXIT_S = 30.0
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for name, proc in list(self.procs.items()):
+                    if name in self._down or proc.poll() is None:
+                        continue
+                    self._revive(name, proc.returncode)
+
+    def _revive(self, name: str, code: int) -> None:
+        """Start again the process `name`, which exited with `code` unasked, unless it keeps doing so."""
+        quick = time.monotonic() - self._started_at.get(name, 0.0) < self.QUICK_EXIT_S
+        self._quick_exits[name] = self._quick_exits.get(name, 0) + 1 if quick else 0
+        if self._quick_exits[name] >= self.crash_limit:
+            self._down.add(name)
+            self.given_up[name] = (f"local {name} exited {self.crash_limit} times in a row within "
+                                    f"{self.QUICK_EXIT_S:.0f} s of its start (last with code {code}), and was "
+                                    f"left down:\n{self._log_tail(name)}")
+            print(f"spider: {self.given_up[name]}", file=sys.stderr, flush=True)
+            return
+        print(f"spider: local {name} exited with code {code}; starting it again (log: {self.log_dir / name}.log)",
+              file=sys.stderr, flush=True)
+        self.restarts.append(name)
+        self._started_at[name] = time.monotonic()  # a start that fails counts as a quick exit
+        try:
+            self._start_again(name)
+        except SpiderError as exc:  # a Redis that does not come back: counted, tried again next pass
+            print(f"spider: starting local {name} again failed: {exc}", file=sys.stderr, flush=True)
+
+    def wait(self, interval: float = 1.0) -> None:
+        """Block while the stack runs (`spider up`); raises SpiderError once a process of it was
+        left down after exiting again and again."""
+        while True:
+            with self._lock:
+                if self.given_up:
+                    raise SpiderError(next(iter(self.given_up.values())))
+                if not self.supervise:
+                    self._check_alive()
+            time.sleep(interval)
 
     def start(self) -> None:
         try:
@@ -362,7 +434,10 @@ class LocalStack:
                 [python, "-m", "spider", "flower", "--address", "127.0.0.1", "--port", str(self.flower_port)],
                 {**env, "FLOWER_BASIC_AUTH": self.flower_auth},
             )
-        self._wait_ready()
+        self.wait_ready()
+        if self.supervise:
+            self._supervisor = threading.Thread(target=self._supervise, name="spider-local-supervisor", daemon=True)
+            self._supervisor.start()
 
     def _start_redis(self, port: int | None = None, password: str | None = None) -> str:
         proc, url = start_redis(self.redis_dir, self.log_dir / "redis.log", port=port, password=password)
@@ -372,12 +447,26 @@ class LocalStack:
         return url
 
     def _check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise SpiderError(f"local {name} exited with code {proc.returncode}:\n{tail}")
+        """Raise if a process of the stack is down for good: any that exited, while the stack starts
+        or runs unsupervised; once supervised, one given up on (the others come back)."""
+        with self._lock:
+            if self.given_up:
+                raise SpiderError(next(iter(self.given_up.values())))
+            if self._supervisor is not None:
+                return
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise SpiderError(f"local {name} exited with code {proc.returncode}:\n{self._log_tail(name)}")
 
-    def _wait_ready(self, timeout: float = 120.0) -> None:
+    def _log_tail(self, name: str) -> str:
+        try:
+            return (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Return once the API answers and every worker answers a ping (a process started again
+        after it died, too)."""
         from celery import Celery
 
         deadline = time.monotonic() + timeout
@@ -401,6 +490,10 @@ class LocalStack:
         """Stop the API and workers first, then Redis, so nothing loses its broker mid-task; then
         the watchdog, once it has stopped whatever they left behind (a child still exiting after
         its parent, a descendant in a session of its own)."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=60)  # a restart it began ends first
+            self._supervisor = None
         workers = [proc for name, proc in self.procs.items() if name != "redis"]
         broker = [proc for name, proc in self.procs.items() if name == "redis"]
         for group in (workers, broker):

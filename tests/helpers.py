@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     a line (read_text would translate \\r, splitlines would break at all of them)."""
     lines = Path(path).read_bytes().decode("utf-8").split("\n")
     return [json.loads(line) for line in lines if line.strip(" \t\r")]
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 20.0, interval: float = 0.1) -> bool:
+    """Whether `condition()` holds within `timeout` seconds: for what the stack does just after a
+    job ends (removing its intermediate files happens after the completion is announced)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def require_firejail(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> str:

@@ -3,8 +3,8 @@ a Redis restarted mid-job or wiped, a full disk. Every job ends `completed` with
 once and its counters right, or `failed` with a message and then resumable.
 
 The stack here is the tests' own: a fault plan (spider.faults) makes a worker kill itself at a named
-point for one job, and a supervisor thread starts a dead worker again, as a deployment's restart
-policy would.
+point for one job, and the stack's supervision starts a dead worker again, as a deployment's
+restart policy would.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -31,30 +30,7 @@ from tests.helpers import make_config, read_jsonl
 pytestmark = pytest.mark.slow
 ALICE = API_KEYS[0]
 ROWS, BATCH = 8, 2
-WORKERS = ("worker-control", "worker-rollout")
 VISIBILITY_S, RECONCILE_AFTER_S, RECONCILE_EVERY_S = 10, 6, 2
-
-
-class Supervisor:
-    """Starts any of the stack's workers again once it has died."""
-
-    def __init__(self, stack: LocalStack):
-        self.stack = stack
-        self.restarts: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            for name in WORKERS:
-                if self.stack.procs[name].poll() is not None:
-                    self.restarts.append(name)
-                    self.stack.restart(name, wait=False)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +63,11 @@ def fault_stack(tmp_path_factory, jobs_disk):
         "SPIDER_RETRY_BACKOFF_S": "1",
     }
     workers = (WorkerSpec("control", "threads", 4), WorkerSpec("rollout", "threads", 2))
-    with LocalStack(api_keys=API_KEYS, env=env, workers=workers, data_dir=data_dir,
+    # Workers die here on purpose, again and again and soon after their start: never left down.
+    with LocalStack(api_keys=API_KEYS, env=env, workers=workers, data_dir=data_dir, crash_limit=1000,
                     log_dir=tmp_path_factory.mktemp("fault-logs")) as stack:
         stack.fault_plan = plan
-        supervisor = Supervisor(stack)
-        try:
-            yield stack
-        finally:
-            supervisor.stop()
+        yield stack
 
 
 def small_job(stack, model, **overrides):
@@ -158,6 +131,7 @@ def test_a_worker_dying_at_any_point_of_a_job_loses_nothing(fault_stack, tiny_mo
     # hits the other jobs' tasks in flight.
     planned = [{"point": point, "job": "*", "action": action} for point, action in POINTS]
     faults.write_plan(stack.fault_plan, planned)
+    restarted = len(stack.restarts)
     with SpiderClient(config=small_job(stack, tiny_model)) as client:
         job_ids = [client.submit_job()["job_id"] for _ in POINTS]
         for job_id in job_ids:
@@ -175,6 +149,8 @@ def test_a_worker_dying_at_any_point_of_a_job_loses_nothing(fault_stack, tiny_mo
     plan = faults.read_plan(stack.fault_plan)
     assert not plan["faults"], f"points never reached: {plan['faults']}"
     assert sorted((h["point"], h["action"]) for h in plan["hits"]) == sorted(POINTS)
+    # Each killed worker was started again by the stack's supervision, once.
+    assert len(stack.restarts) - restarted == sum(action == "kill" for _, action in POINTS), stack.restarts
     store = store_of(stack)
     assert all(store.secrets(job_id) == {} for job_id in job_ids)
     # A lost message, or a finalize claimed and never enqueued, is found by the reconciler: its job says so.

@@ -29,7 +29,7 @@ from spider.bundle import BUNDLE_FORMAT, BUNDLE_MAGIC
 from spider.jobs.store import JobFiles, JobStore
 from spider.local import free_port, terminate, wait_http
 from tests.conftest import API_KEYS
-from tests.helpers import SAMPLE_PROMPTS, make_config
+from tests.helpers import SAMPLE_PROMPTS, eventually, make_config
 
 pytestmark = pytest.mark.slow
 ALICE, BOB = API_KEYS
@@ -443,7 +443,9 @@ def test_answers_never_show_the_data_dir_and_the_config_stays_as_submitted(stack
     assert json.loads(record["source_upload"]) == ["prompts.jsonl"]
     assert json.loads(record["config"]) == submitted
     # The uploaded copy was read from the job's own folder, and removed with its other intermediates.
-    assert not JobFiles(stack.data_dir, job_id).source_dir.exists()
+    source_dir = JobFiles(stack.data_dir, job_id).source_dir
+    eventually(lambda: not source_dir.exists())
+    assert not source_dir.exists()
 
 
 # -- 6. admission at submit -------------------------------------------------------------------------

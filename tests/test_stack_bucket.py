@@ -56,8 +56,9 @@ def test_a_post_processor_job_runs_on_a_bucket_and_leaves_nothing_on_the_workers
 
     # The bucket holds what a completed job keeps (intermediates removed after finalize) ...
     prefix = f"cluster/jobs/{job_id}/"
-    assert [k[len(prefix):] for k in s3.keys(bucket, prefix)] == [
-        "bundle.manifest.json", "bundle.pkl", "job.json", "metadata.json", "result.jsonl"]
+    kept = ["bundle.manifest.json", "bundle.pkl", "job.json", "metadata.json", "result.jsonl"]
+    helpers.eventually(lambda: [k[len(prefix):] for k in s3.keys(bucket, prefix)] == kept)
+    assert [k[len(prefix):] for k in s3.keys(bucket, prefix)] == kept
     # ... and the workers' disk nothing of the job: its source was fetched and removed again.
     jobs_on_disk = stack.data_dir / "jobs"
     assert not jobs_on_disk.exists() or list(jobs_on_disk.iterdir()) == []

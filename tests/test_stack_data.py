@@ -1,16 +1,20 @@
 """What the local stack keeps: its Redis, killed and started again on its folder, has every job and
-its events; JSONL is split at \\n only, so text with U+2028, U+2029 or U+0085 (in source rows, in
+its events; a process of it that dies unasked is started again, one that keeps dying is left down
+and said so; JSONL is split at \\n only, so text with U+2028, U+2029 or U+0085 (in source rows, in
 records) goes through a job unharmed."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import httpx
 import pytest
 
 from spider.client import SpiderClient
 from spider.data.sinks import jsonl_line, read_jsonl, write_result
+from spider.errors import SpiderError
 from spider.local import LocalStack
 from tests import helpers
 from tests.helpers import make_config
@@ -57,6 +61,48 @@ def test_a_killed_redis_restarted_on_its_folder_keeps_jobs_and_events(own_stack,
     assert {k: after[k] for k in ("status", "rows_total", "progress")} == {
         k: before[k] for k in ("status", "rows_total", "progress")}
     assert events_of(own_stack, job_id) == events
+
+
+# -- supervision ------------------------------------------------------------------------------------
+
+
+def crash(stack: LocalStack, name: str) -> int:
+    """SIGKILL the process `name` (and its group) from outside, as the OOM killer would; its pid."""
+    pid = stack.procs[name].pid
+    os.killpg(pid, signal.SIGKILL)
+    stack.procs[name].wait(timeout=30)
+    return pid
+
+
+@pytest.mark.slow
+def test_a_worker_killed_from_outside_is_started_again_and_runs_the_next_job(own_stack, tiny_model):
+    restarted = len(own_stack.restarts)
+    old = crash(own_stack, "worker-rollout")
+    assert helpers.eventually(lambda: own_stack.procs["worker-rollout"].pid != old, timeout=10)
+    assert own_stack.restarts[restarted:] == ["worker-rollout"]
+    own_stack.wait_ready()
+    with SpiderClient(config=make_config(own_stack.url, None, tiny_model)) as client:
+        job_id = client.submit_job()["job_id"]
+        assert client.poll_job(job_id, on_event=lambda e: None)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_soon_after_its_start_is_left_down_and_said_so(own_stack):
+    own_stack.crash_limit, own_stack.QUICK_EXIT_S = 2, 3600.0  # every exit is one soon after a start
+    try:
+        restarted = len(own_stack.restarts)
+        first = crash(own_stack, "worker-sandbox")  # 1st in a row: started again
+        assert helpers.eventually(lambda: own_stack.procs["worker-sandbox"].pid != first, timeout=10)
+        second = crash(own_stack, "worker-sandbox")  # 2nd in a row: left down
+        assert helpers.eventually(lambda: "worker-sandbox" in own_stack.given_up, timeout=10)
+        assert own_stack.restarts[restarted:] == ["worker-sandbox"]
+        assert own_stack.procs["worker-sandbox"].pid == second and own_stack.procs["worker-sandbox"].poll() is not None
+        with pytest.raises(SpiderError, match="local worker-sandbox exited 2 times in a row .* left down"):
+            own_stack.wait(interval=0.1)
+    finally:
+        own_stack.crash_limit, own_stack.QUICK_EXIT_S = LocalStack.crash_limit, LocalStack.QUICK_EXIT_S
+        own_stack.restart("worker-sandbox")  # asked for: it starts, and the stack serves as before
+    assert own_stack.given_up == {} and own_stack.procs["worker-sandbox"].poll() is None
 
 
 # -- JSONL --------------------------------------------------------------------------------------------
