@@ -181,7 +181,7 @@ def drop_once(stack: Any, config: AppConfig, rows: int, plan: Path, work: Path, 
     batches = range(-(-rows // config.job.generation.max_batch_size))
     dropped = [b for b in batches if b not in first_start or first_start[b] >= resumed.ts - 0.5]
     if len(dropped) != 1:
-        raise RuntimeError(f"job {job_id}: batches {dropped} never started before the reconciler's pass")
+        raise RuntimeError(f"job {job_id}: batches {dropped} first started at the reconciler's pass, not one")
     again = follower.wait_for(lambda e: e.kind == EventKind.BATCH_STARTED and batch_of(e) == dropped[0], timeout)
     return DropRun(dropped[0], resumed.ts - max(moved), again.ts - planned.ts, done.ts - planned.ts)
 
