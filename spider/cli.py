@@ -292,8 +292,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         log_json(host_format(default_nodename(hostname)))
         argv = ["--quiet", *argv]  # no banner: every line the worker writes is a JSON object
+    # The worker's exit code, not 0 whatever happened (`worker_main` returns nothing): a worker that
+    # stopped on an unrecoverable error exits non-zero, so that a restart policy starts it again.
+    from celery import signals
+
+    started = []
+    signals.worker_init.connect(lambda sender=None, **_: started.append(sender), weak=False)
     celery_app.worker_main(argv)
-    return 0
+    return next((w.exitcode for w in started if w is not None and w.exitcode), 0)
 
 
 def default_hostname(queues: list[str], models: list[str]) -> str:

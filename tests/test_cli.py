@@ -200,3 +200,23 @@ def test_progress_counts_a_training_jobs_steps_and_shows_its_teacher_kl(capsys):
     assert progress.phase == "completed"
     printed = capsys.readouterr().err
     assert "step 1: teacher KL 2.5000" in printed and "aligned 97.0%" in printed
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(tmp_path):
+    """So that a restart policy (systemd's on-failure, the local stack's supervision) starts it
+    again. The error here: a Redis whose user may not BRPOP, the call every consumer makes."""
+    from spider.local import free_port, redis_server_binary
+
+    port = free_port()
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nuser default on nopass ~* &* +@all -brpop\n')
+    redis_proc = subprocess.Popen([redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        env = {**os.environ, "SPIDER_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        worker = subprocess.run([sys.executable, "-m", "spider", "worker", "--queues", "control"], env=env,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        redis_proc.kill()
+        redis_proc.wait()
+    assert "Unrecoverable error" in worker.stderr and "NoPermissionError" in worker.stderr, worker.stderr[-3000:]
+    assert worker.returncode == 1
