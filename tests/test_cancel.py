@@ -235,7 +235,7 @@ def test_openai_batch_cancelled_closes_its_requests_and_the_server_aborts_them(v
         else:
             pytest.fail(f"the batch ended before it was stopped: {[r.error for r in results][:2]}")
         assert time.monotonic() - stopped_at[0] < PROMPT_S
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while running_on(vllm_server) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert running_on(vllm_server) == 0  # the closed connections aborted the server's requests

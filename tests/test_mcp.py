@@ -236,7 +236,7 @@ def test_a_worker_that_dies_takes_its_servers_jails_with_it(sandbox):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert worker.returncode == -9 and "ready" in worker.stdout, worker.stderr[-2000:]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while jail_processes(job_uid(job_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert jail_processes(job_uid(job_id)) == []
