@@ -134,6 +134,34 @@ def test_spider_up_leaves_no_process_behind_whatever_ends_it(tmp_path):
             end(command, trees.get(sig, []))
 
 
+@pytest.mark.slow
+def test_spider_up_stops_with_an_error_when_a_worker_keeps_dying_soon_after_its_start(tmp_path):
+    """Its supervision starts a worker that died again; one that keeps dying soon after each start
+    (here SIGKILLed from outside each time) is left down, and `spider up` stops, saying which."""
+    command = start_up(tmp_path / "up")
+    tree: list[psutil.Process] = []
+    try:
+        tree = up_tree(command, tmp_path / "up")
+        killed: set[int] = set()
+        deadline = time.monotonic() + 120
+        while command.poll() is None and len(killed) < 12 and time.monotonic() < deadline:
+            current = [p for p in psutil.Process(command.pid).children(recursive=True)
+                       if alive(p) and p.pid not in killed and "worker-sandbox" in " ".join(p.cmdline())]
+            if current:
+                os.killpg(current[0].pid, signal.SIGKILL)
+                killed.add(current[0].pid)
+                tree.append(current[0])
+            time.sleep(0.1)
+        assert command.wait(timeout=60) == 2
+        log = (tmp_path / "up" / "up.log").read_text()
+        assert "local worker-sandbox exited 5 times in a row" in log and "left down" in log, log[-3000:]
+        assert log.count("local worker-sandbox exited with code -9; starting it again") == len(killed) - 1
+        assert 5 <= len(killed) <= 10
+        assert survivors(tree, timeout=45) == []
+    finally:
+        end(command, tree)
+
+
 def test_spider_up_started_as_a_background_job_still_stops_on_sigint(tmp_path):
     """A shell starts `spider up &` with SIGINT ignored; `kill -INT` stops it all the same."""
     command = start_up(tmp_path / "background", sigint_ignored=True)
