@@ -382,15 +382,16 @@ class LocalStack:
             print(f"spider: starting local {name} again failed: {exc}", file=sys.stderr, flush=True)
 
     def wait(self, interval: float = 1.0) -> None:
-        """Block while the stack runs (`spider up`); raises SpiderError once a process of it was
-        left down after exiting again and again."""
+        """Block while the stack runs (`spider up`); raises SpiderError once a process of it is
+        down for good (`check`)."""
         while True:
-            with self._lock:
-                if self.given_up:
-                    raise SpiderError(next(iter(self.given_up.values())))
-                if not self.supervise:
-                    self._check_alive()
+            self.check()
             time.sleep(interval)
+
+    def check(self) -> None:
+        """Raise SpiderError if a process of the running stack is down for good: left down after
+        exiting again and again, or (unsupervised) exited at all."""
+        self._check_alive()
 
     def start(self) -> None:
         try:

@@ -142,24 +142,35 @@ def test_spider_up_stops_with_an_error_when_a_worker_keeps_dying_soon_after_its_
     tree: list[psutil.Process] = []
     try:
         tree = up_tree(command, tmp_path / "up")
-        killed: set[int] = set()
-        deadline = time.monotonic() + 120
-        while command.poll() is None and len(killed) < 12 and time.monotonic() < deadline:
-            current = [p for p in psutil.Process(command.pid).children(recursive=True)
-                       if alive(p) and p.pid not in killed and "worker-sandbox" in " ".join(p.cmdline())]
-            if current:
-                os.killpg(current[0].pid, signal.SIGKILL)
-                killed.add(current[0].pid)
-                tree.append(current[0])
-            time.sleep(0.1)
+        killed = kill_until_it_exits(command, "worker-sandbox", tree)
         assert command.wait(timeout=60) == 2
-        log = (tmp_path / "up" / "up.log").read_text()
-        assert "local worker-sandbox exited 5 times in a row" in log and "left down" in log, log[-3000:]
-        assert log.count("local worker-sandbox exited with code -9; starting it again") == len(killed) - 1
-        assert 5 <= len(killed) <= 10
+        check_left_down((tmp_path / "up" / "up.log").read_text(), "worker-sandbox", killed)
         assert survivors(tree, timeout=45) == []
     finally:
         end(command, tree)
+
+
+def kill_until_it_exits(command: subprocess.Popen, name: str, tree: list[psutil.Process]) -> int:
+    """SIGKILL the stack's process `name` under `command` each time it is started again, until
+    `command` exits (at most 12 times); how many times. Each one killed joins `tree`."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    while command.poll() is None and len(killed) < 12 and time.monotonic() < deadline:
+        current = [p for p in psutil.Process(command.pid).children(recursive=True)
+                   if alive(p) and p.pid not in killed and name in describe(p)]
+        if current:
+            os.killpg(current[0].pid, signal.SIGKILL)
+            killed.add(current[0].pid)
+            tree.append(current[0])
+        time.sleep(0.1)
+    return len(killed)
+
+
+def check_left_down(log: str, name: str, killed: int) -> None:
+    """`log` says that `name` was started again after each kill but the last, then left down."""
+    assert f"local {name} exited 5 times in a row" in log and "left down" in log, log[-3000:]
+    assert log.count(f"local {name} exited with code -9; starting it again") == killed - 1
+    assert 5 <= killed <= 10  # the first kill may come more than 30 s after its start
 
 
 def test_spider_up_started_as_a_background_job_still_stops_on_sigint(tmp_path):
@@ -184,6 +195,26 @@ def engine_core(worker: psutil.Process, command: subprocess.Popen, timeout: floa
             return procs
         time.sleep(0.5)
     raise AssertionError(f"no vLLM engine core under the rollout worker (command: {command.poll()})")
+
+
+@pytest.mark.slow
+def test_spider_run_stops_with_an_error_when_its_rollout_worker_keeps_dying(tiny_model, tmp_path):
+    """The job's events are followed no longer once no rollout worker is left to run it."""
+    job = job_file(tmp_path / "long.yaml", tiny_model, **{
+        "source.split": "train", "generation.max_batch_size": 1, "generation.parameters.max_tokens": 64})
+    command = start_run(job, tmp_path / "run")
+    tree: list[psutil.Process] = []
+    try:
+        tree = run_tree(command, tmp_path / "run")
+        killed = kill_until_it_exits(command, "worker-rollout", tree)
+        assert command.wait(timeout=90) == 2
+        log = (tmp_path / "run" / "run.log").read_text()
+        check_left_down(log, "worker-rollout", killed)
+        assert "error: local worker-rollout exited 5 times" in log
+        assert not (tmp_path / "run" / "out.jsonl").exists()
+        assert survivors(tree, timeout=45) == []
+    finally:
+        end(command, tree)
 
 
 # Exit statuses: a stop signal is reported as the shell does (128 + its number); Ctrl-C cancels

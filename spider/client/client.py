@@ -202,7 +202,7 @@ class SpiderClient:
                         response.read()
                         self._call("GET", f"/v1/jobs/{job_id}")  # raises the right error type
                         raise APIError(response.status_code, response.text)
-                    for event in parse_sse(response.iter_lines()):
+                    for event in parse_sse(self._checked(response.iter_lines())):
                         last = event.id
                         yield event
                         if event.kind in ENDING_KINDS:
@@ -214,7 +214,20 @@ class SpiderClient:
                     yield from self.stream_events(job_id, after=last, follow=False)
                     return
             except (httpx.TransportError, httpx.RemoteProtocolError):
+                self._check_stack()
                 time.sleep(reconnect_delay)
+
+    def _checked(self, lines: Iterator[str]) -> Iterator[str]:
+        """`lines` of an event stream, checking between them (the server's keepalives come every
+        15 s of silence) that the local stack this client started still has every process: a job
+        no worker is left to run must not be followed forever."""
+        for line in lines:
+            self._check_stack()
+            yield line
+
+    def _check_stack(self) -> None:
+        if self._stack is not None:
+            self._stack.check()
 
     def poll_job(
         self,
