@@ -297,9 +297,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from celery import signals
 
     started = []
-    signals.worker_init.connect(lambda sender=None, **_: started.append(sender), weak=False)
+    signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
     celery_app.worker_main(argv)
-    return next((w.exitcode for w in started if w is not None and w.exitcode), 0)
+    return (started[-1].exitcode if started else None) or 0
 
 
 def default_hostname(queues: list[str], models: list[str]) -> str:

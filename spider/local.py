@@ -259,7 +259,7 @@ class LocalStack:
     def __post_init__(self) -> None:
         worker_names(self.workers)  # two workers of one name: refused before anything starts
         self.procs: dict[str, subprocess.Popen] = {}
-        # The processes started again after they died, in order, and the times each was.
+        # The processes started again after they died, in order.
         self.restarts: list[str] = []
         self._started_at: dict[str, float] = {}
         self._quick_exits: dict[str, int] = {}
@@ -388,11 +388,6 @@ class LocalStack:
             self.check()
             time.sleep(interval)
 
-    def check(self) -> None:
-        """Raise SpiderError if a process of the running stack is down for good: left down after
-        exiting again and again, or (unsupervised) exited at all."""
-        self._check_alive()
-
     def start(self) -> None:
         try:
             import celery  # noqa: F401
@@ -447,9 +442,9 @@ class LocalStack:
         self._redis = (parsed.port, parsed.password)
         return url
 
-    def _check_alive(self) -> None:
-        """Raise if a process of the stack is down for good: any that exited, while the stack starts
-        or runs unsupervised; once supervised, one given up on (the others come back)."""
+    def check(self) -> None:
+        """Raise SpiderError if a process of the stack is down for good: any that exited, while the
+        stack starts or runs unsupervised; once supervised, one given up on (the others come back)."""
         with self._lock:
             if self.given_up:
                 raise SpiderError(next(iter(self.given_up.values())))
@@ -471,12 +466,12 @@ class LocalStack:
         from celery import Celery
 
         deadline = time.monotonic() + timeout
-        wait_http(f"{self.url}/healthz", self._check_alive, timeout, "the local API")
+        wait_http(f"{self.url}/healthz", self.check, timeout, "the local API")
         want = {f"{name}-{self.port}" for name in worker_names(self.workers)}
         with Celery(broker=self.redis_url) as probe:
             errors = probe.connection_for_write().connection_errors
             while True:
-                self._check_alive()
+                self.check()
                 try:
                     replies = probe.control.ping(timeout=0.5) or []
                 except errors:

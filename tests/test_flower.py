@@ -74,7 +74,7 @@ def flower_stack(tmp_path_factory):
     with LocalStack(api_keys=(KEY,), env=env, workers=workers, flower_port=free_port(),
                     log_dir=tmp_path_factory.mktemp("flower-stack")) as running:
         base = f"http://127.0.0.1:{running.flower_port}"
-        wait_http(f"{base}/healthcheck", running._check_alive, 90, "Flower")
+        wait_http(f"{base}/healthcheck", running.check, 90, "Flower")
         yield running, base, tuple(running.flower_auth.split(":", 1))
 
 
